@@ -143,7 +143,7 @@ class Conv2d(nnx.Module):
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
                        downscale_freq_shift: float = 0.0, scale: float = 1.0,
                        max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, as diffusers' `get_timestep_embedding`."""
+  """Sinusoidal embedding (B,) -> (B, dim) float32, as diffusers' `get_timestep_embedding`."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
   exponent = exponent / (half - downscale_freq_shift)
