@@ -1,35 +1,43 @@
-# make demo: the main job on the embedded default (creates .venv if needed)
-# make test: the whole test suite (what CI runs)
+# make demo: the main job on the embedded default (creates .venv with Python 3.12 if needed)
+# make test: the whole test suite, as CI runs it (installs the test extras: torch, diffusers, ...)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON312 := $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export JAX_PLATFORMS ?= cpu
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv venv-test demo test test-fast lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (python3.12 on PATH or pyenv 3.12.x)" >&2; exit 2; fi
-	@[ -x $(PY) ] || $(PYTHON312) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PYTHON312) -m venv $(VENV)
+
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PIP) -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import svdq_jax, jax; assert jax.__version__ == '0.11.2', jax.__version__"
 	@touch $@
 
-venv: $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-base
+	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, diffusers, transformers, pytest"
+	@touch $@
+
+venv: $(VENV)/.installed-base
+venv-test: $(VENV)/.installed-test
 
 demo: venv
 	$(VENV)/bin/svdq-jax demo
 
-test: venv
+test: venv-test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile
 
-test-fast: venv
-	$(PY) -m pytest -q -n 2 -m "not slow"
+test-fast: venv-test
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-lint: venv
+lint: venv-test
 	$(PY) -m ruff check .
 
 bench: venv
