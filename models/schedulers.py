@@ -1,0 +1,431 @@
+"""Diffusion schedulers as pure functions, usable inside `lax.fori_loop` / `lax.scan`.
+
+Each scheduler is a frozen dataclass holding the diffusers scheduler config it mirrors. The
+schedule (timesteps and sigmas for a number of steps) is computed once on the host with numpy,
+exactly as diffusers' `set_timesteps` does, and handed to the jitted loop as a `Schedule` pytree.
+The per-step update `step(schedule, state, i, model_output, sample)` takes the step index `i` as
+a (possibly traced) integer, so the whole denoising loop compiles to one program.
+
+Implemented, matching diffusers 0.42:
+  FlowMatchEulerScheduler   FlowMatchEulerDiscreteScheduler (FLUX, SD3), static `shift` or the
+                            resolution-dependent shift `mu = calculate_shift(image_seq_len)`.
+  DPMSolverMultistepScheduler  DPM-Solver++ of order 1 or 2 ("2M"), midpoint or heun, for epsilon,
+                            v_prediction and sample models (PixArt-Sigma, SDXL).
+  EulerDiscreteScheduler    deterministic Euler (s_churn = 0) for epsilon and v models (SDXL).
+Options a scheduler config asks for that are not implemented raise a ValueError naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Schedule:
+  """The per-run schedule. timesteps: (N,) float32, the value fed to the model at step i;
+  sigmas: (N+1,) float32, noise level before step i (the last one is the final level)."""
+
+  timesteps: jax.Array
+  sigmas: jax.Array
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.timesteps.shape[0])
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+  """FLUX's resolution-dependent shift `mu`, linear in the number of image tokens."""
+  slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+  return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def _config_fields(cls: type, cfg: dict, unsupported: tuple[str, ...]) -> dict[str, Any]:
+  """The dataclass fields of `cls` found in a diffusers scheduler config.
+
+  Raises ValueError when the config turns on an option in `unsupported` (any truthy value).
+  """
+  bad = {k: cfg[k] for k in unsupported if cfg.get(k)}
+  if bad:
+    raise ValueError(f"{cls.__name__}: scheduler options not supported: {bad}")
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
+
+
+def _train_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
+                          beta_schedule: str, trained_betas: tuple | None) -> np.ndarray:
+  """Cumulative product of (1 - beta) over training steps, float32 as diffusers computes it."""
+  if trained_betas is not None:
+    betas = np.asarray(trained_betas, np.float32)
+  elif beta_schedule == "linear":
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+  elif beta_schedule == "scaled_linear":
+    betas = np.square(np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                                  dtype=np.float32))
+  elif beta_schedule == "squaredcos_cap_v2":
+    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = np.array([min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(
+        i / num_train_timesteps), 0.999) for i in range(num_train_timesteps)], np.float32)
+  else:
+    raise ValueError(f"beta_schedule {beta_schedule!r} is not one of linear, scaled_linear, "
+                     "squaredcos_cap_v2")
+  return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def _spaced_timesteps(spacing: str, num_steps: int, num_train: int, last_timestep: int,
+                      steps_offset: int, *, dpm: bool) -> np.ndarray:
+  """Discrete training timesteps for inference, highest first (diffusers' `timestep_spacing`).
+
+  The DPM-Solver and Euler schedulers space "linspace" and "leading" slightly differently; `dpm`
+  selects the DPM-Solver variant.
+  """
+  if spacing == "linspace":
+    if dpm:
+      return np.linspace(0, last_timestep - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    return np.linspace(0, num_train - 1, num_steps, dtype=np.float32)[::-1].copy()
+  if spacing == "leading":
+    ratio = last_timestep // (num_steps + 1) if dpm else num_train // num_steps
+    count = num_steps + 1 if dpm else num_steps
+    t = (np.arange(0, count) * ratio).round()[::-1]
+    t = (t[:-1] if dpm else t).astype(np.int64 if dpm else np.float32)
+    return t + steps_offset
+  if spacing == "trailing":
+    ratio = num_train / num_steps
+    t = np.arange(last_timestep if dpm else num_train, 0, -ratio).round()
+    return t.astype(np.int64 if dpm else np.float32) - 1
+  raise ValueError(f"timestep_spacing {spacing!r} is not one of linspace, leading, trailing")
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """Fractional training timestep of each sigma, by linear interpolation in log sigma."""
+  log_sigma = np.log(np.maximum(sigmas, 1e-10))
+  dists = log_sigma[None, :] - log_sigmas[:, None]
+  low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  high = low + 1
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+  return (1 - w) * low + w * high
+
+
+def _karras(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+  """Karras et al. (2022) noise levels: uniform in sigma^(1/rho), highest first."""
+  ramp = np.linspace(0, 1, num_steps)
+  lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  return (hi + ramp * (lo - hi)) ** rho
+
+
+@dataclass(frozen=True)
+class FlowMatchEulerScheduler:
+  """Flow-matching Euler (rectified flow): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v.
+
+  With `use_dynamic_shifting` (FLUX.1-dev) the sigmas are shifted by `mu` from the image token
+  count, sigma' = e^mu / (e^mu + (1/sigma - 1)); otherwise by the static `shift`.
+  """
+
+  class_name: ClassVar[str] = "FlowMatchEulerDiscreteScheduler"
+  num_train_timesteps: int = 1000
+  shift: float = 1.0
+  use_dynamic_shifting: bool = False
+  base_shift: float = 0.5
+  max_shift: float = 1.15
+  base_image_seq_len: int = 256
+  max_image_seq_len: int = 4096
+  time_shift_type: str = "exponential"
+
+  @classmethod
+  def from_dict(cls, cfg: dict) -> FlowMatchEulerScheduler:
+    """From a diffusers `scheduler_config.json` dict."""
+    fields = _config_fields(cls, cfg, (
+        "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+        "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"))
+    out = cls(**fields)
+    if out.time_shift_type not in ("exponential", "linear"):
+      raise ValueError(f"{cls.__name__}: time_shift_type {out.time_shift_type!r} is not "
+                       "exponential or linear")
+    return out
+
+  def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
+    """Timesteps and sigmas as FluxPipeline sets them: sigmas linspace(1, 1/N, N), then shifted.
+
+    image_seq_len: the number of image tokens ((H/16) * (W/16) for FLUX); needed when
+    `use_dynamic_shifting` is set.
+    """
+    if num_inference_steps < 1:
+      raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).astype(np.float32)
+    if self.use_dynamic_shifting:
+      if image_seq_len is None:
+        raise ValueError("FlowMatchEulerScheduler with use_dynamic_shifting needs image_seq_len")
+      mu = calculate_shift(image_seq_len, self.base_image_seq_len, self.max_image_seq_len,
+                           self.base_shift, self.max_shift)
+      scale = math.exp(mu) if self.time_shift_type == "exponential" else mu
+      sigmas = scale / (scale + (1 / sigmas - 1))
+    else:
+      sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+    sigmas = sigmas.astype(np.float32)
+    timesteps = sigmas * np.float32(self.num_train_timesteps)
+    return Schedule(jnp.asarray(timesteps), jnp.asarray(np.append(sigmas, np.float32(0))))
+
+  def init_noise_sigma(self, schedule: Schedule) -> float:
+    return 1.0
+
+  def init_state(self, sample: jax.Array) -> tuple:
+    return ()
+
+  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    return sample
+
+  def step(self, schedule: Schedule, state: tuple, i: jax.Array, model_output: jax.Array,
+           sample: jax.Array) -> tuple[jax.Array, tuple]:
+    """One Euler step from noise level sigmas[i] to sigmas[i+1]; returns model_output's dtype."""
+    dt = schedule.sigmas[i + 1] - schedule.sigmas[i]
+    prev = sample.astype(jnp.float32) + dt * model_output.astype(jnp.float32)
+    return prev.astype(model_output.dtype), state
+
+
+def _x0_prediction(prediction_type: str, model_output: jax.Array, sample: jax.Array,
+                   alpha: jax.Array, sigma: jax.Array) -> jax.Array:
+  """The data prediction x0 from a model output, for variance-preserving noise levels."""
+  if prediction_type == "epsilon":
+    return (sample - sigma * model_output) / alpha
+  if prediction_type == "v_prediction":
+    return alpha * sample - sigma * model_output
+  if prediction_type == "sample":
+    return model_output
+  raise ValueError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction or sample")
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepScheduler:
+  """DPM-Solver++ (Lu et al. 2022) of order 1 or 2 over the data prediction, deterministic.
+
+  The state carries the previous step's x0 prediction (for the second-order multistep update).
+  """
+
+  class_name: ClassVar[str] = "DPMSolverMultistepScheduler"
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.0001
+  beta_end: float = 0.02
+  beta_schedule: str = "linear"
+  trained_betas: tuple | None = None
+  solver_order: int = 2
+  prediction_type: str = "epsilon"
+  algorithm_type: str = "dpmsolver++"
+  solver_type: str = "midpoint"
+  lower_order_final: bool = True
+  euler_at_final: bool = False
+  use_karras_sigmas: bool = False
+  final_sigmas_type: str = "zero"
+  lambda_min_clipped: float = -float("inf")
+  timestep_spacing: str = "linspace"
+  steps_offset: int = 0
+
+  @classmethod
+  def from_dict(cls, cfg: dict) -> DPMSolverMultistepScheduler:
+    """From a diffusers `scheduler_config.json` dict."""
+    fields = _config_fields(cls, cfg, (
+        "thresholding", "use_exponential_sigmas", "use_beta_sigmas",
+        "use_lu_lambdas", "use_flow_sigmas", "variance_type",
+        "rescale_betas_zero_snr", "use_dynamic_shifting"))
+    out = cls(**fields)
+    if out.algorithm_type != "dpmsolver++":
+      raise ValueError(f"{cls.__name__}: algorithm_type {out.algorithm_type!r} is not supported "
+                       "(only dpmsolver++)")
+    if out.solver_order not in (1, 2):
+      raise ValueError(f"{cls.__name__}: solver_order {out.solver_order} is not supported (1 or 2)")
+    if out.solver_type not in ("midpoint", "heun"):
+      raise ValueError(f"{cls.__name__}: solver_type {out.solver_type!r} is not midpoint or heun")
+    if out.final_sigmas_type not in ("zero", "sigma_min"):
+      raise ValueError(f"{cls.__name__}: final_sigmas_type {out.final_sigmas_type!r} is not zero "
+                       "or sigma_min")
+    return out
+
+  def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
+    """Integer training timesteps (as float32) and the matching sigma = sqrt((1 - a) / a)."""
+    if num_inference_steps < 1:
+      raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    alphas_cumprod = _train_alphas_cumprod(self.num_train_timesteps, self.beta_start,
+                                           self.beta_end, self.beta_schedule, self.trained_betas)
+    lambdas = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
+    clipped = int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
+    last_timestep = self.num_train_timesteps - clipped
+    timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
+                                  self.num_train_timesteps, last_timestep, self.steps_offset,
+                                  dpm=True)
+    train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    if self.use_karras_sigmas:
+      sigmas = _karras(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
+      timesteps = _sigma_to_t(sigmas, np.log(train_sigmas))
+      if self.beta_schedule != "squaredcos_cap_v2":
+        timesteps = timesteps.round()
+    else:
+      sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    last = float(train_sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0
+    sigmas = np.append(sigmas, last).astype(np.float32)
+    return Schedule(jnp.asarray(timesteps.astype(np.int64).astype(np.float32)),
+                    jnp.asarray(sigmas))
+
+  def init_noise_sigma(self, schedule: Schedule) -> float:
+    return 1.0
+
+  def init_state(self, sample: jax.Array) -> jax.Array:
+    """The previous x0 prediction (zeros before the first step), float32 like the sample."""
+    return jnp.zeros(sample.shape, jnp.float32)
+
+  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    return sample
+
+  def step(self, schedule: Schedule, state: jax.Array, i: jax.Array, model_output: jax.Array,
+           sample: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One multistep update from sigmas[i] to sigmas[i+1]; returns (prev_sample, new state).
+
+    First order at i = 0, and at the last step when `lower_order_final` (with fewer than 15
+    steps), `euler_at_final` or a zero final sigma asks for it, as in diffusers.
+    """
+    n = schedule.num_steps
+    def alpha_sigma(s):
+      alpha = jax.lax.rsqrt(s * s + 1)
+      return alpha, s * alpha
+
+    alpha_s0, sigma_s0 = alpha_sigma(schedule.sigmas[i])
+    alpha_t, sigma_t = alpha_sigma(schedule.sigmas[i + 1])
+    alpha_s1, sigma_s1 = alpha_sigma(schedule.sigmas[jnp.maximum(i - 1, 0)])
+    x0 = _x0_prediction(self.prediction_type, model_output.astype(jnp.float32),
+                        sample.astype(jnp.float32), alpha_s0, sigma_s0)
+    sample32 = sample.astype(jnp.float32)
+    lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+    lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
+    lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
+    h = lambda_t - lambda_s0
+    decay = alpha_t * (jnp.exp(-h) - 1.0)
+    first = (sigma_t / sigma_s0) * sample32 - decay * x0
+    final_low = self.euler_at_final or self.final_sigmas_type == "zero" or (
+        self.lower_order_final and n < 15)
+    use_first = (i == 0) | (self.solver_order == 1)
+    if final_low:
+      use_first = use_first | (i == n - 1)
+    if self.solver_order == 1:
+      prev = first
+    else:
+      r0 = (lambda_s0 - lambda_s1) / h
+      d1 = (1.0 / r0) * (x0 - state)
+      if self.solver_type == "midpoint":
+        second = first - 0.5 * decay * d1
+      else:
+        second = first + (alpha_t * ((jnp.exp(-h) - 1.0) / h + 1.0)) * d1
+      prev = jnp.where(use_first, first, second)
+    return prev.astype(model_output.dtype), x0
+
+
+@dataclass(frozen=True)
+class EulerDiscreteScheduler:
+  """Deterministic Euler over Karras-style sigmas (k-diffusion), for epsilon and v models.
+
+  The model input is scaled by 1 / sqrt(sigma^2 + 1) (`scale_model_input`); the initial noise by
+  `init_noise_sigma`.
+  """
+
+  class_name: ClassVar[str] = "EulerDiscreteScheduler"
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.0001
+  beta_end: float = 0.02
+  beta_schedule: str = "linear"
+  trained_betas: tuple | None = None
+  prediction_type: str = "epsilon"
+  interpolation_type: str = "linear"
+  use_karras_sigmas: bool = False
+  sigma_min: float | None = None
+  sigma_max: float | None = None
+  timestep_spacing: str = "linspace"
+  timestep_type: str = "discrete"
+  steps_offset: int = 0
+  final_sigmas_type: str = "zero"
+
+  @classmethod
+  def from_dict(cls, cfg: dict) -> EulerDiscreteScheduler:
+    """From a diffusers `scheduler_config.json` dict."""
+    fields = _config_fields(cls, cfg, (
+        "use_exponential_sigmas", "use_beta_sigmas",
+        "rescale_betas_zero_snr"))
+    out = cls(**fields)
+    if out.prediction_type not in ("epsilon", "v_prediction", "sample", "original_sample"):
+      raise ValueError(f"{cls.__name__}: prediction_type {out.prediction_type!r} is not epsilon, "
+                       "v_prediction or sample")
+    if out.interpolation_type not in ("linear", "log_linear"):
+      raise ValueError(f"{cls.__name__}: interpolation_type {out.interpolation_type!r} is not "
+                       "linear or log_linear")
+    return out
+
+  def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
+    """Timesteps spaced as `timestep_spacing` says, sigmas interpolated from the training ones."""
+    if num_inference_steps < 1:
+      raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    alphas_cumprod = _train_alphas_cumprod(self.num_train_timesteps, self.beta_start,
+                                           self.beta_end, self.beta_schedule, self.trained_betas)
+    timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
+                                  self.num_train_timesteps, self.num_train_timesteps,
+                                  self.steps_offset, dpm=False)
+    train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    if self.interpolation_type == "linear":
+      sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    else:
+      sigmas = np.exp(np.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]),
+                                  num_inference_steps + 1, dtype=np.float32))
+    if self.use_karras_sigmas:
+      lo = self.sigma_min if self.sigma_min is not None else float(sigmas[-1])
+      hi = self.sigma_max if self.sigma_max is not None else float(sigmas[0])
+      sigmas = _karras(lo, hi, num_inference_steps)
+      timesteps = _sigma_to_t(sigmas, np.log(train_sigmas))
+    last = float(train_sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0
+    sigmas = np.append(sigmas, last).astype(np.float32)
+    if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
+      timesteps = 0.25 * np.log(sigmas[:-1])
+    return Schedule(jnp.asarray(timesteps.astype(np.float32)), jnp.asarray(sigmas))
+
+  def init_noise_sigma(self, schedule: Schedule) -> float:
+    """Standard deviation of the initial noise, from the largest sigma."""
+    top = float(np.max(np.asarray(schedule.sigmas)))
+    return top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+
+  def init_state(self, sample: jax.Array) -> tuple:
+    return ()
+
+  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    """sample / sqrt(sigma_i^2 + 1), the input scaling of the k-diffusion Euler sampler."""
+    sigma = schedule.sigmas[i]
+    return (sample / jnp.sqrt(sigma * sigma + 1)).astype(sample.dtype)
+
+  def step(self, schedule: Schedule, state: tuple, i: jax.Array, model_output: jax.Array,
+           sample: jax.Array) -> tuple[jax.Array, tuple]:
+    """x_{i+1} = x_i + (x_i - x0) / sigma_i * (sigma_{i+1} - sigma_i); returns model dtype."""
+    sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+    sample32 = sample.astype(jnp.float32)
+    out32 = model_output.astype(jnp.float32)
+    if self.prediction_type in ("sample", "original_sample"):
+      x0 = out32
+    elif self.prediction_type == "epsilon":
+      x0 = sample32 - sigma * out32
+    else:
+      x0 = out32 * (-sigma / jnp.sqrt(sigma * sigma + 1)) + sample32 / (sigma * sigma + 1)
+    prev = sample32 + (sample32 - x0) / sigma * (sigma_next - sigma)
+    return prev.astype(model_output.dtype), state
+
+
+Scheduler = FlowMatchEulerScheduler | DPMSolverMultistepScheduler | EulerDiscreteScheduler
+_BY_CLASS_NAME = {cls.class_name: cls for cls in (
+    FlowMatchEulerScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler)}
+
+
+def scheduler_from_config(cfg: dict) -> Scheduler:
+  """The scheduler a diffusers `scheduler_config.json` names in `_class_name`."""
+  name = cfg.get("_class_name")
+  if name not in _BY_CLASS_NAME:
+    raise ValueError(f"scheduler {name!r} is not supported (supported: {sorted(_BY_CLASS_NAME)})")
+  return _BY_CLASS_NAME[name].from_dict(cfg)
