@@ -1,0 +1,154 @@
+"""Kernel 2 (Mosaic GPU, sm_90): the W4A4 GEMM with the low-rank, bias and GELU epilogue.
+
+Hopper has no 4-bit tensor cores. Both operands stay packed 4-bit in HBM (`jnp.int4` / `uint4`
+arrays, the same bytes as docs/format.md's uint8 packing) and are TMA-copied as 4-bit tiles; one
+pipeline step covers one 64-wide K group. Each step widens the two tiles in registers to the
+tensor-core carrier (int8 by default, float8_e4m3fn as an option: every INT4 value is exact in it),
+stores them to SMEM and issues one wgmma into a fresh group accumulator (int32 for s8, f32 for
+e4m3; the group sum is an exact integer of at most 13 bits either way). The group result is
+rescaled by ascale[m] * wscale[n] into a float32 register carry, in group order g = 0, 1, ...
+The epilogue adds bf16(x @ lora_down) @ lora_up (one bf16 wgmma of K = r into the same tile), the
+bias, optionally a tanh-GELU, and stores the tile through SMEM with TMA. Every CTA writes its own
+output tile once; nothing is accumulated across grid steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.svdq_linear.config import GROUP_SIZE, GemmConfig
+from pallas_kernels.svdq_linear.quantize import smem_transforms
+
+_CARRIERS = {
+    "s8": (jnp.int8, jnp.int32),
+    "e4m3": (jnp.float8_e4m3fn, jnp.float32),
+}
+
+
+def w4a4_gemm_kernel(
+    codes: jax.Array,
+    ascales_t: jax.Array,
+    qweight4: jax.Array,
+    wscales: jax.Array,
+    lora_act: jax.Array,
+    lora_up_t: jax.Array,
+    bias: jax.Array,
+    *,
+    apply_gelu: bool,
+    out_dtype: jnp.dtype,
+    config: GemmConfig,
+    interpret: bool = False,
+) -> jax.Array:
+  """Runs kernel 2 on tile-aligned operands.
+
+  Args:
+    codes: (M, K) jnp.int4 (signed) or jnp.uint4 (shifted) activation codes.
+    ascales_t: (K // 64, M) float32 activation scales, transposed.
+    qweight4: (N, K) jnp.int4 weight codes.
+    wscales: (K // 64, N) float32 weight scales.
+    lora_act: (M, r) bfloat16 x @ lora_down, r a multiple of 16.
+    lora_up_t: (N, r) bfloat16, lora_up transposed (K-major B operand).
+    bias: (N,) float32.
+    apply_gelu: apply tanh-GELU after the bias.
+    out_dtype: dtype of the result.
+    config: block sizes and carrier; M % block_m == 0 and N % block_n == 0 are required.
+    interpret: run in the Mosaic GPU interpreter (CPU).
+
+  Returns:
+    (M, N) out_dtype.
+  """
+  m, k = codes.shape
+  n = qweight4.shape[0]
+  rank = lora_act.shape[1]
+  tm, tn = config.block_m, config.block_n
+  groups = k // GROUP_SIZE
+  if (m % tm or n % tn or k % GROUP_SIZE or rank % 16 or qweight4.shape != (n, k)
+      or codes.dtype not in (jnp.int4, jnp.uint4) or qweight4.dtype != jnp.int4):
+    raise ValueError(
+        f"w4a4_gemm_kernel: needs int4/uint4 codes (M, K), int4 weights (N, K) with M % {tm}, "
+        f"N % {tn}, K % 64 and rank % 16 all zero; got codes {codes.shape} {codes.dtype}, "
+        f"weights {qweight4.shape} {qweight4.dtype}, rank {rank}")
+  carrier, group_acc_dtype = _CARRIERS[config.carrier]
+  carrier_bits = 8
+  op_transforms = smem_transforms(GROUP_SIZE * carrier_bits // 8, carrier_bits)
+  four_bit_transforms = smem_transforms(GROUP_SIZE // 2, 4)
+
+  def body(codes_g, ascales_g, weights_g, wscales_g, lora_act_g, lora_up_g, bias_g, out_g,
+           a_s, b_s, lora_act_s, lora_up_s, bias_s, out_s, epilogue_bar):
+    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    rows, cols = pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)
+    # The epilogue operands travel while the main loop runs.
+    plgpu.copy_gmem_to_smem(lora_act_g.at[rows], lora_act_s, epilogue_bar)
+    plgpu.copy_gmem_to_smem(lora_up_g.at[cols], lora_up_s, epilogue_bar)
+    plgpu.copy_gmem_to_smem(bias_g.at[cols], bias_s, epilogue_bar)
+
+    def step(idx, a4_s, b4_s, ascale_s, wscale_s, carry):
+      del idx
+      a_s[...] = a4_s[...].astype(carrier)
+      b_s[...] = b4_s[...].astype(carrier)
+      plgpu.commit_smem()
+
+      def group_product(acc_ref):
+        plgpu.wgmma(acc_ref, a_s, b_s.T)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+      part = pl.run_scoped(group_product, plgpu.ACC((tm, tn), group_acc_dtype))
+      return carry + part.astype(jnp.float32) * (ascale_s[0][:, None] * wscale_s[0][None, :])
+
+    acc = plgpu.emit_pipeline(
+        step,
+        grid=(groups,),
+        in_specs=[
+            plgpu.BlockSpec((tm, GROUP_SIZE), lambda g: (mi, g), transforms=four_bit_transforms),
+            plgpu.BlockSpec((tn, GROUP_SIZE), lambda g: (ni, g), transforms=four_bit_transforms),
+            plgpu.BlockSpec((1, tm), lambda g: (g, mi)),
+            plgpu.BlockSpec((1, tn), lambda g: (g, ni)),
+        ],
+        max_concurrent_steps=config.max_concurrent_steps,
+        init_carry=jnp.zeros((tm, tn), jnp.float32),
+    )(codes_g, weights_g, ascales_g, wscales_g)
+
+    plgpu.barrier_wait(epilogue_bar)
+
+    def low_rank(acc_ref):
+      plgpu.wgmma(acc_ref, lora_act_s, lora_up_s.T)
+      plgpu.wgmma_wait(0)
+      return acc_ref[...]
+
+    y = acc + pl.run_scoped(low_rank, plgpu.ACC((tm, tn), jnp.float32))
+    y = y + bias_s[...][None, :]
+    if apply_gelu:
+      y = jax.nn.gelu(y, approximate=True)
+    out_s[...] = y.astype(out_dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s, out_g.at[rows, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  lora_transforms = smem_transforms(2 * rank, 16)
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  kernel = plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(m // tm, n // tn),
+      grid_names=("m", "n"),
+      scratch_types=dict(
+          a_s=plgpu.SMEM((tm, GROUP_SIZE), carrier, transforms=op_transforms),
+          b_s=plgpu.SMEM((tn, GROUP_SIZE), carrier, transforms=op_transforms),
+          lora_act_s=plgpu.SMEM((tm, rank), jnp.bfloat16, transforms=lora_transforms),
+          lora_up_s=plgpu.SMEM((tn, rank), jnp.bfloat16, transforms=lora_transforms),
+          bias_s=plgpu.SMEM((tn,), jnp.float32),
+          out_s=plgpu.SMEM((tm, tn), out_dtype,
+                           transforms=smem_transforms(tn * out_itemsize, 8 * out_itemsize)),
+          epilogue_bar=plgpu.Barrier(num_arrivals=3),
+      ),
+      compiler_params=plgpu.CompilerParams(),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return kernel(codes, ascales_t, qweight4, wscales.astype(jnp.float32),
+                lora_act.astype(jnp.bfloat16), lora_up_t.astype(jnp.bfloat16),
+                bias.astype(jnp.float32))

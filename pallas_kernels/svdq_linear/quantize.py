@@ -1,0 +1,144 @@
+"""Kernel 1 (Mosaic GPU, sm_90): activation quantization fused with the low-rank down-projection.
+
+One CTA owns `block_m` token rows and a contiguous run of K groups (all of them unless the config
+splits K). A TMA pipeline streams, per 64-wide group, the bf16 x tile (block_m, 64), the smoothing
+factors and the lora_down tile (64, r). In registers the tile is shifted, divided by smooth, reduced
+to a per-row amax, scaled and rounded half-to-even into 4-bit codes (written as a jnp.int4 / uint4
+tile, i.e. already packed two per byte); the same SMEM x tile is the A operand of a bf16 wgmma into
+the (block_m, r) float32 low-rank accumulator. x is read from HBM exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.svdq_linear.config import GROUP_SIZE, QuantizeConfig
+from pallas_kernels.svdq_linear.reference import code_range
+
+
+def smem_transforms(minor_bytes: int, bits: int) -> tuple[plgpu.Transform, ...]:
+  """Tiling + swizzle for an SMEM tile whose minor dimension spans `minor_bytes` (32/64/128+)."""
+  swizzle = min(minor_bytes, 128)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def code_dtype(unsigned: bool) -> jnp.dtype:
+  """The 4-bit storage dtype of the activation codes (packed two per byte in HBM)."""
+  return jnp.dtype(jnp.uint4 if unsigned else jnp.int4)
+
+
+def quantize_activations_kernel(
+    x: jax.Array,
+    smooth: jax.Array,
+    lora_down: jax.Array,
+    *,
+    act_shift: float,
+    config: QuantizeConfig,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Runs kernel 1 on tile-aligned operands.
+
+  Args:
+    x: (M, K) bfloat16, M a multiple of config.block_m, K of 64 * config.k_splits.
+    smooth: (K,) float32.
+    lora_down: (K, r) bfloat16, r a multiple of 16.
+    act_shift: 0 for signed codes, else unsigned codes of x + act_shift.
+    config: block sizes.
+    interpret: run in the Mosaic GPU interpreter (CPU).
+
+  Returns:
+    codes (M, K) int4 (uint4 when act_shift != 0), ascales transposed (K // 64, M) float32, and the
+    per-split partial low-rank products (k_splits, M, r) float32 (their sum is x @ lora_down).
+  """
+  m, k = x.shape
+  rank = lora_down.shape[1]
+  tm, splits = config.block_m, config.k_splits
+  groups = k // GROUP_SIZE
+  if m % tm or groups % splits or rank % 16 or x.dtype != jnp.bfloat16:
+    raise ValueError(
+        f"quantize_activations_kernel: needs bf16 x with M % {tm} == 0, K // 64 % {splits} == 0 "
+        f"and rank % 16 == 0; got x {x.shape} {x.dtype}, lora_down {lora_down.shape}")
+  groups_per_split = groups // splits
+  unsigned = act_shift != 0.0
+  qmin, qmax = code_range(unsigned)
+  codes_dtype = code_dtype(unsigned)
+  shift = float(act_shift)
+
+  out_type = (
+      jax.ShapeDtypeStruct((m, k), codes_dtype),
+      jax.ShapeDtypeStruct((groups, m), jnp.float32),
+      jax.ShapeDtypeStruct((splits, m, rank), jnp.float32),
+  )
+
+  def body(x_g, smooth_g, lora_down_t_g, codes_g, ascales_g, lora_g,
+           codes_s, ascale_s, lora_s):
+    mi, si = lax.axis_index("m"), lax.axis_index("s")
+    rows = pl.ds(mi * tm, tm)
+    first_group = si * groups_per_split
+
+    def scoped(acc_ref):
+      def step(idx, x_s, smooth_s, ld_s):
+        group = first_group + idx[0]
+        slot = idx[0] % 2
+        xs = (x_s[...].astype(jnp.float32) + shift) / smooth_s[0][None, :]
+        scale = jnp.max(jnp.abs(xs), axis=1) / float(qmax)
+        safe_scale = jnp.where(scale == 0.0, 1.0, scale)
+        q = jnp.clip(lax.round(xs / safe_scale[:, None], lax.RoundingMethod.TO_NEAREST_EVEN),
+                     float(qmin), float(qmax))
+        # The copies issued from this slot two steps ago must have left SMEM before we overwrite it.
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        codes_s.at[slot][...] = q.astype(jnp.int32).astype(codes_dtype)
+        ascale_s.at[slot][0] = scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            codes_s.at[slot], codes_g.at[rows, pl.ds(group * GROUP_SIZE, GROUP_SIZE)],
+            commit_group=False)
+        plgpu.copy_smem_to_gmem(ascale_s.at[slot], ascales_g.at[pl.ds(group, 1), rows])
+        plgpu.wgmma(acc_ref, x_s, ld_s.T)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(groups_per_split,),
+          in_specs=[
+              plgpu.BlockSpec((tm, GROUP_SIZE), lambda g: (mi, first_group + g),
+                              transforms=smem_transforms(2 * GROUP_SIZE, 16)),
+              plgpu.BlockSpec((1, GROUP_SIZE), lambda g: (0, first_group + g)),
+              plgpu.BlockSpec((rank, GROUP_SIZE), lambda g: (0, first_group + g),
+                              transforms=smem_transforms(2 * GROUP_SIZE, 16)),
+          ],
+          max_concurrent_steps=config.max_concurrent_steps,
+      )(x_g, smooth_g, lora_down_t_g)
+      return acc_ref[...]
+
+    lora_s[...] = pl.run_scoped(scoped, plgpu.ACC((tm, rank), jnp.float32))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(lora_s, lora_g.at[si, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  kernel = plgpu.kernel(
+      body,
+      out_type=out_type,
+      grid=(m // tm, splits),
+      grid_names=("m", "s"),
+      scratch_types=dict(
+          codes_s=plgpu.SMEM((2, tm, GROUP_SIZE), codes_dtype,
+                             transforms=smem_transforms(GROUP_SIZE // 2, 4)),
+          ascale_s=plgpu.SMEM((2, 1, tm), jnp.float32),
+          lora_s=plgpu.SMEM((tm, rank), jnp.float32)),
+      compiler_params=plgpu.CompilerParams(),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return kernel(x, smooth.astype(jnp.float32).reshape(1, k), lora_down.astype(jnp.bfloat16).T)
+
+
+@functools.partial(jax.jit, static_argnames=("act_shift", "config", "interpret"))
+def _jitted(x, smooth, lora_down, act_shift, config, interpret):
+  return quantize_activations_kernel(
+      x, smooth, lora_down, act_shift=act_shift, config=config, interpret=interpret)
