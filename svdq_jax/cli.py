@@ -1,0 +1,239 @@
+"""The `svdq-jax` command line: demo, convert, quantize, sample, bench.
+
+Every subcommand checks its input before doing any work; bad input (a missing folder, a wrong model
+type, a bad prompt file, more devices than exist, an unknown preset) prints one line
+`svdq-jax <command>: error: <what>` on stderr and exits with status 2, never a traceback. Heavy
+modules (jax models, converters) are imported only by the subcommand that needs them, so `--help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
+BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
+
+
+class UsageError(Exception):
+  """Bad input from the user: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (no usage dump) and exit status 2."""
+
+  def error(self, message: str):
+    raise UsageError(message)
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+  """Non-empty, stripped lines of a UTF-8 text file; lines starting with '#' are comments.
+
+  Raises:
+    UsageError when the file is missing, not UTF-8 text, or holds no prompt.
+  """
+  file = Path(path)
+  if not file.is_file():
+    raise UsageError(f"prompt file {str(file)!r} does not exist")
+  try:
+    text = file.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise UsageError(f"prompt file {str(file)!r} is not UTF-8 text ({e.reason} at byte "
+                     f"{e.start})") from e
+  if "\x00" in text:
+    raise UsageError(f"prompt file {str(file)!r} is not a text file (it contains NUL bytes)")
+  prompts = [line.strip() for line in text.splitlines()]
+  prompts = [p for p in prompts if p and not p.startswith("#")]
+  if not prompts:
+    raise UsageError(f"prompt file {str(file)!r} holds no prompt (one prompt per line expected)")
+  return prompts
+
+
+def _existing_folder(path: str, what: str) -> Path:
+  folder = Path(path)
+  if not folder.exists():
+    raise UsageError(f"{what} {path!r} does not exist")
+  if not folder.is_dir():
+    raise UsageError(f"{what} {path!r} is not a folder")
+  return folder
+
+
+def _positive(name: str):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+    if value < 1:
+      raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+    return value
+  return parse
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+  try:
+    from svdq_jax import demo  # noqa: PLC0415
+  except ModuleNotFoundError as e:
+    if e.name != "svdq_jax.demo":
+      raise
+    raise UsageError("the demo (svdq_jax/demo.py) is not part of this build yet") from None
+  print("svdq-jax demo: running svdq_jax.demo.main(), the embedded default", file=sys.stderr)
+  return int(demo.main() or 0)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+  src = Path(args.src)
+  if not src.exists():
+    raise UsageError(f"source {args.src!r} does not exist")
+  from convert import api  # noqa: PLC0415
+
+  api.convert(src, Path(args.dst), model=args.model)
+  print(f"wrote {args.dst}", file=sys.stderr)
+  return 0
+
+
+def _check_preset(name: str) -> None:
+  from svdq_jax import QuantConfig  # noqa: PLC0415
+
+  try:
+    QuantConfig.preset(name)
+  except (KeyError, ValueError) as e:
+    raise UsageError(f"unknown preset {name!r}: {e}") from None
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+  src = _existing_folder(args.src, "model folder")
+  prompts = read_prompt_file(args.calib)
+  _check_preset(args.preset)
+  from models import pipelines  # noqa: PLC0415
+
+  pipelines.quantize_pipeline(src, Path(args.dst), preset=args.preset, prompts=prompts,
+                              num_inference_steps=args.steps, height=args.height,
+                              width=args.width, seed=args.seed, overwrite=args.overwrite)
+  print(f"wrote {args.dst}", file=sys.stderr)
+  return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+  model = _existing_folder(args.model, "model folder")
+  if args.lora is not None:
+    raise UsageError("--lora is not supported yet (LoRA merging lands with merge_lora)")
+  import jax  # noqa: PLC0415
+
+  available = jax.device_count()
+  if args.devices > available:
+    raise UsageError(f"--devices {args.devices} asked, but only {available} "
+                     f"{jax.default_backend()} device(s) exist")
+  prompts = args.prompt
+  if args.out.suffix.lower() != ".png":
+    raise UsageError(f"--out {str(args.out)!r} must end in .png")
+  if not args.out.parent.exists():
+    raise UsageError(f"output folder {str(args.out.parent)!r} does not exist")
+  from models import pipelines  # noqa: PLC0415
+
+  pipe = pipelines.load_pipeline(model)
+  images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height,
+                width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                seed=args.seed, num_images_per_prompt=args.num_images, devices=args.devices,
+                progress=not args.quiet)
+  per_image_prompts = [p for p in prompts for _ in range(args.num_images)]
+  paths = pipelines.save_images(images, args.out, prompts=per_image_prompts, seed=args.seed,
+                                extra={"model": str(model), "steps": str(args.steps)})
+  for path in paths:
+    print(path)
+  return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+  script = Path(__file__).resolve().parents[1] / "benchmarks" / BENCH_SCRIPTS[args.suite]
+  if not script.is_file():
+    raise UsageError(f"benchmark script {script} is not there (benchmarks/ ships with the source "
+                     "checkout, not with an installed wheel)")
+  return subprocess.call([sys.executable, str(script), *args.extra])
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argument parser of `svdq-jax` with its five subcommands."""
+  parser = _Parser(prog="svdq-jax", description="SVDQuant for JAX: convert, quantize and sample "
+                   "diffusion models with 4-bit weights and activations.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  demo = sub.add_parser("demo", help="run the embedded default demo")
+  demo.set_defaults(run=_cmd_demo)
+
+  conv = sub.add_parser("convert", help="diffusers/transformers folder or file -> svdq-jax "
+                        "checkpoint")
+  conv.add_argument("src", help="diffusers/transformers component folder or .safetensors file")
+  conv.add_argument("dst", help="output folder (written atomically)")
+  conv.add_argument("--model", default=None, help="model type (flux, pixart, vae, t5, clip); "
+                    "default: read from the source's config.json")
+  conv.set_defaults(run=_cmd_convert)
+
+  quant = sub.add_parser("quantize", help="calibrate on prompts and write a quantized pipeline")
+  quant.add_argument("src", help="diffusers pipeline folder (with model_index.json)")
+  quant.add_argument("dst", help="output folder, loadable by `svdq-jax sample`")
+  quant.add_argument("--preset", default="svdquant-int4",
+                     help="QuantConfig preset (default: svdquant-int4)")
+  quant.add_argument("--calib", default=str(DEFAULT_CALIB),
+                     help="calibration prompts, one per line (default: the shipped file)")
+  quant.add_argument("--steps", type=_positive("--steps"), default=4,
+                     help="denoising steps per calibration prompt (default: 4)")
+  quant.add_argument("--height", type=_positive("--height"), default=512)
+  quant.add_argument("--width", type=_positive("--width"), default=512)
+  quant.add_argument("--seed", type=int, default=0)
+  quant.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  quant.set_defaults(run=_cmd_quantize)
+
+  sample = sub.add_parser("sample", help="text-to-image from a diffusers or svdq-jax folder")
+  sample.add_argument("model", help="pipeline folder (diffusers layout or svdq-jax quantized)")
+  sample.add_argument("--prompt", action="append", required=True,
+                      help="text prompt; repeat for a batch of prompts")
+  sample.add_argument("--negative-prompt", default=None,
+                      help="negative prompt (classifier-free guidance models)")
+  sample.add_argument("--steps", type=_positive("--steps"), default=28)
+  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--out", type=Path, default=Path("out.png"),
+                      help="PNG path; several images get _<index> before .png")
+  sample.add_argument("--height", type=_positive("--height"), default=1024)
+  sample.add_argument("--width", type=_positive("--width"), default=1024)
+  sample.add_argument("--guidance", type=float, default=None,
+                      help="guidance scale (default: the pipeline's own)")
+  sample.add_argument("--num-images", type=_positive("--num-images"), default=1,
+                      help="images per prompt")
+  sample.add_argument("--devices", type=_positive("--devices"), default=1,
+                      help="data-parallel devices (the batch is sharded over them)")
+  sample.add_argument("--lora", default=None, help="LoRA file (not supported yet)")
+  sample.add_argument("--quiet", action="store_true", help="no progress bar")
+  sample.set_defaults(run=_cmd_sample)
+
+  bench = sub.add_parser("bench", help="run a benchmark script and print its table")
+  bench.add_argument("suite", nargs="?", default="models", choices=sorted(BENCH_SCRIPTS),
+                     help="kernels, models (sampling) or memory (default: models)")
+  bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the script")
+  bench.set_defaults(run=_cmd_bench)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `svdq-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
+  parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  command = argv[0] if argv and not argv[0].startswith("-") else None
+  prog = f"svdq-jax {command}" if command else "svdq-jax"
+  try:
+    args = parser.parse_args(argv)
+    return args.run(args)
+  except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    # CheckpointError (a ValueError) and config errors: the message names file, key and need.
+    print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+  sys.exit(main())
