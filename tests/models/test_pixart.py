@@ -1,0 +1,209 @@
+"""PixArt-Sigma transformer: parity with diffusers' PixArtTransformer2DModel, jit, bf16, bad input.
+
+The reference is a tiny random-init diffusers model saved with `save_pretrained`; ours is loaded
+from that folder by `PixArtSigmaTransformer.from_pretrained` (numpy safetensors reader, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from convert import pixart as convert_pixart
+from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
+from models.pixart import PixArtConfig, PixArtSigmaTransformer, sincos_pos_embed_2d
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+pytestmark = pytest.mark.parity
+
+TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+            num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+            norm_type="ada_norm_single", caption_channels=32, use_additional_conditions=False)
+
+
+def _save_reference(folder, seed: int = 0, **overrides) -> torch.nn.Module:
+  """A tiny random-init diffusers PixArt transformer, saved to `folder`, in eval mode."""
+  torch.manual_seed(seed)
+  model = diffusers.PixArtTransformer2DModel(**{**TINY, **overrides}).eval()
+  # Random init leaves the final/per-block tables small but nonzero; perturb every parameter so
+  # that no branch (e.g. a zero-initialised bias) is invisible to the comparison.
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  return model
+
+
+def _reference(model, x, captions, t, mask=None) -> np.ndarray:
+  with torch.no_grad():
+    out = model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(captions),
+                timestep=torch.from_numpy(t),
+                encoder_attention_mask=None if mask is None else torch.from_numpy(mask),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+  return out.numpy()
+
+
+def _rel_err(ours, ref) -> float:
+  return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def _inputs(rng, batch, channels, size, tokens, caption_channels, height=None):
+  x = rng.standard_normal((batch, channels, height or size, size)).astype(np.float32)
+  captions = rng.standard_normal((batch, tokens, caption_channels)).astype(np.float32)
+  t = np.array([999.0, 17.0][:batch], np.float32)
+  return x, captions, t
+
+
+@pytest.mark.parametrize("overrides, size, height", [
+    ({}, 8, None),  # sample_size 8, interpolation_scale from diffusers' default (1)
+    ({"sample_size": 16, "interpolation_scale": 0.5, "num_attention_heads": 4,
+      "attention_head_dim": 4}, 16, None),
+    ({"sample_size": 8, "interpolation_scale": 2}, 12, 8),  # non-square, off the trained grid
+])
+def test_matches_diffusers(tmp_path, np_rng, overrides, size, height):
+  ref_model = _save_reference(tmp_path, **overrides)
+  ours = PixArtSigmaTransformer.from_pretrained(tmp_path)
+  x, captions, t = _inputs(np_rng, 2, 4, size, 7, 32, height)
+  err = _rel_err(ours(jnp.asarray(x), jnp.asarray(captions), jnp.asarray(t)),
+                 _reference(ref_model, x, captions, t))
+  assert err <= 1e-4, err
+
+
+def test_matches_diffusers_with_caption_mask(tmp_path, np_rng):
+  ref_model = _save_reference(tmp_path, seed=1)
+  ours = PixArtSigmaTransformer.from_pretrained(tmp_path)
+  x, captions, t = _inputs(np_rng, 2, 4, 8, 9, 32)
+  mask = np.ones((2, 9), np.int64)
+  mask[0, 4:] = 0
+  mask[1, 7:] = 0
+  ref = _reference(ref_model, x, captions, t, mask)
+  out = ours(jnp.asarray(x), jnp.asarray(captions), jnp.asarray(t), jnp.asarray(mask))
+  assert _rel_err(out, ref) <= 1e-4
+  # The mask matters: without it the output is measurably different.
+  assert _rel_err(ours(jnp.asarray(x), jnp.asarray(captions), jnp.asarray(t)), ref) > 1e-3
+
+
+def test_no_caption_projection_matches_diffusers(tmp_path, np_rng):
+  ref_model = _save_reference(tmp_path, caption_channels=None, cross_attention_dim=12)
+  ours = PixArtSigmaTransformer.from_pretrained(tmp_path)
+  x, captions, t = _inputs(np_rng, 2, 4, 8, 5, 12)
+  err = _rel_err(ours(jnp.asarray(x), jnp.asarray(captions), jnp.asarray(t)),
+                 _reference(ref_model, x, captions, t))
+  assert err <= 1e-4, err
+
+
+def test_pos_embed_matches_diffusers():
+  from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+  for grid, base, scale in [((16, 16), 16, 2.0), ((6, 10), 8, 0.5), ((64, 64), 64, 4.0)]:
+    ref = get_2d_sincos_pos_embed(72, grid, base_size=base, interpolation_scale=scale,
+                                  output_type="pt").float().numpy()
+    ours = sincos_pos_embed_2d(72, *grid, base_size=base, interpolation_scale=scale)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_jit_and_bfloat16(tmp_path, np_rng):
+  ref_model = _save_reference(tmp_path)
+  x, captions, t = _inputs(np_rng, 2, 4, 8, 7, 32)
+  mask = np.ones((2, 7), bool)
+  mask[1, 3:] = False
+  ref = _reference(ref_model, x, captions, t, mask.astype(np.int64))
+
+  model = PixArtSigmaTransformer.from_pretrained(tmp_path)
+  forward = nnx.jit(lambda m, *a: m(*a))
+  out = forward(model, jnp.asarray(x), jnp.asarray(captions), jnp.asarray(t), jnp.asarray(mask))
+  assert _rel_err(out, ref) <= 1e-4
+
+  bf16 = PixArtSigmaTransformer.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+  out16 = forward(bf16, jnp.asarray(x, jnp.bfloat16), jnp.asarray(captions, jnp.bfloat16),
+                  jnp.asarray(t), jnp.asarray(mask))
+  assert out16.dtype == jnp.bfloat16 and out16.shape == (2, 8, 8, 8)
+  assert _rel_err(out16.astype(jnp.float32), ref) < 5e-2
+
+
+def test_presets_and_eval_shape():
+  for res, sample, scale in [(256, 32, 0.5), (512, 64, 1.0), (1024, 128, 2.0), (2048, 256, 4.0)]:
+    cfg = PixArtConfig.sigma(res)
+    assert (cfg.sample_size, cfg.interpolation_scale, cfg.inner_dim) == (sample, scale, 1152)
+    assert PixArtConfig.from_dict(cfg.to_dict()) == cfg
+  assert PixArtConfig.sigma_2k() == PixArtConfig.sigma(2048)
+  model = nnx.eval_shape(lambda: PixArtSigmaTransformer(PixArtConfig.sigma_1024(),
+                                                        rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert leaves and all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
+  n_params = sum(int(np.prod(v.shape)) for v in leaves)
+  assert 600e6 < n_params < 620e6, n_params  # PixArt-Sigma-XL-2: about 611M parameters
+  out = nnx.eval_shape(lambda m: m(jnp.zeros((1, 4, 128, 128)), jnp.zeros((1, 300, 4096)),
+                                   jnp.zeros((1,))), model)
+  assert out.shape == (1, 8, 128, 128)
+
+
+def test_config_from_json_follows_diffusers_defaults(tmp_path):
+  _save_reference(tmp_path, sample_size=16, interpolation_scale=None)
+  raw = json.loads((tmp_path / "config.json").read_text())
+  cfg = convert_pixart.config_from_json(raw)
+  assert cfg.interpolation_scale == 1.0 and cfg.sample_size == 16
+  assert convert_pixart.config_from_json({**raw, "sample_size": 256,
+                                          "interpolation_scale": None}).interpolation_scale == 4.0
+  with pytest.raises(CheckpointError, match="use_additional_conditions"):
+    convert_pixart.config_from_json({**raw, "sample_size": 128, "use_additional_conditions": None})
+  with pytest.raises(CheckpointError, match="norm_type"):
+    convert_pixart.config_from_json({**raw, "norm_type": "ada_norm_zero"})
+  with pytest.raises(CheckpointError, match="frobnicate"):
+    convert_pixart.config_from_json({**raw, "frobnicate": 1})
+  with pytest.raises(CheckpointError, match="UNet2DConditionModel"):
+    convert_pixart.config_from_json({**raw, "_class_name": "UNet2DConditionModel"})
+
+
+def _rewrite(folder, edit) -> None:
+  """Re-saves the folder's safetensors after `edit(dict of numpy tensors)`."""
+  path = folder / "diffusion_pytorch_model.safetensors"
+  with CheckpointReader(path) as reader:
+    tensors = {k: np.array(reader.get(k)) for k in reader.keys()}
+  edit(tensors)
+  save_file(tensors, path)
+
+
+def test_bad_checkpoints_name_the_key(tmp_path):
+  _save_reference(tmp_path)
+  _rewrite(tmp_path, lambda t: t.pop("transformer_blocks.1.attn2.to_k.weight"))
+  with pytest.raises(CheckpointError, match=r"missing keys \['transformer_blocks.1.attn2.to_k"):
+    PixArtSigmaTransformer.from_pretrained(tmp_path)
+
+  _save_reference(tmp_path)
+  _rewrite(tmp_path, lambda t: t.update({"extra.weight": np.zeros(3, np.float32)}))
+  with pytest.raises(CheckpointError, match=r"unexpected keys \['extra.weight'\]"):
+    PixArtSigmaTransformer.from_pretrained(tmp_path)
+
+  _save_reference(tmp_path)
+  _rewrite(tmp_path, lambda t: t.update({"proj_out.weight": np.zeros((32, 8), np.float32)}))
+  with pytest.raises(CheckpointError, match=r"'proj_out.weight' has shape \(32, 8\), expected "
+                                            r"\(32, 16\)"):
+    PixArtSigmaTransformer.from_pretrained(tmp_path)
+
+  _save_reference(tmp_path)
+  _rewrite(tmp_path, lambda t: t.update({"scale_shift_table": np.zeros((2, 16), np.int32)}))
+  with pytest.raises(CheckpointError, match="'scale_shift_table' has dtype int32"):
+    PixArtSigmaTransformer.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_are_value_errors():
+  model = PixArtSigmaTransformer(PixArtConfig(**{
+      k: v for k, v in TINY.items()
+      if k not in ("norm_type", "use_additional_conditions")}), rngs=nnx.Rngs(0))
+  captions = jnp.zeros((1, 3, 32))
+  with pytest.raises(ValueError, match="hidden_states"):
+    model(jnp.zeros((1, 3, 8, 8)), captions, jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="multiples of patch_size"):
+    model(jnp.zeros((1, 4, 7, 8)), captions, jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="encoder_hidden_states"):
+    model(jnp.zeros((1, 4, 8, 8)), jnp.zeros((1, 3, 31)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="encoder_attention_mask"):
+    model(jnp.zeros((1, 4, 8, 8)), captions, jnp.zeros((1,)), jnp.ones((1, 4)))
