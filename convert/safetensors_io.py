@@ -1,8 +1,10 @@
-"""Streaming safetensors reading with numpy only (no torch): memory-mapped, bf16 via ml_dtypes.
+"""Streaming safetensors reading and writing with numpy only (no torch).
 
 `CheckpointReader` opens one `.safetensors` file, a folder of them (with or without a
-`*.safetensors.index.json`), or an index file, and hands out tensors one at a time, so peak memory
-stays about one tensor beyond what the caller keeps.
+`*.safetensors.index.json`), or an index file, validates every header up front (so a truncated or
+corrupt file fails at open, naming the file and the key), and hands out tensors one at a time as
+memory-mapped arrays: peak memory stays about one tensor beyond what the caller keeps. bf16 and fp8
+come back as `ml_dtypes` arrays.
 """
 
 from __future__ import annotations
@@ -32,7 +34,43 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be read: the message names the file, the key and what was expected."""
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+class _Entry:
+  """Where one tensor lives: its file, dtype, shape and absolute byte range."""
+
+  __slots__ = ("file", "dtype", "shape", "begin", "end")
+
+  def __init__(self, file: Path, dtype: np.dtype, shape: tuple[int, ...], begin: int, end: int):
+    self.file, self.dtype, self.shape, self.begin, self.end = file, dtype, shape, begin, end
+
+
+def _parse_entry(path: Path, key: str, info: object, data_start: int, size: int) -> _Entry:
+  """Validates one header entry against the file size; raises CheckpointError naming the key."""
+  if not isinstance(info, dict):
+    raise CheckpointError(f"{path}: bad header entry for key {key!r}: {info!r}")
+  name = info.get("dtype")
+  if name not in _DTYPES:
+    raise CheckpointError(f"{path}: key {key!r} has unsupported dtype {name!r} "
+                          f"(supported: {sorted(_DTYPES)})")
+  shape, offsets = info.get("shape"), info.get("data_offsets")
+  if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+      or not isinstance(offsets, list) or len(offsets) != 2
+      or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+    raise CheckpointError(f"{path}: bad header entry for key {key!r}: shape {shape!r}, "
+                          f"data_offsets {offsets!r}")
+  dtype = _DTYPES[name]
+  begin, end = offsets
+  needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if end - begin != needed:
+    raise CheckpointError(f"{path}: key {key!r} is corrupt: shape {tuple(shape)} {name} needs "
+                          f"{needed} bytes, its data_offsets span {end - begin}")
+  if data_start + end > size:
+    raise CheckpointError(f"{path}: truncated: key {key!r} needs bytes up to {data_start + end}, "
+                          f"the file has {size}")
+  return _Entry(path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+  """The validated entries and the `__metadata__` of one safetensors file."""
   try:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -41,83 +79,97 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
       (n,) = struct.unpack("<Q", head)
       if n > _MAX_HEADER or 8 + n > size:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {n}, "
-                              f"file size {size})")
+        raise CheckpointError(f"{path}: not a safetensors file, or truncated: header length {n}, "
+                              f"file size {size}")
       header = json.loads(f.read(n))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
+    raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
   if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-  data_start = 8 + n
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    try:
-      dtype = _DTYPES[info["dtype"]]
-      begin, end = info["data_offsets"]
-      shape = tuple(int(d) for d in info["shape"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise CheckpointError(f"{path}: bad header entry for key {key!r}: {info!r}") from e
-    if info["dtype"] not in _DTYPES:
-      raise CheckpointError(f"{path}: key {key!r} has unsupported dtype {info['dtype']}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - begin != expected or data_start + end > size:
-      raise CheckpointError(
-          f"{path}: key {key!r} is truncated or corrupt (needs bytes {begin}..{end} of "
-          f"{expected} for shape {shape} {info['dtype']}, file has {size - data_start})")
-  return header, data_start
+    raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+  entries = {key: _parse_entry(path, key, info, 8 + n, size) for key, info in header.items()}
+  return entries, metadata
+
+
+def _weight_files(folder: Path) -> list[Path]:
+  """The safetensors files of a folder without an index; variants (`x.fp16.safetensors`) are
+  used only when no plain file is there, since diffusers folders may hold both."""
+  files = sorted(folder.glob("*.safetensors"))
+  if not files:
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.ckpt")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {others}: pickled torch weights are not read; save with safetensors)" \
+        if others else ""
+    raise CheckpointError(f"{folder}: holds no .safetensors file, not a checkpoint{hint}")
+  plain = [f for f in files if "." not in f.name.removesuffix(".safetensors")]
+  return plain or files
+
+
+def _index_files(index: Path) -> tuple[list[Path], dict[str, str]]:
+  """The shard files and the key -> file-name map of a `*.safetensors.index.json`."""
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+  files = sorted({index.parent / f for f in weight_map.values()})
+  missing = [str(f) for f in files if not f.exists()]
+  if missing:
+    raise CheckpointError(f"{index}: shard files listed but missing: {missing}")
+  return files, weight_map
 
 
 class CheckpointReader:
   """Lazy, memory-mapped access to the tensors of a safetensors checkpoint.
 
-  `path`: a `.safetensors` file, a `*.safetensors.index.json`, or a folder holding either.
-  Tensors come back as numpy arrays in their stored dtype (bf16 as `ml_dtypes.bfloat16`).
+  Args:
+    path: a `.safetensors` file, a `*.safetensors.index.json`, or a folder holding either.
+
+  Tensors come back as read-only numpy arrays in their stored dtype (bf16 as `ml_dtypes.bfloat16`);
+  all headers are checked at construction, so later reads do not fail on a bad file.
   """
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
     if not self.path.exists():
       raise CheckpointError(f"{self.path}: no such file or folder")
-    self._files = self._resolve(self.path)
-    self._entries: dict[str, tuple[Path, dict, int]] = {}
+    self._entries: dict[str, _Entry] = {}
     self.metadata: dict[str, str] = {}
-    for file in self._files:
-      header, start = _read_header(file)
-      self.metadata.update(header.get("__metadata__") or {})
-      for key, info in header.items():
-        if key == "__metadata__":
-          continue
+    index: Path | None = None
+    if self.path.is_dir():
+      indexes = sorted(self.path.glob("*.safetensors.index.json"))
+      if len(indexes) > 1:
+        raise CheckpointError(f"{self.path}: several safetensors indexes "
+                              f"{[p.name for p in indexes]}; pass the one to read")
+      index = indexes[0] if indexes else None
+      files = _index_files(index)[0] if index else _weight_files(self.path)
+    elif self.path.name.endswith(".index.json"):
+      index = self.path
+      files = _index_files(index)[0]
+    else:
+      files = [self.path]
+    for file in files:
+      entries, metadata = _read_header(file)
+      self.metadata.update(metadata)
+      for key, entry in entries.items():
         if key in self._entries:
-          raise CheckpointError(f"{file}: key {key!r} also appears in {self._entries[key][0]}")
-        self._entries[key] = (file, info, start)
+          raise CheckpointError(f"{file}: key {key!r} also appears in {self._entries[key].file}")
+        self._entries[key] = entry
+    if index is not None:
+      self._check_index(index)
+    self.files: tuple[Path, ...] = tuple(files)
     self._maps: dict[Path, np.memmap] = {}
 
-  @staticmethod
-  def _resolve(path: Path) -> list[Path]:
-    if path.is_dir():
-      indexes = sorted(path.glob("*.safetensors.index.json"))
-      if indexes:
-        return CheckpointReader._from_index(indexes[0])
-      files = sorted(path.glob("*.safetensors"))
-      if not files:
-        raise CheckpointError(f"{path}: folder holds no .safetensors file (not a checkpoint)")
-      return files
-    if path.name.endswith(".index.json"):
-      return CheckpointReader._from_index(path)
-    return [path]
-
-  @staticmethod
-  def _from_index(index: Path) -> list[Path]:
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
-    files = sorted({index.parent / f for f in weight_map.values()})
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-      raise CheckpointError(f"{index}: shard files listed but missing: {missing}")
-    return files
+  def _check_index(self, index: Path) -> None:
+    weight_map = _index_files(index)[1]
+    wrong = [k for k, f in weight_map.items()
+             if k not in self._entries or self._entries[k].file.name != Path(f).name]
+    if wrong:
+      raise CheckpointError(f"{index}: keys not found in the shard the index names: "
+                            f"{sorted(wrong)[:20]} ({len(wrong)})")
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -131,26 +183,32 @@ class CheckpointReader:
   def __len__(self) -> int:
     return len(self._entries)
 
-  def _entry(self, key: str) -> tuple[Path, dict, int]:
+  def _entry(self, key: str) -> _Entry:
     try:
       return self._entries[key]
     except KeyError:
       raise CheckpointError(f"{self.path}: missing key {key!r}") from None
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._entry(key)[1]["shape"])
+    return self._entry(key).shape
 
   def dtype(self, key: str) -> np.dtype:
-    return _DTYPES[self._entry(key)[1]["dtype"]]
+    return self._entry(key).dtype
+
+  def nbytes(self, key: str | None = None) -> int:
+    """Bytes of tensor `key`, or of all tensors when `key` is None."""
+    if key is not None:
+      entry = self._entry(key)
+      return entry.end - entry.begin
+    return sum(e.end - e.begin for e in self._entries.values())
 
   def get(self, key: str) -> np.ndarray:
     """The tensor `key` as a read-only memory-mapped numpy array (copy it to keep it)."""
-    file, info, start = self._entry(key)
-    if file not in self._maps:
-      self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-    begin, end = info["data_offsets"]
-    raw = self._maps[file][start + begin:start + end]
-    return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    entry = self._entry(key)
+    if entry.file not in self._maps:
+      self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
+    raw = self._maps[entry.file][entry.begin:entry.end]
+    return raw.view(entry.dtype).reshape(entry.shape)
 
   def close(self) -> None:
     self._maps.clear()
@@ -164,25 +222,32 @@ class CheckpointReader:
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
               metadata: dict[str, str] | None = None) -> None:
-  """Writes numpy arrays (bf16 / fp8 via ml_dtypes included) as one safetensors file, atomically."""
+  """Writes numpy arrays (bf16 / fp8 via ml_dtypes included) as one safetensors file, atomically.
+
+  Arrays are written one at a time (a non-contiguous one is copied alone), so memory stays about
+  one tensor beyond the inputs. The file appears at `path` only once complete.
+  """
   path = Path(path)
-  header: dict = {"__metadata__": metadata} if metadata else {}
+  header: dict = {"__metadata__": dict(metadata)} if metadata else {}
   offset = 0
-  arrays = []
   for key in sorted(tensors):
-    a = np.ascontiguousarray(tensors[key])
-    if a.dtype not in _NAMES:
+    a = tensors[key]
+    if not isinstance(key, str) or key == "__metadata__":
+      raise CheckpointError(f"{path}: invalid tensor name {key!r}")
+    if np.dtype(a.dtype) not in _NAMES:
       raise CheckpointError(f"{path}: cannot store key {key!r} of dtype {a.dtype}")
-    header[key] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+    header[key] = {"dtype": _NAMES[np.dtype(a.dtype)], "shape": list(a.shape),
                    "data_offsets": [offset, offset + a.nbytes]}
     offset += a.nbytes
-    arrays.append(a)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
-  os.replace(tmp, path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for key in sorted(tensors):
+        f.write(np.ascontiguousarray(tensors[key]).reshape(-1).view(np.uint8).data)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
