@@ -20,43 +20,92 @@ from flax import nnx
 from convert.safetensors_io import CheckpointError, CheckpointReader
 
 
-def _path_str(path: tuple) -> str:
+def path_str(path: tuple) -> str:
+  """An NNX / pytree key path as our "/"-joined string ("transformer_blocks/0/attn/to_q")."""
   return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def is_quantized_value(value: Any) -> bool:
+  """True for an `svdq_jax.SVDQLinear` standing in a parameter's place (False before task A's
+  transform is installed)."""
+  try:
+    from svdq_jax import is_quantized  # noqa: PLC0415  (optional until the transform lands)
+  except ImportError:
+    return False
+  return bool(is_quantized(value))
+
+
+def _spec(value: Any) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of a parameter value; an SVDQLinear reports its kernel's (in, out) shape."""
+  if is_quantized_value(value):
+    return jax.ShapeDtypeStruct((value.in_features, value.out_features), jnp.bfloat16)
+  return jax.ShapeDtypeStruct(tuple(value.shape), value.dtype)
 
 
 def state_paths(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat `{path: ShapeDtypeStruct}` of a model's parameters (works on `nnx.eval_shape` models)."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {_path_str(path): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
-          for path, v in flat}
+  return {path_str(path): _spec(v.get_value()) for path, v in flat}
 
 
-def load_into(model: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str,
-              dtype: jnp.dtype | None = None) -> nnx.Module:
-  """Sets every parameter of `model` from `arrays` (flat, "/"-joined paths) and returns it.
+def _listed(keys: list[str]) -> str:
+  return f"{keys[:20]}{' ...' if len(keys) > 20 else ''} ({len(keys)})"
 
-  Raises `CheckpointError` naming `source` when keys are missing or unexpected (listing them) or a
-  shape does not match. `dtype` casts floating parameters (default: keep the model's dtype).
+
+def check_arrays(expected: Mapping[str, jax.ShapeDtypeStruct], arrays: Mapping[str, Any], *,
+                 source: str) -> None:
+  """Raises `CheckpointError` naming `source` unless `arrays` has exactly the expected keys with
+  the expected shapes and a compatible kind of dtype (float for float, integer for integer).
+
+  Values may be numpy/jax arrays, `ShapeDtypeStruct`s or `SVDQLinear`s (checked by their
+  (in, out) shape).
   """
-  expected = state_paths(model)
   missing = sorted(set(expected) - set(arrays))
   unexpected = sorted(set(arrays) - set(expected))
   if missing or unexpected:
-    raise CheckpointError(
-        f"{source}: checkpoint does not match the model: "
-        f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}); "
-        f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} "
-        f"({len(unexpected)})")
+    raise CheckpointError(f"{source}: checkpoint does not match the model: missing keys "
+                          f"{_listed(missing)}; unexpected keys {_listed(unexpected)}")
   for path, spec in expected.items():
-    if tuple(arrays[path].shape) != tuple(spec.shape):
-      raise CheckpointError(f"{source}: key {path!r} has shape {tuple(arrays[path].shape)}, "
+    found = _spec(arrays[path])
+    if tuple(found.shape) != tuple(spec.shape):
+      raise CheckpointError(f"{source}: key {path!r} has shape {tuple(found.shape)}, "
                             f"the model expects {tuple(spec.shape)}")
+    want_float = jnp.issubdtype(spec.dtype, jnp.floating)
+    if want_float != jnp.issubdtype(found.dtype, jnp.floating):
+      raise CheckpointError(f"{source}: key {path!r} has dtype {np.dtype(found.dtype)}, the model "
+                            f"expects {'a floating' if want_float else 'an integer'} dtype like "
+                            f"{np.dtype(spec.dtype)}")
+
+
+def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
+              dtype: jnp.dtype | None = None, keep_stored_dtype: bool = False) -> nnx.Module:
+  """Sets every parameter of `model` from `arrays` (flat, "/"-joined paths) and returns it.
+
+  Args:
+    model: the model to fill, typically built under `nnx.eval_shape`.
+    arrays: `{path: array}`; a value may also be an `SVDQLinear` replacing a kernel.
+    source: the file or folder the arrays came from, for error messages.
+    dtype: cast floating parameters to this dtype; None keeps the model's parameter dtype, or the
+      stored dtype when `keep_stored_dtype`.
+    keep_stored_dtype: with `dtype` None, keep each array's own dtype (no up-cast of bf16 data).
+
+  Raises:
+    CheckpointError naming `source` when keys are missing or unexpected (listing them), or a
+    shape or kind of dtype does not match.
+  """
+  expected = state_paths(model)
+  check_arrays(expected, arrays, source=source)
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   for path, variable in flat:
-    name = _path_str(path)
-    target = dtype if dtype is not None and jnp.issubdtype(expected[name].dtype, jnp.floating) \
-        else expected[name].dtype
-    variable.set_value(jnp.asarray(np.asarray(arrays[name]), dtype=target))
+    name = path_str(path)
+    value = arrays[name]
+    if is_quantized_value(value):
+      variable.set_value(value)
+      continue
+    target = expected[name].dtype
+    if jnp.issubdtype(target, jnp.floating):
+      target = dtype if dtype is not None else value.dtype if keep_stored_dtype else target
+    variable.set_value(jnp.asarray(np.asarray(value), dtype=target))
   nnx.update(model, nnx.from_flat_state(flat))
   return model
 

@@ -1,0 +1,247 @@
+"""Our checkpoint format: an orbax-checkpoint folder of the flat parameter arrays and a config.json.
+
+Layout of a checkpoint folder DST:
+
+    DST/config.json   {"svdq_jax": {"format_version", "model_type", "config", "quantized"}}
+    DST/params/       orbax PyTree checkpoint; each parameter path "a/b/kernel" is the nested
+                      dict entry params["a"]["b"]["kernel"]; a quantized kernel is a dict of its
+                      SVDQLinear array fields ("qweight", "wscales", ...)
+
+"model_type" is the registry's short name ("flux"), "config" the model config's `to_dict()`, and
+"quantized" maps the path of each quantized kernel to its `SVDQLinear.metadata()`. The key
+"svdq_jax" is what `convert.loading.load_pretrained` (and so every `Model.from_pretrained`) looks
+for to read a folder as ours. Writes are atomic: everything goes to a temporary folder beside DST
+that is renamed to DST at the end, and removed on any failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert import registry
+from convert.loading import (
+  check_arrays,
+  is_quantized_value,
+  load_into,
+  path_str,
+  read_config,
+  state_paths,
+)
+from convert.safetensors_io import CheckpointError
+
+FORMAT_VERSION = 1
+HEADER_KEY = "svdq_jax"
+PARAMS_DIR = "params"
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+  """Yields a fresh temporary folder beside `dst`; renames it to `dst` when the block succeeds.
+
+  On any exception the temporary folder is deleted and `dst` is left as it was (absent, or the
+  old folder when `overwrite`).
+
+  Raises:
+    CheckpointError when `dst` exists and `overwrite` is False.
+  """
+  dst = Path(dst).absolute()
+  if dst.exists() and not overwrite:
+    raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+  try:
+    yield tmp
+    if dst.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+      os.replace(dst, old / dst.name)
+      os.replace(tmp, dst)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, dst)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  """`{"a/b": x}` -> `{"a": {"b": x}}` (orbax stores nested dicts as "a.b" entries)."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, path + "/"))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _quantized_fields(w: Any) -> dict[str, jax.Array]:
+  """The array fields of an SVDQLinear by name ("qweight", ...); None fields are left out."""
+  leaves = jax.tree_util.tree_leaves_with_path(w)
+  return {path_str(path): leaf for path, leaf in leaves if leaf is not None}
+
+
+def _config_dict(config: Any) -> dict:
+  if isinstance(config, Mapping):
+    return dict(config)
+  if hasattr(config, "to_dict"):
+    return config.to_dict()
+  raise CheckpointError(f"config {config!r}: needs a dict or a config with to_dict()")
+
+
+def write_checkpoint(arrays: Mapping[str, Any], dst: str | os.PathLike, *, model_type: str,
+                     config: Any, overwrite: bool = False) -> Path:
+  """Writes flat `{path: array or SVDQLinear}` as our checkpoint folder at `dst`, atomically.
+
+  Args:
+    arrays: flat parameters ("/"-joined state paths); numpy or jax arrays keep their dtype.
+    dst: the folder to create.
+    model_type: a registry name ("flux") or a source class name ("FluxTransformer2DModel").
+    config: the model config (a dataclass with `to_dict`, or its dict).
+    overwrite: replace an existing `dst`.
+
+  Returns:
+    The absolute path of the written folder.
+  """
+  with atomic_folder(dst, overwrite=overwrite) as tmp:
+    write_into(tmp, arrays, model_type=model_type, config=config)
+  return Path(dst).absolute()
+
+
+def write_into(folder: Path, arrays: Mapping[str, Any], *, model_type: str, config: Any) -> None:
+  """Writes a checkpoint into an existing empty `folder` (no atomicity: see `write_checkpoint`)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy; only needed when writing)
+
+  entry = registry.find_entry(model_type)
+  tree: dict[str, Any] = {}
+  quantized: dict[str, dict] = {}
+  for path, value in arrays.items():
+    if is_quantized_value(value):
+      quantized[path] = value.metadata()
+      tree[path] = _quantized_fields(value)
+    else:
+      tree[path] = value
+  header = {"format_version": FORMAT_VERSION, "model_type": entry.name,
+            "config": _config_dict(config), "quantized": quantized}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(folder / PARAMS_DIR, _nest(tree))
+  (folder / "config.json").write_text(json.dumps({HEADER_KEY: header}, indent=2) + "\n")
+
+
+def save_checkpoint(model: nnx.Module, dst: str | os.PathLike, *, model_type: str, config: Any,
+                    overwrite: bool = False) -> Path:
+  """Saves a model (plain or with SVDQLinear kernels) as our checkpoint folder, atomically.
+
+  `Model.from_pretrained(dst)` and `load_checkpoint(dst)` read it back exactly.
+
+  Args:
+    model: the NNX model whose `nnx.Param`s are saved.
+    dst: the folder to create (absent, or replaced when `overwrite`).
+    model_type: a registry name ("flux") or source class name ("FluxTransformer2DModel").
+    config: the model's config dataclass (or its `to_dict()`).
+    overwrite: replace an existing `dst`.
+
+  Returns:
+    The absolute path of the written folder.
+  """
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  arrays = {path_str(path): variable.get_value() for path, variable in flat}
+  return write_checkpoint(arrays, dst, model_type=model_type, config=config, overwrite=overwrite)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+  """The "svdq_jax" header of our checkpoint folder, validated.
+
+  Raises:
+    CheckpointError when the folder is not ours, or from a newer format version.
+  """
+  raw = read_config(path)
+  header = raw.get(HEADER_KEY)
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: config.json has no '{HEADER_KEY}' header (not a svdq-jax "
+                          "checkpoint; convert it with `svdq-jax convert`)")
+  missing = [k for k in ("format_version", "model_type", "config") if k not in header]
+  if missing:
+    raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header lacks {missing}")
+  if header["format_version"] > FORMAT_VERSION:
+    raise CheckpointError(f"{path}: checkpoint format version {header['format_version']}, this "
+                          f"svdq-jax reads up to {FORMAT_VERSION}")
+  if not (Path(path) / PARAMS_DIR).is_dir():
+    raise CheckpointError(f"{path}: no '{PARAMS_DIR}' folder (incomplete checkpoint)")
+  return header
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
+  """The flat parameters of our checkpoint: numpy arrays in their stored dtypes, and an
+  SVDQLinear for each quantized kernel."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  header = read_header(path)
+  params = Path(path).absolute() / PARAMS_DIR
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(params).item_metadata.tree
+      restore_args = jax.tree.map(
+          lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), metadata)
+      tree = checkpointer.restore(params, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except (OSError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{params}: cannot read the orbax parameters: {e}") from e
+  arrays = _flatten(tree)
+  for layer, layer_metadata in header.get("quantized", {}).items():
+    from svdq_jax import SVDQLinear  # noqa: PLC0415  (only for quantized checkpoints)
+
+    prefix = layer + "/"
+    fields = {k[len(prefix):]: arrays.pop(k) for k in [k for k in arrays if k.startswith(prefix)]}
+    if not fields:
+      raise CheckpointError(f"{path}: quantized layer {layer!r} has no arrays in {params}")
+    arrays[layer] = SVDQLinear.from_arrays(fields, layer_metadata)
+  return arrays
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None) -> nnx.Module:
+  """Builds the model a checkpoint of ours holds and fills it with the stored parameters.
+
+  Args:
+    path: our checkpoint folder (see the module docstring).
+    dtype: compute dtype of the model, and the dtype floating parameters are cast to; None keeps
+      the stored dtypes. Quantized kernels are never cast.
+
+  Returns:
+    The model, of the class the checkpoint's model_type names.
+  """
+  header = read_header(path)
+  entry = registry.find_entry(header["model_type"], where=str(path))
+  config = entry.config_class().from_dict(header["config"])
+  model = entry.abstract_model(config, dtype=dtype)
+  arrays = read_arrays(path)
+  return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True)
+
+
+def check_against_model(arrays: Mapping[str, Any], entry: registry.ModelEntry, config: Any, *,
+                        source: str) -> None:
+  """Raises CheckpointError unless `arrays` fit the model `entry` builds from `config` (keys,
+  shapes, kind of dtype); builds the model under `nnx.eval_shape`, so nothing is allocated."""
+  check_arrays(state_paths(entry.abstract_model(config)), arrays, source=source)

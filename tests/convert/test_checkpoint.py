@@ -1,0 +1,161 @@
+"""Our checkpoint format: exact round trips (float32, bfloat16, quantized), loading through
+`load_pretrained`, atomic writes under injected failures, and the errors of `load_into`."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from convert import checkpoint, registry
+from convert.checkpoint import load_checkpoint, read_header, save_checkpoint
+from convert.loading import check_arrays, load_into, load_pretrained, path_str, state_paths
+from convert.safetensors_io import CheckpointError
+from tests.convert import _tiny
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> registry.ModelEntry:
+  return _tiny.register(monkeypatch)
+
+
+def _model(config=None, seed=0, param_dtype=jnp.float32):
+  return _tiny.TinyNet(config or _tiny.TinyConfig(), param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def _params(model) -> dict[str, np.ndarray]:
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return {path_str(path): np.asarray(variable.get_value()) for path, variable in flat}
+
+
+def _leftovers(folder) -> list[str]:
+  return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_is_exact(tiny, tmp_path, param_dtype):
+  config = _tiny.TinyConfig(in_features=8, hidden_size=16, num_layers=3)
+  model = _model(config, param_dtype=param_dtype)
+  dst = save_checkpoint(model, tmp_path / "ckpt", model_type="TinyNetModel", config=config)
+  header = read_header(dst)
+  assert header == {"format_version": checkpoint.FORMAT_VERSION, "model_type": "tiny",
+                    "config": config.to_dict(), "quantized": {}}
+  loaded = load_checkpoint(dst)
+  assert isinstance(loaded, _tiny.TinyNet)
+  want, got = _params(model), _params(loaded)
+  assert sorted(got) == sorted(want)
+  for path in want:
+    assert got[path].dtype == want[path].dtype, path
+    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8)), param_dtype)
+  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+  assert _leftovers(tmp_path) == []
+
+
+def test_load_dtype_casts_floats(tiny, tmp_path):
+  model = _model()
+  save_checkpoint(model, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  loaded = load_checkpoint(tmp_path / "c", dtype=jnp.bfloat16)
+  got = _params(loaded)
+  assert {a.dtype for a in got.values()} == {np.dtype(ml_dtypes.bfloat16)}
+  want = _params(model)
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path].astype(ml_dtypes.bfloat16))
+
+
+def test_load_pretrained_delegates_to_ours(tiny, tmp_path):
+  model = _model(seed=3)
+  save_checkpoint(model, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+
+  def unused(*_):
+    raise AssertionError("a checkpoint of ours must not go through the source converter")
+
+  loaded = load_pretrained(tmp_path / "c", build=unused, config_from_json=unused,
+                           convert_state=unused)
+  for path, want in _params(model).items():
+    np.testing.assert_array_equal(_params(loaded)[path], want)
+
+
+def test_failure_during_write_leaves_nothing(tiny, tmp_path, monkeypatch):
+  def fail(*args, **kwargs):
+    raise OSError("disk full (injected)")
+
+  monkeypatch.setattr(checkpoint.json, "dumps", fail)
+  with pytest.raises(OSError, match="injected"):
+    save_checkpoint(_model(), tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination(tiny, tmp_path, monkeypatch):
+  first, second = _model(seed=1), _model(seed=2)
+  save_checkpoint(first, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  with pytest.raises(CheckpointError, match="already exists"):
+    save_checkpoint(second, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+
+  def fail(*args, **kwargs):
+    raise OSError("injected")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint.json, "dumps", fail)
+    with pytest.raises(OSError):
+      save_checkpoint(second, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig(),
+                      overwrite=True)
+  np.testing.assert_array_equal(_params(load_checkpoint(tmp_path / "c"))["proj_in/kernel"],
+                                _params(first)["proj_in/kernel"])
+  save_checkpoint(second, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig(),
+                  overwrite=True)
+  np.testing.assert_array_equal(_params(load_checkpoint(tmp_path / "c"))["proj_in/kernel"],
+                                _params(second)["proj_in/kernel"])
+  assert _leftovers(tmp_path) == []
+
+
+def test_header_errors(tiny, tmp_path):
+  folder = tmp_path / "c"
+  save_checkpoint(_model(), folder, model_type="tiny", config=_tiny.TinyConfig())
+  raw = json.loads((folder / "config.json").read_text())
+  raw["svdq_jax"]["format_version"] = 99
+  (folder / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(CheckpointError, match="format version 99"):
+    load_checkpoint(folder)
+  raw["svdq_jax"]["format_version"] = 1
+  raw["svdq_jax"]["model_type"] = "no-such-model"
+  (folder / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(CheckpointError, match=r"unknown model type 'no-such-model'.*'tiny'"):
+    load_checkpoint(folder)
+  (folder / "config.json").write_text(json.dumps({"_class_name": "TinyNetModel"}))
+  with pytest.raises(CheckpointError, match="not a svdq-jax checkpoint"):
+    load_checkpoint(folder)
+  with pytest.raises(CheckpointError, match="no config.json"):
+    load_checkpoint(tmp_path)
+
+
+def test_unknown_model_type_on_save(tiny, tmp_path):
+  with pytest.raises(CheckpointError, match=r"unknown model type 'Nope'; known: .*'tiny'"):
+    save_checkpoint(_model(), tmp_path / "c", model_type="Nope", config=_tiny.TinyConfig())
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_load_into_errors():
+  config = _tiny.TinyConfig()
+  model = nnx.eval_shape(lambda: _model(config))
+  arrays = {path: np.zeros(spec.shape, spec.dtype) for path, spec in state_paths(model).items()}
+  assert sorted(arrays)[:2] == ["blocks/0/kernel", "blocks/1/kernel"]
+  broken = dict(arrays)
+  del broken["blocks/1/kernel"]
+  broken["blocks/2/kernel"] = np.zeros((16, 16), np.float32)
+  with pytest.raises(CheckpointError, match=r"src: .*missing keys \['blocks/1/kernel'\] \(1\); "
+                     r"unexpected keys \['blocks/2/kernel'\] \(1\)"):
+    load_into(model, broken, source="src")
+  with pytest.raises(CheckpointError, match=r"key 'proj_in/kernel' has shape \(16, 8\), the model "
+                     r"expects \(8, 16\)"):
+    load_into(model, {**arrays, "proj_in/kernel": np.zeros((16, 8), np.float32)}, source="src")
+  with pytest.raises(CheckpointError, match=r"key 'norm/bias' has dtype int32, the model expects "
+                     r"a floating dtype like float32"):
+    check_arrays(state_paths(model), {**arrays, "norm/bias": np.zeros((16,), np.int32)},
+                 source="src")
+  loaded = load_into(model, arrays, source="src")
+  assert jax.tree.all(jax.tree.map(lambda a: not np.any(np.asarray(a)),
+                                   nnx.state(loaded, nnx.Param)))
