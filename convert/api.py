@@ -1,0 +1,172 @@
+"""`convert(src, dst)`: diffusers / transformers checkpoints -> our checkpoint format.
+
+SRC is a diffusers pipeline folder (model_index.json and one subfolder per component), a single
+component folder (config.json and safetensors weights), or one `.safetensors` file with its
+config.json beside it. Every model component we support is converted to our format
+(`convert.checkpoint`); tokenizer, scheduler and other weight-less folders and model_index.json
+are copied as they are, so the pipeline loads from DST later. All output goes to a temporary
+folder beside DST, renamed at the end: a failure leaves nothing at DST.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert import registry
+from convert.checkpoint import HEADER_KEY, atomic_folder, check_against_model, write_into
+from convert.loading import read_config
+from convert.safetensors_io import CheckpointError, CheckpointReader
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
+
+
+class _CountingReader(CheckpointReader):
+  """A CheckpointReader that reports each tensor read (for the per-tensor progress bar)."""
+
+  def __init__(self, path: Path, on_read: Callable[[], Any]):
+    super().__init__(path)
+    self._on_read = on_read
+
+  def get(self, key: str) -> np.ndarray:
+    array = super().get(key)
+    self._on_read()
+    return array
+
+
+def _float_dtype(dtype: Any) -> np.dtype | None:
+  if dtype is None:
+    return None
+  try:
+    resolved = np.dtype(jnp.dtype(dtype))
+  except TypeError as e:
+    raise CheckpointError(f"dtype {dtype!r}: not a dtype ({e})") from None
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise CheckpointError(f"dtype {dtype!r}: needs a floating dtype (float32, bfloat16, ...)")
+  return resolved
+
+
+def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
+                      dtype: Any = None, progress: bool = True) -> registry.ModelEntry:
+  """Converts one component (folder, or safetensors file with config.json beside it) into `out`.
+
+  `out` must be an existing empty folder (no atomicity here: `convert` provides it). The converted
+  arrays are checked against the model built under `nnx.eval_shape` (keys, shapes, dtype kind)
+  before anything is written.
+
+  Returns:
+    The registry entry of the converted model.
+  """
+  src = Path(src)
+  folder = src if src.is_dir() else src.parent
+  raw = read_config(folder)
+  if HEADER_KEY in raw:
+    raise CheckpointError(f"{folder}: already a svdq-jax checkpoint; nothing to convert")
+  entry = registry.find_entry(model, where=str(src)) if model else registry.detect(
+      raw, where=str(folder / "config.json"))
+  converter = entry.converter_module()
+  config = converter.config_from_json(raw)
+  with tqdm(desc=f"{entry.name} {folder.name}", unit="tensor", disable=not progress,
+            leave=False) as bar:
+    reader = _CountingReader(src, bar.update)
+    bar.total = len(reader)
+    with reader:
+      arrays = dict(converter.convert_state(reader, config))
+      check_against_model(arrays, entry, config, source=str(src))
+      cast = _float_dtype(dtype)
+      if cast is not None:
+        for key, value in arrays.items():
+          if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != cast:
+            arrays[key] = np.asarray(value).astype(cast)
+      write_into(Path(out), arrays, model_type=entry.name, config=config)
+  return entry
+
+
+def _pipeline_plan(src: Path) -> list[tuple[str, bool]]:
+  """`[(component name, convert it?)]` from model_index.json; fails before any work is done on a
+  missing component folder or a weight-holding component of an unknown type."""
+  index = src / "model_index.json"
+  try:
+    components = json.loads(index.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{index}: cannot parse model_index.json: {e}") from e
+  if not isinstance(components, dict):
+    raise CheckpointError(f"{index}: not a JSON object")
+  known = registry.known_model_types()
+  plan = []
+  for name, spec in components.items():
+    if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+      continue
+    folder = src / name
+    if not folder.is_dir():
+      raise CheckpointError(f"{index}: component {name!r} ({spec[1]}) has no folder {folder}")
+    has_weights = any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir())
+    if spec[1] in known:
+      plan.append((name, True))
+    elif has_weights:
+      raise CheckpointError(f"{folder}: unknown model type {spec[1]!r} for component {name!r}; "
+                            f"known: {sorted(known)}")
+    else:
+      plan.append((name, False))
+  if not any(convert for _, convert in plan):
+    raise CheckpointError(f"{index}: no component of a type we convert; known: {sorted(known)}")
+  return plan
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, model: str | None = None,
+            dtype: Any = None, *, overwrite: bool = False, progress: bool = True) -> Path:
+  """Converts a diffusers / transformers checkpoint at `src` into our format at `dst`.
+
+  Args:
+    src: a diffusers pipeline folder (with model_index.json), a component folder (with
+      config.json), or a `.safetensors` file with its config.json beside it.
+    dst: the output folder; it must not exist unless `overwrite`.
+    model: the model type ("flux", or a class name such as "FluxTransformer2DModel") overriding
+      the config.json's `_class_name` / `architectures`; only for a single component.
+    dtype: cast floating parameters to this dtype (e.g. "bfloat16"); None keeps the stored ones.
+    overwrite: replace an existing `dst`.
+    progress: show tqdm bars (per component, and per tensor read).
+
+  Returns:
+    The absolute path of `dst`.
+
+  Raises:
+    CheckpointError (a ValueError) on bad input: missing folder, not a checkpoint, unknown model
+    type, truncated or corrupt file, missing or unexpected keys, shape or dtype mismatch; the
+    message names the file, the key, what was expected and what was found. Nothing is left at
+    `dst` then.
+  """
+  src = Path(src)
+  if not src.exists():
+    raise CheckpointError(f"{src}: no such file or folder")
+  _float_dtype(dtype)
+  if src.is_dir() and (src / "model_index.json").exists():
+    if model is not None:
+      raise CheckpointError(f"{src}: is a pipeline folder; a model type applies to one component "
+                            "folder (pass e.g. SRC/transformer)")
+    plan = _pipeline_plan(src)
+    with atomic_folder(dst, overwrite=overwrite) as tmp:
+      for name, to_convert in tqdm(plan, desc="components", unit="component",
+                                   disable=not progress):
+        if to_convert:
+          (tmp / name).mkdir()
+          convert_component(src / name, tmp / name, dtype=dtype, progress=progress)
+        else:
+          shutil.copytree(src / name, tmp / name)
+      shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+  elif src.is_dir() and not (src / "config.json").exists():
+    raise CheckpointError(f"{src}: not a checkpoint (no model_index.json or config.json)")
+  else:
+    if src.is_file() and not src.name.endswith(".safetensors"):
+      raise CheckpointError(f"{src}: not a .safetensors file or a checkpoint folder")
+    with atomic_folder(dst, overwrite=overwrite) as tmp:
+      convert_component(src, tmp, model=model, dtype=dtype, progress=progress)
+  return Path(dst).absolute()
