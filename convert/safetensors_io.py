@@ -161,7 +161,6 @@ class CheckpointReader:
     if index is not None:
       self._check_index(index)
     self.files: tuple[Path, ...] = tuple(files)
-    self._maps: dict[Path, np.memmap] = {}
 
   def _check_index(self, index: Path) -> None:
     weight_map = _index_files(index)[1]
@@ -203,15 +202,19 @@ class CheckpointReader:
     return sum(e.end - e.begin for e in self._entries.values())
 
   def get(self, key: str) -> np.ndarray:
-    """The tensor `key` as a read-only memory-mapped numpy array (copy it to keep it)."""
+    """The tensor `key` as a read-only memory-mapped numpy array (copy it to keep it).
+
+    Each call maps only that tensor's bytes, and the mapping goes away with the array, so reading
+    a checkpoint tensor by tensor keeps resident memory at about one tensor.
+    """
     entry = self._entry(key)
-    if entry.file not in self._maps:
-      self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
-    raw = self._maps[entry.file][entry.begin:entry.end]
-    return raw.view(entry.dtype).reshape(entry.shape)
+    if entry.end == entry.begin:
+      return np.zeros(entry.shape, entry.dtype)
+    return np.memmap(entry.file, dtype=entry.dtype, mode="r", offset=entry.begin,
+                     shape=entry.shape)
 
   def close(self) -> None:
-    self._maps.clear()
+    """Nothing to release (mappings live as long as the arrays); kept for `with` blocks."""
 
   def __enter__(self) -> CheckpointReader:
     return self
