@@ -1,0 +1,28 @@
+"""Checkpoint conversion: diffusers / transformers safetensors -> our orbax checkpoint format.
+
+    convert(src, dst, model=None, dtype=None)     `svdq-jax convert SRC DST [--model NAME]`
+    save_checkpoint(model, dst, *, model_type, config) / load_checkpoint(path, dtype=None)
+    CheckpointReader, save_file                   numpy-only safetensors reading and writing
+    CheckpointError                               every bad-input error (a ValueError)
+
+The per-model key mappings live in `convert/<model>.py`; `convert.registry` dispatches to them.
+Heavy names (orbax, flax) are imported on first use, so `convert.CheckpointReader` stays light.
+"""
+
+from typing import Any
+
+from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
+
+_LAZY = {"convert": "convert.api", "save_checkpoint": "convert.checkpoint",
+         "load_checkpoint": "convert.checkpoint"}
+
+__all__ = ["CheckpointError", "CheckpointReader", "convert", "load_checkpoint",
+           "save_checkpoint", "save_file"]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY:
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'convert' has no attribute {name!r}")
