@@ -1,0 +1,93 @@
+"""A tiny random-init diffusers FluxPipeline (transformer, VAE, CLIP, T5, both tokenizers) saved
+to a folder: the reference for the pipeline, CLI and quantization tests.
+
+The tokenizers are built offline with the `tokenizers`-backed transformers classes (a byte-level
+BPE for CLIP, a Unigram model for T5) over a small word list, and saved with `save_pretrained`, so
+the folder has the layout a real FLUX.1 download has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel)
+
+WORDS = ("a photo of the red blue green cat dog bird sitting on mat in snow under tree with "
+         "hat small big old new house river city night day").split()
+HEIGHT = WIDTH = 32  # pixels; the VAE halves once, packing halves again: 8 x 8 = 64 tokens
+MAX_SEQUENCE_LENGTH = 16  # T5 tokens
+CLIP_LENGTH = 12  # CLIP tokens (max_position_embeddings of the tiny CLIP)
+
+
+def _clip_tokenizer() -> transformers.CLIPTokenizer:
+  """Byte-level BPE over WORDS: every word merges to one '</w>' token; specials at the end."""
+  vocab: dict[str, int] = {}
+  merges: list[tuple[str, str]] = []
+  for ch in sorted({c for w in WORDS for c in w}):
+    vocab.setdefault(ch, len(vocab))
+    vocab.setdefault(ch + "</w>", len(vocab))
+  for word in WORDS:
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+      merges.append((pieces[0], pieces[1]))
+      pieces = [pieces[0] + pieces[1]] + pieces[2:]
+      vocab.setdefault(pieces[0], len(vocab))
+  merges = list(dict.fromkeys(merges))
+  vocab["<|startoftext|>"] = len(vocab)
+  vocab["<|endoftext|>"] = len(vocab)
+  return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_LENGTH)
+
+
+def _t5_tokenizer() -> transformers.T5Tokenizer:
+  """Unigram over WORDS ('▁word' pieces plus single characters), pad 0, eos 1, unk 2."""
+  pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+  pieces += [(f"▁{w}", -1.0) for w in WORDS]
+  pieces += [(c, -5.0) for c in sorted({c for w in WORDS for c in w})]
+  return transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, seed: int = 0) -> FluxPipeline:
+  """The tiny FluxPipeline (float32, eval mode), dev-like (guidance) or schnell-like."""
+  torch.manual_seed(seed)
+  tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+  clip_config = transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu",
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id)
+  t5_config = transformers.T5Config(
+      vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  transformer = FluxTransformer2DModel(
+      patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+      num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+      guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+  vae = AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+      latent_channels=4, norm_num_groups=4, sample_size=HEIGHT, scaling_factor=1.5,
+      shift_factor=0.06, use_quant_conv=False, use_post_quant_conv=False)
+  scheduler = FlowMatchEulerDiscreteScheduler(
+      shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15,
+      base_image_seq_len=256, max_image_seq_len=4096)
+  pipe = FluxPipeline(
+      scheduler=scheduler, vae=vae.eval(), text_encoder=transformers.CLIPTextModel(clip_config).eval(),
+      tokenizer=tokenizer, text_encoder_2=transformers.T5EncoderModel(t5_config).eval(),
+      tokenizer_2=tokenizer_2, transformer=transformer.eval())
+  with torch.no_grad():  # small perturbations so that no norm weight is exactly one
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in (transformer, vae):
+      for p in module.parameters():
+        p.add_(0.02 * torch.randn(p.shape, generator=generator))
+  return pipe
+
+
+def save_tiny_flux_pipeline(folder: Path, **kwargs) -> FluxPipeline:
+  """Builds the tiny pipeline, saves it to `folder` (diffusers layout) and returns it."""
+  pipe = build_tiny_flux_pipeline(**kwargs)
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return pipe
