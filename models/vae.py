@@ -1,0 +1,360 @@
+"""AutoencoderKL (the SD / SDXL / PixArt 4-channel VAE and the FLUX 16-channel VAE) in Flax NNX.
+
+Matches diffusers' `AutoencoderKL` with `DownEncoderBlock2D` / `UpDecoderBlock2D` blocks, SiLU,
+GroupNorm, a mid block of ResNet, single-head spatial self-attention, ResNet, and the optional
+1x1 `quant_conv` / `post_quant_conv`. Public methods take and return NCHW like diffusers; the
+layers run on NHWC. Parameter paths spell the diffusers keys
+(`encoder/down_blocks/0/resnets/0/conv1/kernel` for `encoder.down_blocks.0.resnets.0.conv1.weight`).
+
+`encode` / `decode` work on raw latents as diffusers' do; pipelines scale them with
+`scale_latents` / `unscale_latents` (`(z - shift_factor) * scaling_factor` and back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Conv2d, GroupNorm, Linear, attention
+
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """Hyper-parameters of an AutoencoderKL (defaults: the SD 1.x / 2.x VAE).
+
+  `latents_mean` / `latents_std` are carried for pipelines that normalise per channel (diffusers
+  stores them in the VAE config); the model itself does not use them.
+  """
+
+  in_channels: int = 3
+  out_channels: int = 3
+  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+  layers_per_block: int = 2
+  latent_channels: int = 4
+  norm_num_groups: int = 32
+  scaling_factor: float = 0.18215
+  shift_factor: float | None = None
+  use_quant_conv: bool = True
+  use_post_quant_conv: bool = True
+  mid_block_add_attention: bool = True
+  latents_mean: tuple[float, ...] | None = None
+  latents_std: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    for name in ("block_out_channels", "latents_mean", "latents_std"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+    if not self.block_out_channels:
+      raise ValueError("VAEConfig: block_out_channels is empty")
+    bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+    if bad:
+      raise ValueError(f"VAEConfig: block_out_channels {bad} not divisible by norm_num_groups "
+                       f"{self.norm_num_groups}")
+
+  @property
+  def downsample_factor(self) -> int:
+    """Pixels per latent along each side (8 for the released VAEs)."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
+  @classmethod
+  def sd(cls) -> VAEConfig:
+    """The Stable Diffusion 1.x / 2.x VAE (scaling 0.18215)."""
+    return cls()
+
+  @classmethod
+  def sdxl(cls) -> VAEConfig:
+    """The SDXL VAE, also PixArt-Sigma's (scaling 0.13025)."""
+    return cls(scaling_factor=0.13025)
+
+  @classmethod
+  def flux(cls) -> VAEConfig:
+    """The FLUX.1 VAE: 16 latent channels, no quant convs, scaling 0.3611, shift 0.1159."""
+    return cls(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+               scaling_factor=0.3611, shift_factor=0.1159)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+    """Inverse of `to_dict`; unknown keys are a ValueError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"VAEConfig.from_dict: unknown keys {unknown}")
+    return cls(**d)
+
+
+@flax.struct.dataclass
+class LatentDistribution:
+  """The diagonal Gaussian posterior of `encode`: mean and log-variance (B, latent, h, w).
+
+  `logvar` is clamped to [-30, 20] as in diffusers' `DiagonalGaussianDistribution`.
+  """
+
+  mean: jax.Array
+  logvar: jax.Array
+
+  @property
+  def std(self) -> jax.Array:
+    return jnp.exp(0.5 * self.logvar)
+
+  def mode(self) -> jax.Array:
+    return self.mean
+
+  def sample(self, key: jax.Array) -> jax.Array:
+    """mean + std * N(0, 1) noise drawn from `key`."""
+    return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+
+
+class ResnetBlock2D(nnx.Module):
+  """GroupNorm-SiLU-conv3x3 twice plus a (1x1-conv when the width changes) shortcut; no temb."""
+
+  def __init__(self, in_channels: int, out_channels: int, groups: int, *,
+               dtype: jnp.dtype | None, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = GroupNorm(groups, in_channels, eps=_EPS, param_dtype=param_dtype)
+    self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **conv)
+    self.norm2 = GroupNorm(groups, out_channels, eps=_EPS, param_dtype=param_dtype)
+    self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **conv)
+    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **conv)
+                          if in_channels != out_channels else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+    return shortcut + h
+
+
+class Downsample2D(nnx.Module):
+  """3x3 stride-2 conv after padding one row/column at the bottom/right (diffusers' padding=0)."""
+
+  def __init__(self, channels: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, stride=2, padding=0, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+
+
+class Upsample2D(nnx.Module):
+  """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+  def __init__(self, channels: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class SpatialAttention(nnx.Module):
+  """The mid block's single-head self-attention over all H*W positions, with a residual.
+
+  `group_norm` then `to_q/to_k/to_v` (C -> C), softmax(q k^T / sqrt(C)) v, `to_out.0`, + input.
+  """
+
+  def __init__(self, channels: int, groups: int, *, dtype: jnp.dtype | None,
+               param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.group_norm = GroupNorm(groups, channels, eps=_EPS, param_dtype=param_dtype)
+    self.to_q = Linear(channels, channels, **lin)
+    self.to_k = Linear(channels, channels, **lin)
+    self.to_v = Linear(channels, channels, **lin)
+    self.to_out = nnx.List([Linear(channels, channels, **lin)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    tokens = self.group_norm(x).reshape(b, h * w, 1, c)
+    q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
+    out = attention(q, k, v).reshape(b, h * w, c)
+    return x + self.to_out[0](out).reshape(b, h, w, c)
+
+
+class UNetMidBlock2D(nnx.Module):
+  """ResNet, then (attention, ResNet); attention optional (`mid_block_add_attention`)."""
+
+  def __init__(self, channels: int, groups: int, add_attention: bool, *,
+               dtype: jnp.dtype | None, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attentions = nnx.List([SpatialAttention(channels, groups, **kw)
+                                if add_attention else None])
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.resnets[0](x)
+    if self.attentions[0] is not None:
+      x = self.attentions[0](x)
+    return self.resnets[1](x)
+
+
+class DownEncoderBlock2D(nnx.Module):
+  """`num_layers` ResNet blocks, then an optional stride-2 `Downsample2D`."""
+
+  def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
+               add_downsample: bool, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([
+        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+        for i in range(num_layers)])
+    self.downsamplers = nnx.List([Downsample2D(out_channels, **kw)]) if add_downsample else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for resnet in self.resnets:
+      x = resnet(x)
+    return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class UpDecoderBlock2D(nnx.Module):
+  """`num_layers` ResNet blocks, then an optional nearest-2x `Upsample2D`."""
+
+  def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int,
+               add_upsample: bool, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([
+        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+        for i in range(num_layers)])
+    self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for resnet in self.resnets:
+      x = resnet(x)
+    return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+
+class Encoder(nnx.Module):
+  """Image (B, H, W, in) -> moments (B, H/f, W/f, 2 * latent), f = `downsample_factor`."""
+
+  def __init__(self, config: VAEConfig, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    channels = config.block_out_channels
+    groups = config.norm_num_groups
+    self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1, **kw)
+    self.down_blocks = nnx.List([
+        DownEncoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups,
+                           add_downsample=i < len(channels) - 1, **kw)
+        for i in range(len(channels))])
+    self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention, **kw)
+    self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, param_dtype=param_dtype)
+    self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.conv_in(x)
+    for block in self.down_blocks:
+      x = block(x)
+    x = self.mid_block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nnx.Module):
+  """Latents (B, h, w, latent) -> image (B, h*f, w*f, out)."""
+
+  def __init__(self, config: VAEConfig, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    channels = tuple(reversed(config.block_out_channels))
+    groups = config.norm_num_groups
+    self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1, **kw)
+    self.mid_block = UNetMidBlock2D(channels[0], groups, config.mid_block_add_attention, **kw)
+    self.up_blocks = nnx.List([
+        UpDecoderBlock2D(channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1,
+                         groups, add_upsample=i < len(channels) - 1, **kw)
+        for i in range(len(channels))])
+    self.conv_norm_out = GroupNorm(groups, channels[-1], eps=_EPS, param_dtype=param_dtype)
+    self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1, **kw)
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = self.mid_block(self.conv_in(z))
+    for block in self.up_blocks:
+      x = block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nnx.Module):
+  """diffusers' AutoencoderKL (no tiling or slicing). NCHW in and out, NHWC inside.
+
+  `dtype` is the compute dtype (default: the input's); `param_dtype` that of the parameters.
+  """
+
+  def __init__(self, config: VAEConfig, *, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    latent = config.latent_channels
+    self.encoder = Encoder(config, **kw)
+    self.decoder = Decoder(config, **kw)
+    self.quant_conv = Conv2d(2 * latent, 2 * latent, 1, **kw) if config.use_quant_conv else None
+    self.post_quant_conv = (Conv2d(latent, latent, 1, **kw) if config.use_post_quant_conv
+                            else None)
+
+  def _check(self, name: str, x: jax.Array, channels: int, multiple: int) -> None:
+    if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % multiple or x.shape[3] % multiple:
+      raise ValueError(f"AutoencoderKL.{name}: expected (B, {channels}, H, W) with H, W "
+                       f"multiples of {multiple}, got {x.shape}")
+
+  def encode(self, sample: jax.Array) -> LatentDistribution:
+    """Images (B, in_channels, H, W), usually in [-1, 1] -> posterior over (B, latent, H/f, W/f).
+
+    H and W must be multiples of f = `config.downsample_factor` (8 for the released VAEs).
+    """
+    self._check("encode", sample, self.config.in_channels, self.config.downsample_factor)
+    x = sample.astype(self.dtype or sample.dtype).transpose(0, 2, 3, 1)
+    moments = self.encoder(x)
+    if self.quant_conv is not None:
+      moments = self.quant_conv(moments)
+    moments = moments.transpose(0, 3, 1, 2)
+    mean, logvar = jnp.split(moments, 2, axis=1)
+    return LatentDistribution(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """Raw latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f)."""
+    self._check("decode", latents, self.config.latent_channels, 1)
+    z = latents.astype(self.dtype or latents.dtype).transpose(0, 2, 3, 1)
+    if self.post_quant_conv is not None:
+      z = self.post_quant_conv(z)
+    return self.decoder(z).transpose(0, 3, 1, 2)
+
+  def __call__(self, sample: jax.Array) -> jax.Array:
+    """Reconstruction through the posterior mode (diffusers' `forward(sample_posterior=False)`)."""
+    return self.decode(self.encode(sample).mode())
+
+  def scale_latents(self, latents: jax.Array) -> jax.Array:
+    """Raw latents -> the diffusion model's scale: `(z - shift_factor) * scaling_factor`."""
+    shift = self.config.shift_factor or 0.0
+    return (latents - shift) * self.config.scaling_factor
+
+  def unscale_latents(self, latents: jax.Array) -> jax.Array:
+    """Inverse of `scale_latents`, applied before `decode`."""
+    shift = self.config.shift_factor or 0.0
+    return latents / self.config.scaling_factor + shift
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike,
+                      dtype: jnp.dtype | None = None) -> AutoencoderKL:
+    """Loads a diffusers `AutoencoderKL` folder (or one of ours) without torch.
+
+    `dtype` casts the parameters (e.g. `jnp.bfloat16`); default: float32.
+    """
+    from convert import vae as convert_vae  # noqa: PLC0415  (convert imports this module)
+    from convert.loading import load_pretrained  # noqa: PLC0415
+
+    return load_pretrained(
+        path, build=lambda config: cls(config, rngs=nnx.Rngs(0)),
+        config_from_json=convert_vae.config_from_json, convert_state=convert_vae.convert_state,
+        dtype=dtype)
