@@ -183,6 +183,23 @@ class TimestepGuidanceTextEmbedding(nnx.Module):
     return emb + self.text_embedder(pooled_projections)
 
 
+def _scaled_in(t: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """`t.to(dtype) * 1000` rounded as diffusers (and BFL's reference) round it, as float32.
+
+  In bfloat16 the product is rounded to 8 significant bits (guidance 3.5 becomes 3504), which
+  changes the sinusoidal embedding; the model runs like that in bf16 pipelines, so we keep it.
+  `reduce_precision` makes the rounding explicit, so that XLA's excess-precision rewrites under jit
+  cannot drop it.
+  """
+  t = t.astype(jnp.float32)
+  if jnp.dtype(dtype) == jnp.float32:
+    return t * _TIMESTEP_SCALE
+  info = jnp.finfo(dtype)
+  round_to = lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp,
+                                                mantissa_bits=info.nmant)
+  return round_to(round_to(t) * _TIMESTEP_SCALE)
+
+
 def _sinusoidal(t: jax.Array) -> jax.Array:
   """diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`: (B,) -> (B, 256)."""
   return timestep_embedding(t, _TIMESTEP_CHANNELS, flip_sin_to_cos=True, downscale_freq_shift=0.0)
@@ -449,7 +466,8 @@ class FluxTransformer(nnx.Module):
         latent for FLUX.1, so in_channels = 64).
       encoder_hidden_states: (B, T, joint_attention_dim) T5 features.
       pooled_projections: (B, pooled_projection_dim) pooled CLIP features.
-      timestep: (B,) in [0, 1] (sigma); multiplied by 1000 as in diffusers.
+      timestep: (B,) in [0, 1] (sigma); multiplied by 1000 as in diffusers (in the computation
+        dtype, so rounded to it).
       img_ids: (S, len(axes_dims_rope)) image position ids.
       txt_ids: (T, len(axes_dims_rope)) text position ids (zeros for FLUX.1).
       guidance: (B,) guidance scale for guidance-distilled models (dev), multiplied by 1000;
@@ -472,10 +490,9 @@ class FluxTransformer(nnx.Module):
     dtype = self.dtype or hidden_states.dtype
     hidden_states = self.x_embedder(hidden_states.astype(dtype))
     encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
-    # Like diffusers: cast to the computation dtype first, then scale (in that dtype).
-    timestep = timestep.astype(dtype) * _TIMESTEP_SCALE
+    timestep = _scaled_in(timestep, dtype)
     if guidance is not None:
-      guidance = guidance.astype(dtype) * _TIMESTEP_SCALE
+      guidance = _scaled_in(guidance, dtype)
     temb = self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
     rotary = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0),
                               config.axes_dims_rope, config.rope_theta)
