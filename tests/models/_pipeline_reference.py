@@ -12,8 +12,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel)
+from diffusers import (
+  AutoencoderKL,
+  FlowMatchEulerDiscreteScheduler,
+  FluxPipeline,
+  FluxTransformer2DModel,
+)
 
 WORDS = ("a photo of the red blue green cat dog bird sitting on mat in snow under tree with "
          "hat small big old new house river city night day").split()
@@ -75,9 +79,10 @@ def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, seed: int = 0) -> 
       shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15,
       base_image_seq_len=256, max_image_seq_len=4096)
   pipe = FluxPipeline(
-      scheduler=scheduler, vae=vae.eval(), text_encoder=transformers.CLIPTextModel(clip_config).eval(),
-      tokenizer=tokenizer, text_encoder_2=transformers.T5EncoderModel(t5_config).eval(),
-      tokenizer_2=tokenizer_2, transformer=transformer.eval())
+      scheduler=scheduler, vae=vae.eval(),
+      text_encoder=transformers.CLIPTextModel(clip_config).eval(), tokenizer=tokenizer,
+      text_encoder_2=transformers.T5EncoderModel(t5_config).eval(), tokenizer_2=tokenizer_2,
+      transformer=transformer.eval())
   with torch.no_grad():  # small perturbations so that no norm weight is exactly one
     generator = torch.Generator().manual_seed(seed + 1)
     for module in (transformer, vae):
