@@ -119,13 +119,13 @@ def relative_position_bucket(relative_position: jax.Array, *, num_buckets: int,
   `max_distance`, beyond which all fall into the last bucket. Computed in float32 as transformers
   does, so that the truncation lands on the same bucket.
   """
-  num_buckets //= 2
-  direction = jnp.where(relative_position > 0, num_buckets, 0)
+  per_direction = num_buckets // 2
+  direction = jnp.where(relative_position > 0, per_direction, 0)
   distance = jnp.abs(relative_position)
-  max_exact = num_buckets // 2
+  max_exact = per_direction // 2
   scaled = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-            / jnp.float32(math.log(max_distance / max_exact)) * (num_buckets - max_exact))
-  far = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
+            / jnp.float32(math.log(max_distance / max_exact)) * (per_direction - max_exact))
+  far = jnp.minimum(max_exact + scaled.astype(jnp.int32), per_direction - 1)
   return (direction + jnp.where(distance < max_exact, distance, far)).astype(jnp.int32)
 
 
