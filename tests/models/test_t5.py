@@ -141,6 +141,18 @@ def test_tied_embedding_under_either_key(reference, kept, tmp_path):
   assert rel_err(ours(jnp.asarray(ids)), reference_forward(model, ids, mask)) <= TOLERANCE
 
 
+def test_sharded_checkpoint_loads(reference, tmp_path):
+  """FLUX's text_encoder_2 is sharded: *.safetensors.index.json plus several shard files."""
+  name, model, _ = reference
+  model.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert len(list(tmp_path.glob("*.safetensors"))) > 1
+  assert list(tmp_path.glob("*.safetensors.index.json"))
+  ids, mask = make_inputs(name, padded=True)
+  ours = T5Encoder.from_pretrained(tmp_path)
+  assert rel_err(ours(jnp.asarray(ids), jnp.asarray(mask)),
+                 reference_forward(model, ids, mask)) <= TOLERANCE
+
+
 @pytest.fixture
 def copied_checkpoint(reference, tmp_path):
   """A writable copy of a reference checkpoint folder."""
