@@ -104,7 +104,7 @@ def _check_preset(name: str) -> None:
   try:
     QuantConfig.preset(name)
   except (KeyError, ValueError) as e:
-    raise UsageError(f"unknown preset {name!r}: {e}") from None
+    raise UsageError(str(e)) from None
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

@@ -1,0 +1,156 @@
+"""`QuantConfig`: what to quantize and how, with the named presets every table compares."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+WeightFormat = Literal["int4", "nvfp4", "nf4", "int8"]
+ActFormat = Literal["int4", "nvfp4", "int8"]
+
+WEIGHT_FORMATS = ("int4", "nvfp4", "nf4", "int8")
+ACT_FORMATS = ("int4", "nvfp4", "int8")
+RESIDUAL_METHODS = ("rtn", "gptq")
+
+# DeepCompressor's fast grid (num_grids 10): alpha = 0.1 ... 0.9. Each alpha gives two candidates,
+# an activation-only one (AWQ-like) and a SmoothQuant one, plus "no smoothing" (DeepCompressor's
+# smoothing search).
+DEFAULT_SMOOTH_GRID = tuple(round(0.1 * i, 2) for i in range(1, 10))
+
+# fnmatch patterns over "/"-joined state paths (`*` also matches "/"): layers kept in 16 bits.
+# Embedders, the final norm/projection of FLUX and PixArt, SDXL time/add embeddings and the
+# proj_in/proj_out of SDXL transformer blocks (DeepCompressor's skip list for FLUX and SDXL).
+DEFAULT_SKIP = (
+    "*embed*",
+    "*embedder*",
+    "norm_out/*",
+    "proj_out/*",
+    "adaln_single/*",
+    "caption_projection/*",
+    "*attentions/*/proj_in/*",
+    "*attentions/*/proj_out/*",
+)
+
+# The AdaLN modulation linears of FLUX: int4 weights, 16-bit activations (W4A16), as Nunchaku.
+DEFAULT_WEIGHT_ONLY = (
+    "*norm1/linear/*",
+    "*norm1_context/linear/*",
+    "single_transformer_blocks/*/norm/linear/*",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How one linear layer (or, with the patterns, a whole model) is quantized.
+
+  Attributes:
+    weight_format: 4-/8-bit weight format, or None to keep weights 16-bit (the "bf16" baseline).
+    act_format: activation format (dynamic, per token), or None for weight-only (W4A16).
+    group_size: consecutive input channels sharing one scale (64 for INT4/NF4, 16 for NVFP4);
+      None means one group over all of K (per output channel weights / per token activations).
+    rank: rank r of the 16-bit low-rank branch (0: none).
+    smooth: alpha grid of the smoothing search, or None for no smoothing.
+    svd_iters: refinement iterations L = SVD_r(W - Q(W - L)) after the first SVD (early stop).
+    residual: "rtn" (round to nearest) or "gptq" for the 4-bit residual.
+    shift_activations: use unsigned INT4 with the +0.171875 shift on layers whose calibration
+      inputs never go below GELU's minimum (the inputs of MLP down-projections).
+    skip: fnmatch patterns of kernel paths that stay unquantized.
+    weight_only: fnmatch patterns of kernel paths quantized INT4 g64 weight-only (W4A16).
+    seed: seed of the randomized SVD (quantization is deterministic for a given seed).
+  """
+
+  weight_format: WeightFormat | None = "int4"
+  act_format: ActFormat | None = "int4"
+  group_size: int | None = 64
+  rank: int = 32
+  smooth: tuple[float, ...] | None = DEFAULT_SMOOTH_GRID
+  svd_iters: int = 8
+  residual: Literal["rtn", "gptq"] = "rtn"
+  shift_activations: bool = True
+  skip: tuple[str, ...] = DEFAULT_SKIP
+  weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("smooth", "skip", "weight_only"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+    if self.weight_format not in (*WEIGHT_FORMATS, None):
+      raise ValueError(f"QuantConfig: weight_format {self.weight_format!r} is not one of "
+                       f"{WEIGHT_FORMATS} or None")
+    if self.act_format not in (*ACT_FORMATS, None):
+      raise ValueError(f"QuantConfig: act_format {self.act_format!r} is not one of "
+                       f"{ACT_FORMATS} or None")
+    if self.act_format is not None and self.weight_format != self.act_format:
+      raise ValueError(f"QuantConfig: act_format {self.act_format!r} needs the same "
+                       f"weight_format, got {self.weight_format!r}")
+    if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
+      raise ValueError(f"QuantConfig: group_size must be a positive even number or None, "
+                       f"got {self.group_size}")
+    if self.weight_format == "nvfp4" and self.group_size != 16:
+      raise ValueError(f"QuantConfig: NVFP4 needs group_size 16, got {self.group_size}")
+    if self.weight_format == "int8" and self.group_size is not None:
+      raise ValueError(f"QuantConfig: INT8 is per channel / per token (group_size None), "
+                       f"got {self.group_size}")
+    if self.rank < 0 or self.svd_iters < 0:
+      raise ValueError(f"QuantConfig: rank and svd_iters must be >= 0, got {self.rank}, "
+                       f"{self.svd_iters}")
+    if self.residual not in RESIDUAL_METHODS:
+      raise ValueError(f"QuantConfig: residual {self.residual!r} is not one of "
+                       f"{RESIDUAL_METHODS}")
+    if self.smooth is not None and (not self.smooth or any(not 0 < a < 1 for a in self.smooth)):
+      raise ValueError(f"QuantConfig: smooth must be a non-empty grid of alphas in (0, 1), "
+                       f"got {self.smooth}")
+
+  @classmethod
+  def preset(cls, name: str = "svdquant-int4", **overrides: Any) -> QuantConfig:
+    """The named configurations of DESIGN.md, optionally with fields replaced.
+
+    "svdquant-int4" (default), "svdquant-nvfp4", "w4a4" (plain RTN), "smoothquant-w4a4",
+    "nf4-w4a16", "w8a8", "bf16".
+    """
+    if name not in PRESETS:
+      raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+  @property
+  def quantizes_activations(self) -> bool:
+    return self.act_format is not None
+
+  def effective_group(self, in_features: int) -> int:
+    """The group size along K for a layer with `in_features` inputs."""
+    return in_features if self.group_size is None else self.group_size
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-serializable dict (tuples become lists)."""
+    out = dataclasses.asdict(self)
+    for name in ("smooth", "skip", "weight_only"):
+      if out[name] is not None:
+        out[name] = list(out[name])
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+    """Inverse of `to_dict`; unknown keys are an error (a newer or foreign format)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+      raise ValueError(f"QuantConfig.from_dict: unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**dict(data))
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "svdquant-int4": QuantConfig(),
+    "svdquant-nvfp4": QuantConfig(weight_format="nvfp4", act_format="nvfp4", group_size=16,
+                                  shift_activations=False),
+    "w4a4": QuantConfig(rank=0, smooth=None, svd_iters=0, shift_activations=False),
+    "smoothquant-w4a4": QuantConfig(rank=0, svd_iters=0, shift_activations=False),
+    "nf4-w4a16": QuantConfig(weight_format="nf4", act_format=None, rank=0, smooth=None,
+                             svd_iters=0, shift_activations=False, weight_only=()),
+    "w8a8": QuantConfig(weight_format="int8", act_format="int8", group_size=None, rank=0,
+                        svd_iters=0, shift_activations=False, weight_only=()),
+    "bf16": QuantConfig(weight_format=None, act_format=None, group_size=None, rank=0, smooth=None,
+                        svd_iters=0, shift_activations=False, weight_only=()),
+}

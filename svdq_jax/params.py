@@ -1,0 +1,129 @@
+"""`quantize_params` / `quantize_model`: SVDQuant over every selected linear of a model.
+
+A kernel is selected when its path ends in "kernel", it is a 2-D float array and no `skip` pattern
+matches its path (fnmatch, `*` also matches "/", the whole path must match). Kernels matching a
+`weight_only` pattern become INT4 g64 W4A16 (no smoothing, no low-rank branch), the rest get the
+config as given. The layer's own `bias` stays where it is: the SVDQLinear's bias only holds the
+correction it needs (the shift compensation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from svdq_jax import quantizers as qz
+from svdq_jax.calibration import ActivationStats
+from svdq_jax.config import QuantConfig
+from svdq_jax.qlinear import SVDQLinear, expected_shapes
+from svdq_jax.transform import quantize_linear
+from svdq_jax.tree import map_named_leaves, named_leaves
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+  return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
+
+
+def _is_linear_kernel(path: str, leaf: Any) -> bool:
+  return (path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) == 2
+          and jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def layer_config(path: str, config: QuantConfig) -> QuantConfig | None:
+  """The config the kernel at `path` is quantized with, or None when it stays as it is."""
+  if _matches(path, config.skip):
+    return None
+  if config.weight_format is not None and _matches(path, config.weight_only):
+    return dataclasses.replace(config, weight_format="int4", act_format=None, group_size=64,
+                               rank=0, smooth=None, svd_iters=0, residual="rtn",
+                               shift_activations=False)
+  return config
+
+
+def _needs_data(config: QuantConfig) -> bool:
+  return config.smooth is not None or config.residual == "gptq"
+
+
+def abstract_svdq_linear(kernel: jax.ShapeDtypeStruct, config: QuantConfig, *,
+                         shifted: bool = False) -> SVDQLinear:
+  """An SVDQLinear of ShapeDtypeStructs for a kernel shape (memory accounting, eval_shape)."""
+  k, n = kernel.shape
+  shapes = expected_shapes(config, k, n, config.rank, has_bias=shifted)
+  shapes.setdefault("bias", None)
+  return SVDQLinear(**shapes, config=config, in_features=k, out_features=n,
+                    act_shift=qz.GELU_SHIFT if shifted else 0.0)
+
+
+def selected_kernels(params: Any, config: QuantConfig) -> dict[str, QuantConfig]:
+  """{kernel path: the layer's config} for every kernel `quantize_params` would replace."""
+  selected = {}
+  for path, leaf in named_leaves(params):
+    if _is_linear_kernel(path, leaf):
+      layer = layer_config(path, config)
+      if layer is not None:
+        selected[path] = layer
+  return selected
+
+
+def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
+                    config: QuantConfig, *, progress: bool = True) -> Any:
+  """Replaces every selected dense kernel with an SVDQLinear; a pure function.
+
+  Args:
+    params: an nnx.State (e.g. `nnx.state(model)`) or a nested dict of arrays. Leaves may be
+      jax.ShapeDtypeStruct (then the result holds abstract SVDQLinears, for memory accounting).
+    stats: `calibrate`'s output keyed by kernel path, or None for data-free quantization (only
+      configs without smoothing and GPTQ).
+    config: the model-wide QuantConfig. weight_format None (the "bf16" preset) casts the selected
+      kernels to bfloat16 instead.
+    progress: show a tqdm bar over the layers.
+
+  Returns:
+    The same structure with the selected kernels replaced; the input is not modified.
+  """
+  selected = selected_kernels(params, config)
+  bar = tqdm(total=len(selected), desc="quantize", disable=not progress, leave=False)
+
+  def replace(path: str, leaf: Any) -> Any:
+    layer = selected.get(path)
+    if layer is None:
+      return leaf
+    bar.set_postfix_str(path, refresh=False)
+    bar.update()
+    if layer.weight_format is None:
+      if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
+      return leaf.astype(jnp.bfloat16)
+    layer_stats = None if stats is None else stats.get(path)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return abstract_svdq_linear(leaf, layer)
+    if layer_stats is None and (stats is not None and layer.act_format is not None
+                                or _needs_data(layer)):
+      raise ValueError(f"quantize_params: layer {path!r} has no calibration statistics "
+                       f"(stats has {len(stats or {})} layers); calibrate with the same model "
+                       "or add the layer to config.skip")
+    if layer_stats is None:
+      return quantize_linear(leaf, None, None, layer, name=path)
+    return quantize_linear(leaf, None, jnp.asarray(layer_stats.samples), layer,
+                           act_absmax=jnp.asarray(layer_stats.absmax),
+                           act_min=float(np.min(layer_stats.minimum)), name=path)
+
+  try:
+    return map_named_leaves(replace, params)
+  finally:
+    bar.close()
+
+
+def quantize_model(model: nnx.Module, stats: Mapping[str, ActivationStats] | None,
+                   config: QuantConfig, *, progress: bool = True) -> nnx.Module:
+  """Quantizes an NNX model in place (`nnx.update` with `quantize_params`' result); returns it."""
+  nnx.update(model, quantize_params(nnx.state(model), stats, config, progress=progress))
+  return model

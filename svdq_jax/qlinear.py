@@ -1,0 +1,312 @@
+"""`SVDQLinear` (the quantized linear pytree of docs/format.md) and its product.
+
+`quantized_dot` is what `svdq_dot` calls for an `SVDQLinear`: the XLA reference (exact integer
+product per group, float32 rescale in group order, low-rank branch, biases) or the Pallas kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdq_jax import quantizers as qz
+from svdq_jax.config import QuantConfig
+
+FORMAT_VERSION = 1
+_ARRAY_FIELDS = ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
+PALLAS_MODULE = "pallas_kernels.svdq_linear"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SVDQLinear:
+  """A quantized linear layer: y = Q(x / smooth) @ Q(R) + (x @ lora_down) @ lora_up + bias.
+
+  Array leaves (docs/format.md): qweight (N, K // 2) uint8 packed 4-bit codes, or (N, K) int8 for
+  INT8; wscales (K // group, N) bfloat16 (float8_e4m3fn for NVFP4); wtscale () float32; smooth (K,)
+  float32; lora_down (K, r) and lora_up (r, N) bfloat16; bias (N,) float32 or None (the folded
+  correction, e.g. the shift compensation; the layer's own bias stays in the layer).
+  Static: `config` (this layer's effective QuantConfig), `in_features`, `out_features`,
+  `act_shift` (0.171875 for unsigned shifted INT4 activations, else 0).
+  """
+
+  qweight: jax.Array
+  wscales: jax.Array
+  wtscale: jax.Array
+  smooth: jax.Array
+  lora_down: jax.Array
+  lora_up: jax.Array
+  bias: jax.Array | None
+  config: QuantConfig = dataclasses.field(metadata={"static": True})
+  in_features: int = dataclasses.field(metadata={"static": True})
+  out_features: int = dataclasses.field(metadata={"static": True})
+  act_shift: float = dataclasses.field(default=0.0, metadata={"static": True})
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """(K, N), the shape of the kernel this layer replaces."""
+    return (self.in_features, self.out_features)
+
+  @property
+  def rank(self) -> int:
+    return self.lora_down.shape[1]
+
+  @property
+  def group_size(self) -> int:
+    return self.config.effective_group(self.in_features)
+
+  def weight_codes(self) -> jax.Array:
+    """Unpacked residual codes (N, K): int8 for INT4/INT8, uint8 patterns for NVFP4/NF4."""
+    if self.config.weight_format == "int8":
+      return self.qweight
+    return qz.unpack_nibbles(self.qweight, signed=self.config.weight_format == "int4")
+
+  def dequantize_residual(self) -> jax.Array:
+    """The dequantized 4-bit residual in the smoothed domain, (K, N) float32."""
+    codes = self.weight_codes()
+    n, k = codes.shape
+    grouped = codes.reshape(n, k // self.group_size, self.group_size)
+    scales = self.wscales.astype(jnp.float32).T[..., None]
+    values = qz.decode(grouped, scales, self.config.weight_format, self.wtscale)
+    return values.reshape(n, k).T
+
+  def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """The effective kernel (K, N): residual / smooth + lora_down @ lora_up, in `dtype`.
+
+    `x @ dequantize() + bias` is what the layer computes without activation quantization (the
+    shift compensation in `bias` cancels against the shift, which only the quantized path sees).
+    """
+    kernel = self.dequantize_residual() / self.smooth[:, None]
+    if self.rank:
+      kernel = kernel + self.lora_down.astype(jnp.float32) @ self.lora_up.astype(jnp.float32)
+    return kernel.astype(dtype)
+
+  def metadata(self) -> dict[str, Any]:
+    """The JSON-serializable static part (for checkpoints)."""
+    return {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+            "in_features": self.in_features, "out_features": self.out_features,
+            "act_shift": self.act_shift, "rank": self.rank, "has_bias": self.bias is not None}
+
+  def arrays(self) -> dict[str, jax.Array]:
+    """The array leaves by field name (None fields absent); inverse of `from_arrays`."""
+    return {name: getattr(self, name) for name in _ARRAY_FIELDS
+            if getattr(self, name) is not None}
+
+  @classmethod
+  def from_arrays(cls, arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> SVDQLinear:
+    """Rebuilds a layer from `arrays()` and `metadata()`, checking every shape and dtype."""
+    if metadata.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"SVDQLinear.from_arrays: format_version {metadata.get('format_version')}"
+                       f" is not supported (need {FORMAT_VERSION})")
+    config = QuantConfig.from_dict(metadata["config"])
+    k, n = int(metadata["in_features"]), int(metadata["out_features"])
+    expected = expected_shapes(config, k, n, int(metadata["rank"]),
+                               has_bias=bool(metadata["has_bias"]))
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+      raise ValueError(f"SVDQLinear.from_arrays: missing arrays {missing}, unexpected {unexpected}")
+    leaves = {}
+    for name, spec in expected.items():
+      value = arrays[name]
+      if tuple(value.shape) != spec.shape or np.dtype(value.dtype) != np.dtype(spec.dtype):
+        raise ValueError(f"SVDQLinear.from_arrays: {name!r} is {value.dtype}{tuple(value.shape)},"
+                         f" the metadata needs {np.dtype(spec.dtype)}{spec.shape}")
+      leaves[name] = jnp.asarray(value)
+    leaves.setdefault("bias", None)
+    return cls(**leaves, config=config, in_features=k, out_features=n,
+               act_shift=float(metadata["act_shift"]))
+
+
+def expected_shapes(config: QuantConfig, in_features: int, out_features: int, rank: int, *,
+                    has_bias: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of an SVDQLinear's arrays (docs/format.md), e.g. for `jax.eval_shape`."""
+  k, n = in_features, out_features
+  fmt = config.weight_format
+  if fmt is None:
+    raise ValueError("expected_shapes: config has no weight_format (nothing is quantized)")
+  group = config.effective_group(k)
+  qweight = ((n, k), jnp.int8) if fmt == "int8" else ((n, k // 2), jnp.uint8)
+  shapes = {
+      "qweight": qweight,
+      "wscales": ((k // group, n), qz.WEIGHT_SCALE_DTYPE[fmt]),
+      "wtscale": ((), jnp.float32),
+      "smooth": ((k,), jnp.float32),
+      "lora_down": ((k, rank), jnp.bfloat16),
+      "lora_up": ((rank, n), jnp.bfloat16),
+  }
+  if has_bias:
+    shapes["bias"] = ((n,), jnp.float32)
+  return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+
+def is_quantized(x: Any) -> bool:
+  """True for an `SVDQLinear` (a quantized kernel), False for anything else."""
+  return isinstance(x, SVDQLinear)
+
+
+def quantize_activations(x: jax.Array, w: SVDQLinear) -> tuple[jax.Array, jax.Array]:
+  """Dynamic per-token activation quantization of the 4-/8-bit path (docs/format.md).
+
+  x: (M, K) any float. Returns codes (M, K) int8 (for NVFP4: the E2M1 bit patterns as uint8) and
+  scales (M, K // group) float32, for xs = (x + act_shift) / smooth.
+  """
+  fmt = w.config.act_format
+  xs = (x.astype(jnp.float32) + w.act_shift) / w.smooth
+  if fmt == "int4" and w.act_shift != 0.0:
+    fmt = "uint4"
+  q = qz.quantize(xs, fmt, w.group_size, scale_dtype=qz.ACT_SCALE_DTYPE[fmt], tensor_scale=1.0)
+  return q.codes, q.scales.astype(jnp.float32)
+
+
+def _integer_operand(codes: jax.Array, fmt: str) -> tuple[jax.Array, float]:
+  """Codes as int8 integers whose products are exact, and the factor that restores the values.
+
+  INT: the codes themselves. NVFP4: twice the E2M1 value (an integer in [-12, 12]), factor 1/2.
+  """
+  if fmt == "nvfp4":
+    twice = jnp.asarray((2 * qz.E2M1_VALUES).astype(np.int8))
+    return twice[codes.astype(jnp.int32)], 0.5
+  return codes.astype(jnp.int8), 1.0
+
+
+def grouped_integer_product(qx: jax.Array, ascales: jax.Array, qw: jax.Array, wscales: jax.Array,
+                            group_size: int, value_scale: float = 1.0) -> jax.Array:
+  """sum_g (ascales[:, g] * wscales[g]) * (int32 group dot * value_scale), accumulated g = 0, 1...
+
+  qx (M, K) int8, ascales (M, G) float32, qw (N, K) int8, wscales (G, N) float32 -> (M, N) float32.
+  Each group dot is exact in int32 (XLA CPU cannot dot int4, so codes are widened to int8);
+  `value_scale` is a power of two (exact).
+  """
+  m, k = qx.shape
+  n = qw.shape[0]
+  groups = k // group_size
+  qx_g = qx.reshape(m, groups, group_size).transpose(1, 0, 2)
+  qw_g = qw.reshape(n, groups, group_size).transpose(1, 0, 2)
+
+  def add_group(acc, operands):
+    qx_block, qw_block, ascale, wscale = operands
+    psum = jax.lax.dot_general(qx_block, qw_block, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+    scale = ascale[:, None] * wscale[None, :]
+    return acc + scale * (psum.astype(jnp.float32) * value_scale), None
+
+  acc, _ = jax.lax.scan(add_group, jnp.zeros((m, n), jnp.float32),
+                        (qx_g, qw_g, ascales.T, wscales.astype(jnp.float32)))
+  return acc
+
+
+def xla_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None = None) -> jax.Array:
+  """The reference product for any backend: x (..., K) -> (..., N) in x's dtype.
+
+  Quantized activations: exact grouped integer product rescaled in float32, times wtscale, plus
+  the float32 low-rank branch (x @ lora_down) @ lora_up, plus both biases. Weight-only (W4A16):
+  x @ dequantize() in x's dtype, plus both biases.
+  """
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, w.in_features)
+  if w.config.act_format is None:
+    y = jnp.matmul(x2, w.dequantize(x.dtype), preferred_element_type=jnp.float32)
+  else:
+    qx, ascales = quantize_activations(x2, w)
+    ax, a_factor = _integer_operand(qx, w.config.act_format)
+    aw, w_factor = _integer_operand(w.weight_codes(), w.config.weight_format)
+    y = grouped_integer_product(ax, ascales, aw, w.wscales, w.group_size, a_factor * w_factor)
+    y = y * w.wtscale
+    if w.rank:
+      lora_act = x2.astype(jnp.float32) @ w.lora_down.astype(jnp.float32)
+      y = y + lora_act @ w.lora_up.astype(jnp.float32)
+  if w.bias is not None:
+    y = y + w.bias.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype).reshape(*lead, w.out_features)
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice_once(key: str, message: str) -> None:
+  if key not in _NOTICES:
+    _NOTICES.add(key)
+    warnings.warn(message, stacklevel=4)
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _is_int4_w4a4(w: SVDQLinear) -> bool:
+  return w.config.weight_format == "int4" and w.config.act_format == "int4"
+
+
+def _pallas_module():
+  try:
+    return importlib.import_module(PALLAS_MODULE)
+  except ImportError as e:
+    raise ImportError(f"svdq_dot: impl='pallas' needs {PALLAS_MODULE}, which cannot be imported "
+                      f"({e}); use impl='xla'") from e
+
+
+def _pallas_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None, *, interpret: bool
+                ) -> jax.Array:
+  if not _is_int4_w4a4(w):
+    raise ValueError(f"svdq_dot: the Pallas kernel supports INT4 W4A4 only, this layer is "
+                     f"weight {w.config.weight_format} / activations {w.config.act_format}; "
+                     "use impl='xla' or 'auto'")
+  module = _pallas_module()
+  total_bias = w.bias
+  if bias is not None:
+    total_bias = bias.astype(jnp.float32) if total_bias is None else total_bias + bias
+  lead = x.shape[:-1]
+  y = module.svdq_linear(x.reshape(-1, w.in_features), w.qweight, w.wscales, w.smooth,
+                         w.lora_down, w.lora_up, total_bias, group_size=w.group_size,
+                         act_shift=w.act_shift, out_dtype=x.dtype, interpret=interpret)
+  return y.reshape(*lead, w.out_features)
+
+
+def _auto_uses_pallas(w: SVDQLinear) -> bool:
+  """Pallas only on a GPU the kernel supports (Hopper) and for INT4 W4A4; XLA elsewhere."""
+  if _backend() != "gpu":
+    return False
+  if not _is_int4_w4a4(w):
+    if w.config.act_format is not None:
+      _notice_once(f"no-kernel-{w.config.weight_format}",
+                   f"svdq_dot: no GPU kernel for {w.config.weight_format} W4A4 on this GPU; "
+                   "using the XLA reference")
+    return False
+  try:
+    module = importlib.import_module(PALLAS_MODULE)
+  except ImportError:
+    _notice_once("no-module", f"svdq_dot: {PALLAS_MODULE} is not available; using XLA")
+    return False
+  if not module.is_supported():
+    _notice_once("unsupported-gpu", "svdq_dot: the INT4 Pallas kernel does not support this GPU "
+                 "(it needs Hopper); using the XLA reference")
+    return False
+  return True
+
+
+def quantized_dot(x: jax.Array, w: SVDQLinear, *, bias: jax.Array | None = None,
+                  impl: str = "auto") -> jax.Array:
+  """`svdq_dot` for an `SVDQLinear`: x (..., K) -> (..., N) in x's dtype."""
+  if x.shape[-1] != w.in_features:
+    raise ValueError(f"svdq_dot: x has {x.shape[-1]} input features, the quantized layer "
+                     f"expects {w.in_features}")
+  if impl == "xla":
+    return xla_dot(x, w, bias)
+  if impl in ("pallas", "pallas-interpret"):
+    return _pallas_dot(x, w, bias, interpret=impl == "pallas-interpret")
+  if impl == "auto":
+    if _auto_uses_pallas(w):
+      return _pallas_dot(x, w, bias, interpret=False)
+    return xla_dot(x, w, bias)
+  raise ValueError(f"svdq_dot: impl {impl!r} is not one of 'auto', 'xla', 'pallas', "
+                   "'pallas-interpret'")
