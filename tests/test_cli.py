@@ -1,0 +1,126 @@
+"""The `svdq-jax` command line: help, exit statuses and one-line errors, and a real `sample`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svdq_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+  status = cli.main(argv)
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def _assert_bad_input(status: int, err: str, *needles: str) -> None:
+  assert status == cli.EXIT_BAD_INPUT
+  assert "Traceback" not in err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert lines[0].startswith("svdq-jax")
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([command, "--help"])
+  assert exit_info.value.code == 0
+  assert f"usage: svdq-jax {command}" in capsys.readouterr().out
+
+
+def test_no_or_unknown_command_is_bad_input(capsys):
+  _assert_bad_input(*_run([], capsys)[::2], "required")
+  _assert_bad_input(*_run(["paint"], capsys)[::2], "paint")
+
+
+def test_sample_bad_inputs(tmp_path, capsys):
+  _assert_bad_input(*_run(["sample", str(tmp_path / "nope"), "--prompt", "x"], capsys)[::2],
+                    "does not exist")
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x"], capsys)[::2],
+                    "model_index.json")
+  (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x"], capsys)[::2],
+                    "KandinskyPipeline", "not supported")
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--devices", "999"],
+                          capsys)[::2], "--devices 999")
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--lora", "a.safetensors"],
+                          capsys)[::2], "not supported yet")
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--steps", "0"],
+                          capsys)[::2], "--steps must be >= 1")
+  _assert_bad_input(*_run(["sample", str(tmp_path)], capsys)[::2], "--prompt")
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--out", "a.jpg"],
+                          capsys)[::2], ".png")
+
+
+def test_quantize_bad_inputs(tmp_path, capsys):
+  src = tmp_path / "src"
+  src.mkdir()
+  _assert_bad_input(*_run(["quantize", str(tmp_path / "nope"), str(tmp_path / "dst")],
+                          capsys)[::2], "does not exist")
+  binary = tmp_path / "prompts.bin"
+  binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+  _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--calib", str(binary)],
+                          capsys)[::2], "not UTF-8")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("# only a comment\n\n")
+  _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--calib", str(empty)],
+                          capsys)[::2], "holds no prompt")
+  _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--calib",
+                           str(tmp_path / "missing.txt")], capsys)[::2], "does not exist")
+  _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--preset", "int3"],
+                          capsys)[::2], "int3")
+
+
+def test_convert_and_bench_bad_inputs(tmp_path, capsys):
+  _assert_bad_input(*_run(["convert", str(tmp_path / "nope"), str(tmp_path / "dst")],
+                          capsys)[::2], "does not exist")
+  _assert_bad_input(*_run(["bench", "gpus"], capsys)[::2], "gpus")
+
+
+def test_default_prompt_file_ships_and_parses():
+  prompts = cli.read_prompt_file(cli.DEFAULT_CALIB)
+  assert len(prompts) >= 32 and len(set(prompts)) == len(prompts)
+
+
+def test_bad_input_exit_status_as_a_subprocess(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-m", "svdq_jax.cli", "sample", str(tmp_path / "nope"),
+                         "--prompt", "a cat"], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == (f"svdq-jax sample: error: model folder "
+                                 f"'{tmp_path / 'nope'}' does not exist")
+  proc = subprocess.run([sys.executable, "-m", "svdq_jax.cli", "--help"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and all(c in proc.stdout for c in COMMANDS)
+
+
+def test_sample_writes_png_with_prompt_and_seed(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  from PIL import Image
+
+  from tests.models._pipeline_reference import save_tiny_flux_pipeline
+
+  folder = tmp_path / "flux"
+  save_tiny_flux_pipeline(folder)
+  out = tmp_path / "cat.png"
+  status, stdout, _ = _run(["sample", str(folder), "--prompt", "a red cat", "--prompt",
+                            "a blue dog", "--steps", "2", "--seed", "11", "--height", "32",
+                            "--width", "32", "--out", str(out), "--quiet"], capsys)
+  assert status == 0
+  paths = [Path(p) for p in stdout.split()]
+  assert [p.name for p in paths] == ["cat_0.png", "cat_1.png"]
+  with Image.open(paths[1]) as image:
+    assert image.size == (32, 32)
+    assert image.text["prompt"] == "a blue dog" and image.text["seed"] == "11"
