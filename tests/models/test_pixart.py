@@ -99,6 +99,22 @@ def test_no_caption_projection_matches_diffusers(tmp_path, np_rng):
   assert err <= 1e-4, err
 
 
+@pytest.mark.slow
+def test_full_width_layer_matches_diffusers(tmp_path, np_rng):
+  """PixArt-Sigma-1024's real widths (16 heads x 72, T5 4096 -> 1152, interpolation 2), 1 layer."""
+  ref_model = _save_reference(tmp_path, num_attention_heads=16, attention_head_dim=72,
+                              num_layers=1, cross_attention_dim=1152, caption_channels=4096,
+                              sample_size=128, interpolation_scale=2)
+  ours = PixArtSigmaTransformer.from_pretrained(tmp_path)
+  assert ours.config.inner_dim == PixArtConfig.sigma_1024().inner_dim
+  x, captions, t = _inputs(np_rng, 1, 4, 16, 20, 4096)
+  mask = np.ones((1, 20), np.int64)
+  mask[0, 12:] = 0
+  out = nnx.jit(lambda m, *a: m(*a))(ours, jnp.asarray(x), jnp.asarray(captions),
+                                      jnp.asarray(t), jnp.asarray(mask))
+  assert _rel_err(out, _reference(ref_model, x, captions, t, mask)) <= 1e-4
+
+
 def test_pos_embed_matches_diffusers():
   from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -125,7 +141,8 @@ def test_jit_and_bfloat16(tmp_path, np_rng):
   out16 = forward(bf16, jnp.asarray(x, jnp.bfloat16), jnp.asarray(captions, jnp.bfloat16),
                   jnp.asarray(t), jnp.asarray(mask))
   assert out16.dtype == jnp.bfloat16 and out16.shape == (2, 8, 8, 8)
-  assert _rel_err(out16.astype(jnp.float32), ref) < 5e-2
+  err16 = _rel_err(out16.astype(jnp.float32), ref)
+  assert err16 < 3e-2, err16  # bf16 keeps 8 bits; measured 8e-3 here
 
 
 def test_presets_and_eval_shape():
