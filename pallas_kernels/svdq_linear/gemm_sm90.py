@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.svdq_linear.config import GROUP_SIZE, GemmConfig
-from pallas_kernels.svdq_linear.quantize import smem_transforms
+from pallas_kernels.svdq_linear.quantize import interpret_params, smem_transforms
 
 _CARRIERS = {
     "s8": (jnp.int8, jnp.int32),
@@ -41,7 +41,7 @@ def w4a4_gemm_kernel(
     apply_gelu: bool,
     out_dtype: jnp.dtype,
     config: GemmConfig,
-    interpret: bool = False,
+    interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
   """Runs kernel 2 on tile-aligned operands.
 
@@ -56,7 +56,7 @@ def w4a4_gemm_kernel(
     apply_gelu: apply tanh-GELU after the bias.
     out_dtype: dtype of the result.
     config: block sizes and carrier; M % block_m == 0 and N % block_n == 0 are required.
-    interpret: run in the Mosaic GPU interpreter (CPU).
+    interpret: run in the Mosaic GPU interpreter (CPU); True or explicit InterpretGPUParams.
 
   Returns:
     (M, N) out_dtype.
@@ -147,7 +147,7 @@ def w4a4_gemm_kernel(
           epilogue_bar=plgpu.Barrier(num_arrivals=3),
       ),
       compiler_params=plgpu.CompilerParams(),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      interpret=interpret_params(interpret),
   )
   return kernel(codes, ascales_t, qweight4, wscales.astype(jnp.float32),
                 lora_act.astype(jnp.bfloat16), lora_up_t.astype(jnp.bfloat16),

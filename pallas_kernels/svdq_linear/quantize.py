@@ -10,8 +10,6 @@ the (block_m, r) float32 low-rank accumulator. x is read from HBM exactly once.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -28,6 +26,13 @@ def smem_transforms(minor_bytes: int, bits: int) -> tuple[plgpu.Transform, ...]:
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def interpret_params(interpret: bool | plgpu.InterpretGPUParams) -> plgpu.InterpretGPUParams | None:
+  """Maps the wrappers' `interpret` flag (or explicit interpreter parameters) to plgpu.kernel's."""
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
 def code_dtype(unsigned: bool) -> jnp.dtype:
   """The 4-bit storage dtype of the activation codes (packed two per byte in HBM)."""
   return jnp.dtype(jnp.uint4 if unsigned else jnp.int4)
@@ -40,7 +45,7 @@ def quantize_activations_kernel(
     *,
     act_shift: float,
     config: QuantizeConfig,
-    interpret: bool = False,
+    interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs kernel 1 on tile-aligned operands.
 
@@ -50,7 +55,7 @@ def quantize_activations_kernel(
     lora_down: (K, r) bfloat16, r a multiple of 16.
     act_shift: 0 for signed codes, else unsigned codes of x + act_shift.
     config: block sizes.
-    interpret: run in the Mosaic GPU interpreter (CPU).
+    interpret: run in the Mosaic GPU interpreter (CPU); True or explicit InterpretGPUParams.
 
   Returns:
     codes (M, K) int4 (uint4 when act_shift != 0), ascales transposed (K // 64, M) float32, and the
@@ -133,12 +138,6 @@ def quantize_activations_kernel(
           ascale_s=plgpu.SMEM((2, 1, tm), jnp.float32),
           lora_s=plgpu.SMEM((tm, rank), jnp.float32)),
       compiler_params=plgpu.CompilerParams(),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      interpret=interpret_params(interpret),
   )
   return kernel(x, smooth.astype(jnp.float32).reshape(1, k), lora_down.astype(jnp.bfloat16).T)
-
-
-@functools.partial(jax.jit, static_argnames=("act_shift", "config", "interpret"))
-def _jitted(x, smooth, lora_down, act_shift, config, interpret):
-  return quantize_activations_kernel(
-      x, smooth, lora_down, act_shift=act_shift, config=config, interpret=interpret)
