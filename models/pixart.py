@@ -109,30 +109,28 @@ class PixArtConfig:
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int, *, base_size: int,
-                        interpolation_scale: float) -> np.ndarray:
+                        interpolation_scale: float) -> jax.Array:
   """The 2-D sin-cos position embedding of a (grid_h, grid_w) patch grid, (grid_h*grid_w, D) f32.
 
   Tokens run row-major over (h, w). Positions are `arange(n) / (n / base_size) /
-  interpolation_scale` per axis (in float32, as diffusers computes them), frequencies
-  `10000 ** (-k / (D/4))` in float64; the first D/2 channels encode the column (w) position and
-  the last D/2 the row (h) position, each as [sin | cos].
+  interpolation_scale` per axis, frequencies `10000 ** (-k / (D/4))`; the first D/2 channels
+  encode the column (w) position and the last D/2 the row (h) position, each as [sin | cos].
+  Computed in the graph in float32 (diffusers uses float64 for the angles: the two differ by
+  about 1e-6), so a jitted model carries no (tokens, D) constant.
   """
   if embed_dim % 4:
     raise ValueError(f"sincos_pos_embed_2d: embed_dim {embed_dim} must be a multiple of 4")
+  quarter = embed_dim // 4
+  omega = jnp.asarray(1.0 / 10000.0 ** (np.arange(quarter) / quarter), jnp.float32)
 
-  def positions(n: int) -> np.ndarray:
-    return (np.arange(n, dtype=np.float32) / np.float32(n / base_size)
-            / np.float32(interpolation_scale)).astype(np.float64)
+  def sincos(n: int) -> jax.Array:
+    pos = jnp.arange(n, dtype=jnp.float32) / (n / base_size) / interpolation_scale
+    angles = pos[:, None] * omega[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
 
-  def sincos(pos: np.ndarray) -> np.ndarray:
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    angles = np.outer(pos, omega)
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-  cols = np.broadcast_to(positions(grid_w)[None, :], (grid_h, grid_w)).reshape(-1)
-  rows = np.broadcast_to(positions(grid_h)[:, None], (grid_h, grid_w)).reshape(-1)
-  return np.concatenate([sincos(cols), sincos(rows)], axis=1).astype(np.float32)
+  cols = jnp.broadcast_to(sincos(grid_w)[None], (grid_h, grid_w, 2 * quarter))
+  rows = jnp.broadcast_to(sincos(grid_h)[:, None], (grid_h, grid_w, 2 * quarter))
+  return jnp.concatenate([cols, rows], axis=-1).reshape(grid_h * grid_w, embed_dim)
 
 
 class PatchEmbed(nnx.Module):
