@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from convert import registry
 from convert.checkpoint import HEADER_KEY, atomic_folder, check_against_model, write_into
-from convert.loading import read_config
+from convert.loading import is_quantized_value, read_config
 from convert.safetensors_io import CheckpointError, CheckpointReader
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
@@ -54,6 +54,34 @@ def _float_dtype(dtype: Any) -> np.dtype | None:
   return resolved
 
 
+_TILE = 256  # rows/columns per tile of the transposing copy (fits L2 at 2-4 byte elements)
+
+
+def _c_order_copy(array: np.ndarray) -> np.ndarray:
+  """An owned C-contiguous copy, bit for bit; a transposed 2-D view (what converters return for
+  torch (out, in) -> our (in, out)) is copied tile by tile through same-width unsigned integers,
+  3x faster than numpy's element-wise strided copy of ml_dtypes bfloat16."""
+  if array.ndim != 2 or array.flags.c_contiguous or not array.T.flags.c_contiguous:
+    return np.array(array, order="C")
+  bits = array.view(np.dtype(f"u{array.dtype.itemsize}"))
+  out = np.empty(array.shape, bits.dtype)
+  rows, cols = array.shape
+  for i in range(0, rows, _TILE):
+    for j in range(0, cols, _TILE):
+      out[i:i + _TILE, j:j + _TILE] = bits[i:i + _TILE, j:j + _TILE]
+  return out.view(array.dtype)
+
+
+def _materialize(array: Any, cast: np.dtype | None) -> np.ndarray:
+  """An owned, C-contiguous copy of a converter output (often a transposed view of a memory-mapped
+  tensor), cast to `cast` if floating: converting tensor by tensor releases each source mapping
+  once its copy exists, so memory stays the output plus one tensor."""
+  array = np.asarray(array)
+  if cast is not None and jnp.issubdtype(array.dtype, jnp.floating) and array.dtype != cast:
+    return array.astype(cast, order="C")
+  return _c_order_copy(array)
+
+
 def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
                       dtype: Any = None, progress: bool = True) -> registry.ModelEntry:
   """Converts one component (folder, or safetensors file with config.json beside it) into `out`.
@@ -82,10 +110,9 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
       arrays = dict(converter.convert_state(reader, config))
       check_against_model(arrays, entry, config, source=str(src))
       cast = _float_dtype(dtype)
-      if cast is not None:
-        for key, value in arrays.items():
-          if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != cast:
-            arrays[key] = np.asarray(value).astype(cast)
+      for key, value in arrays.items():
+        if not is_quantized_value(value):
+          arrays[key] = _materialize(value, cast)
       write_into(Path(out), arrays, model_type=entry.name, config=config)
   return entry
 

@@ -131,10 +131,23 @@ def write_checkpoint(arrays: Mapping[str, Any], dst: str | os.PathLike, *, model
   return Path(dst).absolute()
 
 
+def _checkpointer() -> Any:
+  """An orbax PyTree checkpointer that writes arrays as they are: no zstd (3x faster writes on
+  bf16 weights, which compress by only ~20%) and no defensive deep copy of numpy arrays (which
+  would double peak memory; our arrays are not mutated while being written)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy; only needed for our format)
+  from orbax.checkpoint import type_handlers  # noqa: PLC0415
+
+  handlers = type_handlers.create_type_handler_registry(
+      (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (np.number, type_handlers.ScalarHandler()),
+      (jax.Array, type_handlers.ArrayHandler()))
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False,
+                                                      type_handler_registry=handlers))
+
+
 def write_into(folder: Path, arrays: Mapping[str, Any], *, model_type: str, config: Any) -> None:
   """Writes a checkpoint into an existing empty `folder` (no atomicity: see `write_checkpoint`)."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy; only needed when writing)
-
   entry = registry.find_entry(model_type)
   tree: dict[str, Any] = {}
   quantized: dict[str, dict] = {}
@@ -146,7 +159,7 @@ def write_into(folder: Path, arrays: Mapping[str, Any], *, model_type: str, conf
       tree[path] = value
   header = {"format_version": FORMAT_VERSION, "model_type": entry.name,
             "config": _config_dict(config), "quantized": quantized}
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _checkpointer() as checkpointer:
     checkpointer.save(folder / PARAMS_DIR, _nest(tree))
   (folder / "config.json").write_text(json.dumps({HEADER_KEY: header}, indent=2) + "\n")
 
@@ -202,7 +215,7 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
   header = read_header(path)
   params = Path(path).absolute() / PARAMS_DIR
   try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
       metadata = checkpointer.metadata(params).item_metadata.tree
       restore_args = jax.tree.map(
           lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), metadata)
@@ -237,7 +250,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None) -> 
   config = entry.config_class().from_dict(header["config"])
   model = entry.abstract_model(config, dtype=dtype)
   arrays = read_arrays(path)
-  return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True)
+  return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True,
+                   consume=True)
 
 
 def check_against_model(arrays: Mapping[str, Any], entry: registry.ModelEntry, config: Any, *,

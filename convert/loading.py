@@ -78,7 +78,8 @@ def check_arrays(expected: Mapping[str, jax.ShapeDtypeStruct], arrays: Mapping[s
 
 
 def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
-              dtype: jnp.dtype | None = None, keep_stored_dtype: bool = False) -> nnx.Module:
+              dtype: jnp.dtype | None = None, keep_stored_dtype: bool = False,
+              consume: bool = False) -> nnx.Module:
   """Sets every parameter of `model` from `arrays` (flat, "/"-joined paths) and returns it.
 
   Args:
@@ -88,6 +89,8 @@ def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
     dtype: cast floating parameters to this dtype; None keeps the model's parameter dtype, or the
       stored dtype when `keep_stored_dtype`.
     keep_stored_dtype: with `dtype` None, keep each array's own dtype (no up-cast of bf16 data).
+    consume: delete each entry of `arrays` (a dict) once placed, so that peak memory is the model
+      plus one tensor rather than twice the model.
 
   Raises:
     CheckpointError naming `source` when keys are missing or unexpected (listing them), or a
@@ -98,7 +101,7 @@ def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   for path, variable in flat:
     name = path_str(path)
-    value = arrays[name]
+    value = arrays.pop(name) if consume else arrays[name]
     if is_quantized_value(value):
       variable.set_value(value)
       continue
@@ -144,5 +147,5 @@ def load_pretrained(path: str | os.PathLike, *, build: Callable[[Any], nnx.Modul
   config = config_from_json(raw)
   model = nnx.eval_shape(lambda: build(config))
   with CheckpointReader(path) as reader:
-    arrays = convert_state(reader, config)
-    return load_into(model, arrays, source=str(path), dtype=dtype)
+    arrays = dict(convert_state(reader, config))
+    return load_into(model, arrays, source=str(path), dtype=dtype, consume=True)

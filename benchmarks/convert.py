@@ -1,0 +1,153 @@
+"""Conversion speed and peak memory on a synthetic full-width FLUX.1 checkpoint.
+
+Writes a diffusers-layout FluxTransformer2DModel checkpoint with FLUX.1-dev's widths (hidden 3072,
+24 heads, guidance embedding) but only a few blocks, in bfloat16, sharded one block per file with
+a `*.safetensors.index.json` (written with our `save_file`, no torch). Then converts it with
+`convert.api.convert` in a fresh subprocess and prints the time, the bytes per second and the
+peak resident memory (`resource.getrusage` in that subprocess) against the checkpoint size.
+
+    python benchmarks/convert.py [--double 2] [--single 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from convert.safetensors_io import CheckpointReader, save_file  # noqa: E402
+
+_GIB = 1024**3
+_DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers",
+                     "num_single_layers", "attention_head_dim", "num_attention_heads",
+                     "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
+                     "axes_dims_rope")
+
+
+def write_synthetic_flux(folder: Path, num_layers: int, num_single_layers: int) -> None:
+  """A FLUX.1-dev-width diffusers checkpoint with the given block counts, bf16 N(0, 0.02²) weights.
+
+  One shard per block (plus one for the embedders and the output layers) keeps this process at
+  about one block of memory.
+  """
+  from convert.flux import key_table  # noqa: PLC0415
+  from models.flux import FluxConfig  # noqa: PLC0415
+
+  config = dataclasses.replace(FluxConfig.dev(), num_layers=num_layers,
+                               num_single_layers=num_single_layers)
+  folder.mkdir(parents=True)
+  diffusers_config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"}
+  diffusers_config.update({k: getattr(config, k) for k in _DIFFUSERS_FIELDS})
+  diffusers_config["axes_dims_rope"] = list(config.axes_dims_rope)
+  (folder / "config.json").write_text(json.dumps(diffusers_config, indent=2))
+  shards: dict[str, dict[str, tuple[int, ...]]] = {}
+  for key, entry in key_table(config).items():
+    parts = key.split(".")
+    group = ".".join(parts[:2]) if parts[0].endswith("transformer_blocks") else "other"
+    shards.setdefault(group, {})[key] = entry.shape
+  rng = np.random.default_rng(0)
+  weight_map = {}
+  for i, shapes in enumerate(shards.values()):
+    name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    tensors = {k: (0.02 * rng.standard_normal(s, dtype=np.float32)).astype(ml_dtypes.bfloat16)
+               for k, s in shapes.items()}
+    save_file(tensors, folder / name, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    del tensors
+  index = {"metadata": {}, "weight_map": weight_map}
+  (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _folder_bytes(folder: Path) -> int:
+  return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _child(src: str, dst: str) -> None:
+  """Runs in a fresh process: the conversion, with time and peak RSS measured.
+
+  Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux); the baseline is taken
+  after jax, flax, orbax and the converters are imported, so the difference is the conversion's.
+  """
+  import orbax.checkpoint  # noqa: F401, PLC0415
+
+  import convert.flux  # noqa: F401, PLC0415
+  from convert.api import convert  # noqa: PLC0415
+
+  baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  start = time.perf_counter()
+  convert(src, dst, progress=False)
+  seconds = time.perf_counter() - start
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak}))
+
+
+def _run(*args: str) -> str:
+  """Runs this script with `args` in a fresh CPU-only Python; returns its stdout."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+                          text=True, check=False)
+  if result.returncode:
+    sys.exit(f"{args[0]} failed:\n{result.stderr}")
+  return result.stdout
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--double", type=int, default=2, help="double-stream blocks")
+  parser.add_argument("--single", type=int, default=2, help="single-stream blocks")
+  parser.add_argument("--workdir", default=None, help="where to write (default: a temp folder)")
+  parser.add_argument("--out", default=None, help="also write the table to this file")
+  parser.add_argument("--child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
+  parser.add_argument("--write", metavar="SRC", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    _child(*args.child)
+    return
+  if args.write:
+    write_synthetic_flux(Path(args.write), args.double, args.single)
+    return
+  with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+    src, dst = Path(work) / "flux_src", Path(work) / "flux_ours"
+    start = time.perf_counter()
+    _run("--write", str(src), "--double", str(args.double), "--single", str(args.single))
+    write_seconds = time.perf_counter() - start
+    with CheckpointReader(src) as reader:
+      size, tensors = reader.nbytes(), len(reader)
+      largest = max(reader.nbytes(k) for k in reader)
+    measured = json.loads(_run("--child", str(src), str(dst)).strip().splitlines()[-1])
+    output = _folder_bytes(dst)
+  extra = measured["peak_rss"] - measured["baseline_rss"]
+  rows = [
+      ("checkpoint", f"FLUX.1-dev width, {args.double} double + {args.single} single blocks, "
+                     f"bf16, {tensors} tensors"),
+      ("checkpoint size", f"{size / _GIB:.3f} GiB (largest tensor {largest / _GIB:.3f} GiB)"),
+      ("output size (orbax)", f"{output / _GIB:.3f} GiB"),
+      ("synthetic write", f"{write_seconds:.1f} s"),
+      ("conversion time", f"{measured['seconds']:.1f} s"),
+      ("throughput", f"{size / measured['seconds'] / 1e6:.0f} MB/s"),
+      ("RSS after imports", f"{measured['baseline_rss'] / _GIB:.3f} GiB"),
+      ("peak RSS", f"{measured['peak_rss'] / _GIB:.3f} GiB"),
+      ("peak RSS - imports", f"{extra / _GIB:.3f} GiB = {extra / size:.2f} x checkpoint, "
+                             f"{(extra - size) / largest:+.2f} largest tensors beyond it"),
+  ]
+  width = max(len(name) for name, _ in rows)
+  table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+  print(table)
+  if args.out:
+    Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+  main()
