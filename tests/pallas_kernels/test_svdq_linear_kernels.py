@@ -1,0 +1,305 @@
+"""The Mosaic GPU kernels of the fused SVDQuant linear: interpreted on CPU against the jnp
+references, and lowered for an abstract H100 (deviceless) to catch layout/swizzle errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.svdq_linear import (
+    GemmConfig,
+    QuantizeConfig,
+    SVDQLinearConfig,
+    is_supported,
+    quantize_activations,
+    quantize_activations_reference,
+    select_config,
+    svdq_linear,
+    svdq_linear_reference,
+    w4a4_gemm,
+    w4a4_gemm_reference,
+)
+
+H100 = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+SHIFT = 0.171875
+
+
+@pytest.fixture(autouse=True)
+def _reset_interpreter():
+  """After a failure inside an interpreted kernel the interpreter's global state must be reset."""
+  yield
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # noqa: PLC0415
+
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
+
+
+def _linear_operands(rng, lead, k, n, rank, *, bias=True, act_shift=0.0):
+  x = rng.standard_normal((*lead, k)).astype(ml_dtypes.bfloat16)
+  if act_shift:
+    x = np.maximum(x, -act_shift).astype(ml_dtypes.bfloat16)
+  return dict(
+      x=jnp.asarray(x),
+      qweight=jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
+      wscales=jnp.asarray(rng.uniform(0.005, 0.02, (k // 64, n)), jnp.bfloat16),
+      smooth=jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32),
+      lora_down=jnp.asarray(rng.standard_normal((k, rank)) * 0.1, jnp.bfloat16),
+      lora_up=jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16),
+      bias=jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None,
+  )
+
+
+def _assert_within_bf16_rounding(got, want):
+  """Both sides are roundings of f32 values that agree to ~1e-6: at most one bf16 ulp apart."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6 * np.abs(want).max())
+
+
+def _assert_fused_close(got, ops, act_shift):
+  """The fused op rounds x @ lora_down (f32, summed in a different order than the reference) to
+  bf16 before the up-projection; a flip of that rounding moves the output by up to one bf16 ulp of
+  each low-rank activation times |lora_up|. Everything else must agree to bf16 output rounding."""
+  want = svdq_linear_reference(**ops, act_shift=act_shift, out_dtype=jnp.float32)
+  k = ops["x"].shape[-1]
+  _, _, lora_act = quantize_activations_reference(
+      ops["x"].reshape(-1, k), ops["smooth"], ops["lora_down"], act_shift=act_shift)
+  flip = (np.abs(np.asarray(lora_act)) * 2**-8) @ np.abs(np.asarray(ops["lora_up"], np.float32))
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  output_rounding = 2**-7 * np.abs(want) + 1e-6 * np.abs(want).max()
+  err = np.abs(got - want)
+  assert np.all(err <= output_rounding + flip.reshape(want.shape)), float(np.max(err - flip))
+  assert np.mean(err <= output_rounding) > 0.99
+
+
+# ---------------------------------------------------------------- kernel 1, interpreted
+
+
+@pytest.mark.parametrize(
+    "m,k,rank,act_shift,config",
+    [
+        (64, 128, 32, 0.0, QuantizeConfig(block_m=64)),
+        (100, 256, 16, SHIFT, QuantizeConfig(block_m=64, k_splits=2)),  # ragged M, split K
+        (130, 192, 20, 0.0, QuantizeConfig(block_m=128, k_splits=2)),   # K pad, rank pad
+    ],
+)
+def test_quantize_kernel_matches_reference(np_rng, m, k, rank, act_shift, config):
+  ops = _linear_operands(np_rng, (m,), k, 64, rank, act_shift=act_shift)
+  ops["x"] = ops["x"].at[1, :64].set(-act_shift)  # a group that quantizes to scale 0
+  codes, ascales, lora_act = quantize_activations(
+      ops["x"], ops["smooth"], ops["lora_down"], act_shift=act_shift, interpret=True,
+      config=config)
+  ref_codes, ref_ascales, ref_lora = quantize_activations_reference(
+      ops["x"], ops["smooth"], ops["lora_down"], act_shift=act_shift)
+  assert codes.shape == (m, k // 2) and codes.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(ref_codes))
+  np.testing.assert_array_equal(np.asarray(ascales), np.asarray(ref_ascales))
+  assert float(ascales[1, 0]) == 0.0
+  np.testing.assert_allclose(np.asarray(lora_act), np.asarray(ref_lora), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_kernel_has_no_races(np_rng):
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # noqa: PLC0415
+
+  ops = _linear_operands(np_rng, (64,), 256, 64, 16)
+  params = plgpu.InterpretGPUParams(detect_races=True)
+  codes, _, _ = quantize_activations(
+      ops["x"], ops["smooth"], ops["lora_down"], interpret=params,
+      config=QuantizeConfig(block_m=64, max_concurrent_steps=2))
+  jax.block_until_ready(codes)
+  assert not interpret_pallas_call.get_races().races_found
+
+
+# ---------------------------------------------------------------- kernel 2, interpreted
+
+
+def _gemm_operands(rng, m, k, n, rank, unsigned):
+  groups = k // 64
+  return dict(
+      codes=jnp.asarray(rng.integers(0, 256, (m, k // 2)), jnp.uint8),
+      ascales=jnp.asarray(rng.uniform(0.01, 0.05, (m, groups)), jnp.float32),
+      qweight=jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
+      wscales=jnp.asarray(rng.uniform(0.01, 0.05, (groups, n)), jnp.bfloat16),
+      lora_act=jnp.asarray(rng.standard_normal((m, rank)), jnp.float32),
+      lora_up=jnp.asarray(rng.standard_normal((rank, n)) * 0.1, jnp.bfloat16),
+      bias=jnp.asarray(rng.standard_normal(n), jnp.float32),
+  )
+
+
+@pytest.mark.parametrize(
+    "m,k,n,rank,unsigned,apply_gelu,out_dtype,config",
+    [
+        (64, 128, 128, 32, False, False, jnp.bfloat16, GemmConfig(64, 128)),
+        (100, 192, 192, 16, True, False, jnp.bfloat16, GemmConfig(64, 128)),   # ragged M, N
+        (70, 128, 64, 32, False, True, jnp.float32, GemmConfig(128, 64, carrier="e4m3")),
+        (64, 256, 128, 16, True, True, jnp.bfloat16, GemmConfig(64, 128, 3, carrier="e4m3")),
+    ],
+)
+def test_gemm_kernel_matches_reference(np_rng, m, k, n, rank, unsigned, apply_gelu, out_dtype,
+                                       config):
+  ops = _gemm_operands(np_rng, m, k, n, rank, unsigned)
+  y = w4a4_gemm(**ops, act_shift=SHIFT if unsigned else 0.0, apply_gelu=apply_gelu,
+                out_dtype=out_dtype, interpret=True, config=config)
+  ref = w4a4_gemm_reference(**ops, unsigned_acts=unsigned, apply_gelu=apply_gelu,
+                            out_dtype=jnp.float32)
+  assert y.shape == (m, n) and y.dtype == out_dtype
+  if out_dtype == jnp.float32:
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  else:
+    _assert_within_bf16_rounding(y, ref)
+
+
+def test_gemm_integer_part_is_exact(np_rng):
+  """With unit scales, no low-rank term and no bias the f32 output is the exact integer sum."""
+  m, k, n = 64, 256, 64
+  ops = _gemm_operands(np_rng, m, k, n, 16, False)
+  ops.update(ascales=jnp.ones_like(ops["ascales"]), wscales=jnp.ones_like(ops["wscales"]),
+             lora_act=jnp.zeros_like(ops["lora_act"]), bias=None)
+  y = w4a4_gemm(**ops, out_dtype=jnp.float32, interpret=True, config=GemmConfig(64, 64))
+  ref = w4a4_gemm_reference(**ops, out_dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+  assert np.all(np.asarray(y) == np.round(np.asarray(y)))
+
+
+# ---------------------------------------------------------------- the fused op, interpreted
+
+SMALL = SVDQLinearConfig(QuantizeConfig(64, 2), GemmConfig(64, 128))
+
+
+@pytest.mark.parametrize(
+    "lead,k,n,rank,act_shift,bias,out_dtype",
+    [
+        ((2, 37), 256, 192, 32, 0.0, True, None),            # batch dims, ragged M and N
+        ((50,), 192, 128, 16, SHIFT, False, jnp.float32),     # K = 3 groups, shifted codes
+    ],
+)
+def test_svdq_linear_matches_reference_under_jit(np_rng, lead, k, n, rank, act_shift, bias,
+                                                 out_dtype):
+  ops = _linear_operands(np_rng, lead, k, n, rank, bias=bias, act_shift=act_shift)
+  run = jax.jit(functools.partial(svdq_linear, act_shift=act_shift, out_dtype=out_dtype,
+                                  interpret=True, config=SMALL))
+  y = run(**ops)
+  assert y.shape == (*lead, n) and y.dtype == (out_dtype or jnp.bfloat16)
+  _assert_fused_close(y, ops, act_shift)
+
+
+def test_svdq_linear_under_shard_map(np_rng):
+  """Batch-sharded data parallelism over the local devices (interpreted on CPU)."""
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  ops = _linear_operands(np_rng, (2 * len(jax.devices()), 20), 128, 128, 16)
+  weights = [ops[name] for name in ("qweight", "wscales", "smooth", "lora_down", "lora_up",
+                                    "bias")]
+  sharded = jax.jit(jax.shard_map(
+      lambda x, *w: svdq_linear(x, *w, interpret=True, config=SMALL), mesh=mesh,
+      in_specs=(P("data"),) + (P(),) * 6, out_specs=P("data")))
+  x = jax.device_put(ops["x"], NamedSharding(mesh, P("data")))
+  weights = [jax.device_put(w, NamedSharding(mesh, P())) for w in weights]
+  y = sharded(x, *weights)
+  assert y.shape == ops["x"].shape[:-1] + (128,)
+  _assert_fused_close(y, ops, 0.0)
+
+
+# ---------------------------------------------------------------- deviceless lowering (sm_90)
+
+
+def _lower_for_h100(fn, *args, mesh_shape=(), axis_names=()):
+  mesh = jax.sharding.AbstractMesh(mesh_shape, axis_names, abstract_device=H100)
+  structs = [a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(a.shape, a.dtype)
+             for a in args]
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("act_shift", [0.0, SHIFT])
+def test_quantize_kernel_lowers_for_h100(np_rng, act_shift):
+  ops = _linear_operands(np_rng, (256,), 512, 64, 32)
+  text = _lower_for_h100(
+      functools.partial(quantize_activations, act_shift=act_shift,
+                        config=QuantizeConfig(block_m=128, k_splits=2, max_concurrent_steps=3)),
+      ops["x"], ops["smooth"], ops["lora_down"])
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize(
+    "carrier,unsigned,apply_gelu,out_dtype,block_m,block_n",
+    [
+        ("s8", False, False, jnp.bfloat16, 128, 256),
+        ("s8", True, True, jnp.float32, 64, 128),
+        ("e4m3", False, True, jnp.bfloat16, 128, 128),
+        ("e4m3", True, False, jnp.float16, 64, 256),
+    ],
+)
+def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_dtype, block_m,
+                                     block_n):
+  ops = _gemm_operands(np_rng, 256, 512, 512, 32, unsigned)
+  config = GemmConfig(block_m, block_n, max_concurrent_steps=4, carrier=carrier)
+  text = _lower_for_h100(
+      lambda *a: w4a4_gemm(*a, act_shift=SHIFT if unsigned else 0.0, apply_gelu=apply_gelu,
+                           out_dtype=out_dtype, config=config),
+      *ops.values())
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("m,k,n", [(4096, 3072, 12288), (256, 15360, 3072), (1000, 3072, 3072)])
+def test_svdq_linear_lowers_for_flux_shapes(m, k, n):
+  """Default configs at FLUX.1 shapes (incl. ragged tokens) fit the H100's SMEM and lower."""
+  shapes = [((m, k), jnp.bfloat16), ((n, k // 2), jnp.uint8), ((k // 64, n), jnp.bfloat16),
+            ((k,), jnp.float32), ((k, 32), jnp.bfloat16), ((32, n), jnp.bfloat16),
+            ((n,), jnp.float32)]
+  structs = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+  text = _lower_for_h100(lambda *a: svdq_linear(*a, apply_gelu=True), *structs)
+  assert text.count("mosaic_gpu") >= 2
+
+
+def test_svdq_linear_lowers_inside_shard_map_on_two_h100s():
+  mesh = jax.sharding.AbstractMesh((2,), ("data",), abstract_device=H100)
+  k, n, rank = 256, 256, 32
+
+  def struct(shape, dtype, spec):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+  structs = [struct((4, 100, k), jnp.bfloat16, P("data")),
+             struct((n, k // 2), jnp.uint8, P()), struct((k // 64, n), jnp.bfloat16, P()),
+             struct((k,), jnp.float32, P()), struct((k, rank), jnp.bfloat16, P()),
+             struct((rank, n), jnp.bfloat16, P()), struct((n,), jnp.float32, P())]
+  sharded = jax.shard_map(lambda x, *w: svdq_linear(x, *w), mesh=mesh,
+                          in_specs=(P("data"),) + (P(),) * 6, out_specs=P("data"))
+  text = _lower_for_h100(sharded, *structs, mesh_shape=(2,), axis_names=("data",))
+  assert "mosaic_gpu" in text
+
+
+# ---------------------------------------------------------------- contract and errors
+
+
+def test_is_supported_is_false_without_a_hopper_gpu():
+  assert not is_supported()
+
+
+def test_select_config_gives_valid_tiles_for_flux_shapes():
+  for m in (1, 256, 1024, 4096):
+    for k, n in ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)):
+      config = select_config(m, k, n)
+      assert (k // 64) % config.quantize.k_splits == 0
+      assert n % config.gemm.block_n == 0
+
+
+def test_bad_inputs_raise_clear_errors(np_rng):
+  ops = _linear_operands(np_rng, (8,), 128, 64, 16)
+  with pytest.raises(ValueError, match="group_size 64"):
+    svdq_linear(**ops, group_size=16, interpret=True)
+  with pytest.raises(ValueError, match="wscales has shape"):
+    svdq_linear(**{**ops, "wscales": ops["wscales"][:1]}, interpret=True)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    svdq_linear(ops["x"][:, :96], ops["qweight"][:, :48], ops["wscales"][:1], ops["smooth"][:96],
+                ops["lora_down"][:96], ops["lora_up"], ops["bias"], interpret=True)
+  with pytest.raises(ValueError, match="uint8"):
+    svdq_linear(**{**ops, "qweight": ops["qweight"].astype(jnp.int8)}, interpret=True)
+  with pytest.raises(ValueError, match="block_n"):
+    GemmConfig(block_n=512)
+  with pytest.raises(ValueError, match="carrier"):
+    GemmConfig(carrier="int4")
