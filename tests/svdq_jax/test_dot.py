@@ -1,0 +1,213 @@
+"""svdq_dot: the exact integer product, the reference path and the Pallas dispatch logic."""
+
+import sys
+import types
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import QuantConfig, SVDQLinear, is_quantized, quantize_linear, svdq_dot
+from svdq_jax import qlinear
+from svdq_jax import quantizers as qz
+
+K, N, T = 128, 96, 64
+
+
+@pytest.fixture(scope="module")
+def layer_data():
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=(K, N)).astype(np.float32) / np.sqrt(K)
+  x = rng.normal(size=(T, K)).astype(np.float32)
+  x[:, 5] *= 20
+  return kernel, x
+
+
+def _quantized(layer_data, preset, **overrides):
+  kernel, x = layer_data
+  return quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x),
+                         QuantConfig.preset(preset, **overrides))
+
+
+def _weight_integers(w: SVDQLinear) -> tuple[np.ndarray, float]:
+  codes = np.asarray(w.weight_codes())
+  if w.config.weight_format == "nvfp4":
+    return (2 * qz.E2M1_VALUES[codes]).astype(np.int64), 0.5
+  return codes.astype(np.int64), 1.0
+
+
+@pytest.mark.parametrize("preset", ["w4a4", "smoothquant-w4a4", "svdquant-nvfp4", "w8a8"])
+def test_integer_part_matches_float64_numpy(layer_data, preset):
+  w = _quantized(layer_data, preset, rank=0, svd_iters=0)
+  x = jnp.asarray(layer_data[1][:16])
+  codes, ascales = qlinear.quantize_activations(x, w)
+  a_int, a_factor = _weight_integers(dataclass_like(w, codes))
+  w_int, w_factor = _weight_integers(w)
+  group = w.group_size
+  groups = K // group
+  a_g = a_int.reshape(-1, groups, group)
+  w_g = w_int.reshape(N, groups, group)
+  psums = np.einsum("mgk,ngk->mng", a_g, w_g)  # int64, exact
+  # The integer sums alone (unit scales): exact, bit for bit.
+  ones_a = jnp.ones((a_g.shape[0], groups), jnp.float32)
+  ones_w = jnp.ones((groups, N), jnp.float32)
+  a8, _ = qlinear._integer_operand(codes, w.config.act_format)
+  w8, _ = qlinear._integer_operand(w.weight_codes(), w.config.weight_format)
+  total = qlinear.grouped_integer_product(a8, ones_a, w8, ones_w, group)
+  np.testing.assert_array_equal(np.asarray(total, np.float64), psums.sum(-1).astype(np.float64))
+  # With scales: float64 of the same quantized values, within the float32 accumulation bound.
+  terms = (np.asarray(ascales, np.float64)[:, None, :] * np.asarray(
+      w.wscales.astype(jnp.float32), np.float64).T[None] * psums * a_factor * w_factor)
+  expected = terms.sum(-1) * float(w.wtscale)
+  got = np.asarray(svdq_dot(x, w, impl="xla"), np.float64) - _bias(w)
+  bound = (groups + 3) * 2.0 ** -23 * np.abs(terms).sum(-1) * float(w.wtscale) + 1e-30
+  assert np.all(np.abs(got - expected) <= bound)
+
+
+def dataclass_like(w, act_codes):
+  """A stand-in exposing activation codes through `weight_codes` (for `_weight_integers`)."""
+  return types.SimpleNamespace(weight_codes=lambda: act_codes,
+                               config=types.SimpleNamespace(weight_format=w.config.act_format))
+
+
+def _bias(w):
+  return 0.0 if w.bias is None else np.asarray(w.bias, np.float64)
+
+
+def test_full_layer_matches_its_parts_in_float64(layer_data):
+  """Shifted INT4 + low-rank branch + folded bias + layer bias against a float64 recomputation."""
+  kernel, x = layer_data
+  gelu_x = np.asarray(jax.nn.gelu(jnp.asarray(x)))
+  w = quantize_linear(jnp.asarray(kernel), jnp.ones((N,)), jnp.asarray(gelu_x),
+                      QuantConfig.preset("svdquant-int4", svd_iters=1))
+  assert w.act_shift == qz.GELU_SHIFT and w.rank == 32
+  layer_bias = jnp.arange(N, dtype=jnp.float32) / N
+  xs = jnp.asarray(gelu_x[:8])
+  codes, ascales = qlinear.quantize_activations(xs, w)
+  assert int(codes.min()) >= 0  # unsigned
+  deq_x = np.asarray(codes, np.float64).reshape(8, -1, 64) * np.asarray(ascales, np.float64)[
+      ..., None]
+  deq_r = np.asarray(w.dequantize_residual(), np.float64)
+  lora = np.asarray(w.lora_down.astype(jnp.float32), np.float64) @ np.asarray(
+      w.lora_up.astype(jnp.float32), np.float64)
+  expected = (deq_x.reshape(8, K) @ deq_r + np.asarray(xs, np.float64) @ lora
+              + np.asarray(w.bias, np.float64) + np.asarray(layer_bias, np.float64))
+  got = np.asarray(svdq_dot(xs, w, bias=layer_bias, impl="xla"), np.float64)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  # And the quantized layer approximates the float one (bias 1 folded in).
+  reference = np.asarray(xs, np.float64) @ kernel + 1.0 + np.asarray(layer_bias)
+  assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.1
+
+
+def test_leading_batch_shapes_and_dtypes(layer_data):
+  w = _quantized(layer_data, "w4a4")
+  x = jnp.asarray(layer_data[1][:12])
+  flat = svdq_dot(x, w, impl="xla")
+  batched = svdq_dot(x.reshape(2, 3, 2, K), w, impl="xla")
+  assert batched.shape == (2, 3, 2, N)
+  np.testing.assert_array_equal(np.asarray(batched).reshape(12, N), np.asarray(flat))
+  assert svdq_dot(x.astype(jnp.bfloat16), w).dtype == jnp.bfloat16
+  jitted = jax.jit(lambda x, w: svdq_dot(x, w))(x, w)
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(flat), rtol=1e-6, atol=1e-6)
+
+
+def test_plain_kernel_and_weight_only_paths(layer_data):
+  kernel, x = layer_data
+  xs = jnp.asarray(x[:4])
+  bias = jnp.ones((N,))
+  np.testing.assert_allclose(np.asarray(svdq_dot(xs, jnp.asarray(kernel), bias=bias)),
+                             x[:4] @ kernel + 1, rtol=1e-5, atol=1e-4)
+  w = quantize_linear(jnp.asarray(kernel), None, None, QuantConfig.preset("nf4-w4a16"))
+  assert not w.config.quantizes_activations
+  expected = x[:4].astype(np.float64) @ np.asarray(w.dequantize(), np.float64) + 1
+  np.testing.assert_allclose(np.asarray(svdq_dot(xs, w, bias=bias)), expected, rtol=1e-5,
+                             atol=1e-4)
+  assert is_quantized(w) and not is_quantized(jnp.asarray(kernel))
+  with pytest.raises(ValueError, match="input features"):
+    svdq_dot(jnp.ones((2, K + 1)), w)
+  with pytest.raises(ValueError, match="impl"):
+    svdq_dot(xs, w, impl="cuda")
+
+
+def test_metadata_round_trip(layer_data):
+  w = _quantized(layer_data, "svdquant-int4", svd_iters=0)
+  rebuilt = SVDQLinear.from_arrays({k: np.asarray(v) for k, v in w.arrays().items()},
+                                   w.metadata())
+  assert rebuilt.config == w.config and rebuilt.act_shift == w.act_shift
+  x = jnp.asarray(layer_data[1][:4])
+  np.testing.assert_array_equal(np.asarray(svdq_dot(x, rebuilt)), np.asarray(svdq_dot(x, w)))
+  arrays = {k: np.asarray(v) for k, v in w.arrays().items()}
+  arrays["wscales"] = arrays["wscales"].astype(np.float32)
+  with pytest.raises(ValueError, match="wscales"):
+    SVDQLinear.from_arrays(arrays, w.metadata())
+  with pytest.raises(ValueError, match="missing"):
+    SVDQLinear.from_arrays({"qweight": arrays["qweight"]}, w.metadata())
+
+
+# ---- dispatch ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+  """A stand-in for pallas_kernels.svdq_linear that records its calls."""
+  calls = []
+  module = types.ModuleType(qlinear.PALLAS_MODULE)
+  module.supported = True
+
+  def svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias, *, group_size=64,
+                  act_shift=0.0, out_dtype=None, interpret=False):
+    calls.append({"x_shape": x.shape, "bias": bias, "group_size": group_size,
+                  "act_shift": act_shift, "interpret": interpret})
+    return jnp.zeros((x.shape[0], qweight.shape[0]), out_dtype)
+
+  module.svdq_linear = svdq_linear
+  module.is_supported = lambda device=None: module.supported
+  monkeypatch.setitem(sys.modules, qlinear.PALLAS_MODULE, module)
+  monkeypatch.setattr(qlinear, "_NOTICES", set())
+  return module, calls
+
+
+def test_explicit_pallas_calls_the_kernel_with_both_biases(layer_data, fake_kernel):
+  module, calls = fake_kernel
+  w = _quantized(layer_data, "w4a4")
+  layer_bias = jnp.full((N,), 2.0)
+  y = svdq_dot(jnp.ones((2, 3, K)), w, bias=layer_bias, impl="pallas-interpret")
+  assert y.shape == (2, 3, N) and calls[-1]["x_shape"] == (6, K) and calls[-1]["interpret"]
+  np.testing.assert_array_equal(np.asarray(calls[-1]["bias"]), np.full((N,), 2.0))
+  svdq_dot(jnp.ones((2, K)), w, impl="pallas")
+  assert calls[-1]["interpret"] is False
+
+
+def test_pallas_rejects_other_formats_and_missing_module(layer_data, fake_kernel, monkeypatch):
+  w = _quantized(layer_data, "nf4-w4a16", svd_iters=0)
+  with pytest.raises(ValueError, match="INT4 W4A4 only"):
+    svdq_dot(jnp.ones((2, K)), w, impl="pallas")
+  monkeypatch.setitem(sys.modules, qlinear.PALLAS_MODULE, None)
+  with pytest.raises(ImportError, match="impl='xla'"):
+    svdq_dot(jnp.ones((2, K)), _quantized(layer_data, "w4a4"), impl="pallas")
+
+
+def test_auto_uses_the_kernel_only_on_a_supported_gpu(layer_data, fake_kernel, monkeypatch):
+  module, calls = fake_kernel
+  w = _quantized(layer_data, "w4a4")
+  x = jnp.ones((2, K))
+  svdq_dot(x, w)  # CPU: XLA
+  assert not calls
+  monkeypatch.setattr(qlinear, "_backend", lambda: "gpu")
+  svdq_dot(x, w)
+  assert len(calls) == 1
+  module.supported = False
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = svdq_dot(x, w)
+    svdq_dot(x, w)
+  assert len(calls) == 1 and len(caught) == 1 and "Hopper" in str(caught[0].message)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(svdq_dot(x, w, impl="xla")))
+  nvfp4 = _quantized(layer_data, "svdquant-nvfp4", rank=0, svd_iters=0)
+  module.supported = True
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    svdq_dot(x, nvfp4)
+  assert len(calls) == 1 and "nvfp4" in str(caught[0].message)
