@@ -50,7 +50,7 @@ def w4a4_gemm_kernel(
     ascales_t: (K // 64, M) float32 activation scales, transposed.
     qweight4: (N, K) jnp.int4 weight codes.
     wscales: (K // 64, N) float32 weight scales.
-    lora_act: (M, r) bfloat16 x @ lora_down, r a multiple of 16.
+    lora_act: (M, r) bfloat16 x @ lora_down, r a multiple of 16; r = 0 skips the low-rank term.
     lora_up_t: (N, r) bfloat16, lora_up transposed (K-major B operand).
     bias: (N,) float32.
     apply_gelu: apply tanh-GELU after the bias.
@@ -77,13 +77,19 @@ def w4a4_gemm_kernel(
   op_transforms = smem_transforms(GROUP_SIZE * carrier_bits // 8, carrier_bits)
   four_bit_transforms = smem_transforms(GROUP_SIZE // 2, 4)
 
-  def body(codes_g, ascales_g, weights_g, wscales_g, lora_act_g, lora_up_g, bias_g, out_g,
-           a_s, b_s, lora_act_s, lora_up_s, bias_s, out_s, epilogue_bar):
+  with_low_rank = rank > 0
+
+  def body(*gmem_refs, a_s, b_s, bias_s, out_s, epilogue_bar, lora_act_s=None, lora_up_s=None):
+    if with_low_rank:
+      codes_g, ascales_g, weights_g, wscales_g, lora_act_g, lora_up_g, bias_g, out_g = gmem_refs
+    else:
+      codes_g, ascales_g, weights_g, wscales_g, bias_g, out_g = gmem_refs
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     rows, cols = pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)
     # The epilogue operands travel while the main loop runs.
-    plgpu.copy_gmem_to_smem(lora_act_g.at[rows], lora_act_s, epilogue_bar)
-    plgpu.copy_gmem_to_smem(lora_up_g.at[cols], lora_up_s, epilogue_bar)
+    if with_low_rank:
+      plgpu.copy_gmem_to_smem(lora_act_g.at[rows], lora_act_s, epilogue_bar)
+      plgpu.copy_gmem_to_smem(lora_up_g.at[cols], lora_up_s, epilogue_bar)
     plgpu.copy_gmem_to_smem(bias_g.at[cols], bias_s, epilogue_bar)
 
     def step(idx, a4_s, b4_s, ascale_s, wscale_s, carry):
@@ -120,7 +126,7 @@ def w4a4_gemm_kernel(
       plgpu.wgmma_wait(0)
       return acc_ref[...]
 
-    y = acc + pl.run_scoped(low_rank, plgpu.ACC((tm, tn), jnp.float32))
+    y = acc + pl.run_scoped(low_rank, plgpu.ACC((tm, tn), jnp.float32)) if with_low_rank else acc
     y = y + bias_s[...][None, :]
     if apply_gelu:
       y = jax.nn.gelu(y, approximate=True)
@@ -129,26 +135,29 @@ def w4a4_gemm_kernel(
     plgpu.copy_smem_to_gmem(out_s, out_g.at[rows, cols])
     plgpu.wait_smem_to_gmem(0)
 
-  lora_transforms = smem_transforms(2 * rank, 16)
   out_itemsize = jnp.dtype(out_dtype).itemsize
+  scratch_types = dict(
+      a_s=plgpu.SMEM((tm, GROUP_SIZE), carrier, transforms=op_transforms),
+      b_s=plgpu.SMEM((tn, GROUP_SIZE), carrier, transforms=op_transforms),
+      bias_s=plgpu.SMEM((tn,), jnp.float32),
+      out_s=plgpu.SMEM((tm, tn), out_dtype,
+                       transforms=smem_transforms(tn * out_itemsize, 8 * out_itemsize)),
+      epilogue_bar=plgpu.Barrier(num_arrivals=3 if with_low_rank else 1),
+  )
+  operands = [codes, ascales_t, qweight4, wscales.astype(jnp.float32)]
+  if with_low_rank:
+    lora_transforms = smem_transforms(2 * rank, 16)
+    scratch_types.update(
+        lora_act_s=plgpu.SMEM((tm, rank), jnp.bfloat16, transforms=lora_transforms),
+        lora_up_s=plgpu.SMEM((tn, rank), jnp.bfloat16, transforms=lora_transforms))
+    operands += [lora_act.astype(jnp.bfloat16), lora_up_t.astype(jnp.bfloat16)]
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(m // tm, n // tn),
       grid_names=("m", "n"),
-      scratch_types=dict(
-          a_s=plgpu.SMEM((tm, GROUP_SIZE), carrier, transforms=op_transforms),
-          b_s=plgpu.SMEM((tn, GROUP_SIZE), carrier, transforms=op_transforms),
-          lora_act_s=plgpu.SMEM((tm, rank), jnp.bfloat16, transforms=lora_transforms),
-          lora_up_s=plgpu.SMEM((tn, rank), jnp.bfloat16, transforms=lora_transforms),
-          bias_s=plgpu.SMEM((tn,), jnp.float32),
-          out_s=plgpu.SMEM((tm, tn), out_dtype,
-                           transforms=smem_transforms(tn * out_itemsize, 8 * out_itemsize)),
-          epilogue_bar=plgpu.Barrier(num_arrivals=3),
-      ),
+      scratch_types=scratch_types,
       compiler_params=plgpu.CompilerParams(),
       interpret=interpret_params(interpret),
   )
-  return kernel(codes, ascales_t, qweight4, wscales.astype(jnp.float32),
-                lora_act.astype(jnp.bfloat16), lora_up_t.astype(jnp.bfloat16),
-                bias.astype(jnp.float32))
+  return kernel(*operands, bias.astype(jnp.float32))

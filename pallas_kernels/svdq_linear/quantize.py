@@ -52,7 +52,7 @@ def quantize_activations_kernel(
   Args:
     x: (M, K) bfloat16, M a multiple of config.block_m, K of 64 * config.k_splits.
     smooth: (K,) float32.
-    lora_down: (K, r) bfloat16, r a multiple of 16.
+    lora_down: (K, r) bfloat16, r a multiple of 16; r = 0 skips the low-rank product.
     act_shift: 0 for signed codes, else unsigned codes of x + act_shift.
     config: block sizes.
     interpret: run in the Mosaic GPU interpreter (CPU); True or explicit InterpretGPUParams.
@@ -75,69 +75,91 @@ def quantize_activations_kernel(
   codes_dtype = code_dtype(unsigned)
   shift = float(act_shift)
 
-  out_type = (
+  with_low_rank = rank > 0
+  out_type = [
       jax.ShapeDtypeStruct((m, k), codes_dtype),
       jax.ShapeDtypeStruct((groups, m), jnp.float32),
-      jax.ShapeDtypeStruct((splits, m, rank), jnp.float32),
+  ]
+  scratch_types = dict(
+      codes_s=plgpu.SMEM((2, tm, GROUP_SIZE), codes_dtype,
+                         transforms=smem_transforms(GROUP_SIZE // 2, 4)),
+      ascale_s=plgpu.SMEM((2, 1, tm), jnp.float32),
   )
+  in_specs = [
+      plgpu.BlockSpec((tm, GROUP_SIZE), lambda g: (lax.axis_index("m"), first_group(g)),
+                      transforms=smem_transforms(2 * GROUP_SIZE, 16)),
+      plgpu.BlockSpec((1, GROUP_SIZE), lambda g: (0, first_group(g))),
+  ]
+  if with_low_rank:
+    out_type.append(jax.ShapeDtypeStruct((splits, m, rank), jnp.float32))
+    scratch_types["lora_s"] = plgpu.SMEM((tm, rank), jnp.float32)
+    in_specs.append(plgpu.BlockSpec((rank, GROUP_SIZE), lambda g: (0, first_group(g)),
+                                    transforms=smem_transforms(2 * GROUP_SIZE, 16)))
 
-  def body(x_g, smooth_g, lora_down_t_g, codes_g, ascales_g, lora_g,
-           codes_s, ascale_s, lora_s):
-    mi, si = lax.axis_index("m"), lax.axis_index("s")
-    rows = pl.ds(mi * tm, tm)
-    first_group = si * groups_per_split
+  def first_group(local_group):
+    return lax.axis_index("s") * groups_per_split + local_group
 
-    def scoped(acc_ref):
-      def step(idx, x_s, smooth_s, ld_s):
-        group = first_group + idx[0]
-        slot = idx[0] % 2
-        xs = (x_s[...].astype(jnp.float32) + shift) / smooth_s[0][None, :]
-        scale = jnp.max(jnp.abs(xs), axis=1) / float(qmax)
-        safe_scale = jnp.where(scale == 0.0, 1.0, scale)
-        q = jnp.clip(lax.round(xs / safe_scale[:, None], lax.RoundingMethod.TO_NEAREST_EVEN),
-                     float(qmin), float(qmax))
-        # The copies issued from this slot two steps ago must have left SMEM before we overwrite it.
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        codes_s.at[slot][...] = q.astype(jnp.int32).astype(codes_dtype)
-        ascale_s.at[slot][0] = scale
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            codes_s.at[slot], codes_g.at[rows, pl.ds(group * GROUP_SIZE, GROUP_SIZE)],
-            commit_group=False)
-        plgpu.copy_smem_to_gmem(ascale_s.at[slot], ascales_g.at[pl.ds(group, 1), rows])
-        plgpu.wgmma(acc_ref, x_s, ld_s.T)
-        plgpu.wgmma_wait(0)
+  def body(*gmem_refs, codes_s, ascale_s, lora_s=None):
+    if with_low_rank:
+      x_g, smooth_g, lora_down_t_g, codes_g, ascales_g, lora_g = gmem_refs
+      inputs = (x_g, smooth_g, lora_down_t_g)
+    else:
+      x_g, smooth_g, codes_g, ascales_g = gmem_refs
+      inputs = (x_g, smooth_g)
+    rows = pl.ds(lax.axis_index("m") * tm, tm)
 
+    def quantize_group(local_group, x_s, smooth_s):
+      """Quantizes one (tm, 64) group in registers and sends codes and scales to HBM."""
+      group = first_group(local_group)
+      slot = local_group % 2
+      xs = (x_s[...].astype(jnp.float32) + shift) / smooth_s[0][None, :]
+      scale = jnp.max(jnp.abs(xs), axis=1) / float(qmax)
+      safe_scale = jnp.where(scale == 0.0, 1.0, scale)
+      q = jnp.clip(lax.round(xs / safe_scale[:, None], lax.RoundingMethod.TO_NEAREST_EVEN),
+                   float(qmin), float(qmax))
+      # The copies issued from this slot two steps ago must have left SMEM before we overwrite it.
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      codes_s.at[slot][...] = q.astype(jnp.int32).astype(codes_dtype)
+      ascale_s.at[slot][0] = scale
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          codes_s.at[slot], codes_g.at[rows, pl.ds(group * GROUP_SIZE, GROUP_SIZE)],
+          commit_group=False)
+      plgpu.copy_smem_to_gmem(ascale_s.at[slot], ascales_g.at[pl.ds(group, 1), rows])
+
+    def pipeline(step):
       plgpu.emit_pipeline(
-          step,
-          grid=(groups_per_split,),
-          in_specs=[
-              plgpu.BlockSpec((tm, GROUP_SIZE), lambda g: (mi, first_group + g),
-                              transforms=smem_transforms(2 * GROUP_SIZE, 16)),
-              plgpu.BlockSpec((1, GROUP_SIZE), lambda g: (0, first_group + g)),
-              plgpu.BlockSpec((rank, GROUP_SIZE), lambda g: (0, first_group + g),
-                              transforms=smem_transforms(2 * GROUP_SIZE, 16)),
-          ],
-          max_concurrent_steps=config.max_concurrent_steps,
-      )(x_g, smooth_g, lora_down_t_g)
-      return acc_ref[...]
+          step, grid=(groups_per_split,), in_specs=in_specs,
+          max_concurrent_steps=config.max_concurrent_steps)(*inputs)
 
-    lora_s[...] = pl.run_scoped(scoped, plgpu.ACC((tm, rank), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(lora_s, lora_g.at[si, rows])
+    if with_low_rank:
+      def scoped(acc_ref):
+        def step(idx, x_s, smooth_s, ld_s):
+          quantize_group(idx[0], x_s, smooth_s)
+          plgpu.wgmma(acc_ref, x_s, ld_s.T)
+          plgpu.wgmma_wait(0)
+
+        pipeline(step)
+        return acc_ref[...]
+
+      lora_s[...] = pl.run_scoped(scoped, plgpu.ACC((tm, rank), jnp.float32))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(lora_s, lora_g.at[lax.axis_index("s"), rows])
+    else:
+      pipeline(lambda idx, x_s, smooth_s: quantize_group(idx[0], x_s, smooth_s))
     plgpu.wait_smem_to_gmem(0)
 
   kernel = plgpu.kernel(
       body,
-      out_type=out_type,
+      out_type=tuple(out_type),
       grid=(m // tm, splits),
       grid_names=("m", "s"),
-      scratch_types=dict(
-          codes_s=plgpu.SMEM((2, tm, GROUP_SIZE), codes_dtype,
-                             transforms=smem_transforms(GROUP_SIZE // 2, 4)),
-          ascale_s=plgpu.SMEM((2, 1, tm), jnp.float32),
-          lora_s=plgpu.SMEM((tm, rank), jnp.float32)),
+      scratch_types=scratch_types,
       compiler_params=plgpu.CompilerParams(),
       interpret=interpret_params(interpret),
   )
-  return kernel(x, smooth.astype(jnp.float32).reshape(1, k), lora_down.astype(jnp.bfloat16).T)
+  operands = [x, smooth.astype(jnp.float32).reshape(1, k)]
+  if not with_low_rank:
+    codes, ascales_t = kernel(*operands)
+    return codes, ascales_t, jnp.zeros((splits, m, 0), jnp.float32)
+  return kernel(*operands, lora_down.astype(jnp.bfloat16).T)

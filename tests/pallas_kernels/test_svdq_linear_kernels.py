@@ -176,6 +176,7 @@ SMALL = SVDQLinearConfig(QuantizeConfig(64, 2), GemmConfig(64, 128))
     [
         ((2, 37), 256, 192, 32, 0.0, True, None),            # batch dims, ragged M and N
         ((50,), 192, 128, 16, SHIFT, False, jnp.float32),     # K = 3 groups, shifted codes
+        ((70,), 128, 64, 0, 0.0, True, jnp.float32),          # rank 0: plain W4A4
     ],
 )
 def test_svdq_linear_matches_reference_under_jit(np_rng, lead, k, n, rank, act_shift, bias,
@@ -245,11 +246,12 @@ def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("m,k,n", [(4096, 3072, 12288), (256, 15360, 3072), (1000, 3072, 3072)])
-def test_svdq_linear_lowers_for_flux_shapes(m, k, n):
+@pytest.mark.parametrize(
+    "m,k,n,rank", [(4096, 3072, 12288, 32), (256, 15360, 3072, 32), (1000, 3072, 3072, 0)])
+def test_svdq_linear_lowers_for_flux_shapes(m, k, n, rank):
   """Default configs at FLUX.1 shapes (incl. ragged tokens) fit the H100's SMEM and lower."""
   shapes = [((m, k), jnp.bfloat16), ((n, k // 2), jnp.uint8), ((k // 64, n), jnp.bfloat16),
-            ((k,), jnp.float32), ((k, 32), jnp.bfloat16), ((32, n), jnp.bfloat16),
+            ((k,), jnp.float32), ((k, rank), jnp.bfloat16), ((rank, n), jnp.bfloat16),
             ((n,), jnp.float32)]
   structs = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
   text = _lower_for_h100(lambda *a: svdq_linear(*a, apply_gelu=True), *structs)
