@@ -318,11 +318,15 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
                      f"needs ({k},)")
   _check_finite("act_absmax", act_absmax, name)
   if act_shift is None:
-    if act_min is None and act_samples is not None:
-      act_min = float(jnp.min(samples))
-    follows_gelu = act_min is not None and act_min >= -qz.GELU_SHIFT
-    act_shift = (qz.GELU_SHIFT if config.shift_activations and config.act_format == "int4"
-                 and follows_gelu else 0.0)
+    act_shift = 0.0
+    if config.shift_activations and config.act_format == "int4":
+      if act_min is None and act_samples is not None:
+        if not _is_concrete(samples):
+          raise ValueError(f"{_layer(name)}: under jax.jit pass act_shift or act_min (whether "
+                           "the input follows a GELU cannot be read from traced samples)")
+        act_min = float(jnp.min(samples))
+      if act_min is not None and act_min >= -qz.GELU_SHIFT:
+        act_shift = qz.GELU_SHIFT
   elif act_shift not in (0.0, qz.GELU_SHIFT) or (act_shift and config.act_format != "int4"):
     raise ValueError(f"{_layer(name)}: act_shift must be 0 or {qz.GELU_SHIFT} (INT4 activations "
                      f"only), got {act_shift} with act_format {config.act_format!r}")

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdq_jax import QuantConfig, SVDQLinear, is_quantized, quantize_linear, svdq_dot
-from svdq_jax import qlinear
+from svdq_jax import QuantConfig, SVDQLinear, is_quantized, qlinear, quantize_linear, svdq_dot
 from svdq_jax import quantizers as qz
 
 K, N, T = 128, 96, 64

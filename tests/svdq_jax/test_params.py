@@ -1,0 +1,166 @@
+"""calibrate + quantize_params on a small NNX model: selection, skipping, purity, jit, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.layers import Linear
+from svdq_jax import (
+    QuantConfig,
+    SVDQLinear,
+    calibrate,
+    quantize_model,
+    quantize_params,
+    selected_kernels,
+    svdq_dot,
+)
+from svdq_jax import quantizers as qz
+from svdq_jax.metrics import model_bytes, relative_error
+
+D = 128
+
+
+class AdaNorm(nnx.Module):
+  def __init__(self, rngs):
+    self.linear = Linear(D, 2 * D, rngs=rngs)
+
+
+class FeedForward(nnx.Module):
+  def __init__(self, rngs):
+    self.net = nnx.List([Linear(D, 2 * D, rngs=rngs), Linear(2 * D, D, rngs=rngs)])
+
+  def __call__(self, x):
+    return self.net[1](jax.nn.gelu(self.net[0](x), approximate=True))
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.norm1 = AdaNorm(rngs)
+    self.to_q = Linear(D, D, rngs=rngs)
+    self.ff = FeedForward(rngs)
+
+  def __call__(self, x, temb):
+    shift, scale = jnp.split(self.norm1.linear(jax.nn.silu(temb)), 2, axis=-1)
+    h = x * (1 + scale[:, None]) + shift[:, None]
+    h = x + self.to_q(h)
+    return h + self.ff(h)
+
+
+class TinyTransformer(nnx.Module):
+  """FLUX-like names: x_embedder and proj_out stay 16-bit, norm1/linear is W4A16."""
+
+  def __init__(self, rngs):
+    self.x_embedder = Linear(16, D, rngs=rngs)
+    self.transformer_blocks = nnx.List([Block(rngs), Block(rngs)])
+    self.proj_out = Linear(D, 16, rngs=rngs)
+
+  def __call__(self, inputs):
+    x, temb = inputs
+    h = self.x_embedder(x)
+    for block in self.transformer_blocks:
+      h = block(h, temb)
+    return self.proj_out(h)
+
+
+def _inputs(seed, count):
+  keys = jax.random.split(jax.random.key(seed), 2 * count)
+  out = []
+  for i in range(count):
+    x = jax.random.normal(keys[2 * i], (2, 24, 16))
+    x = x.at[..., 3].multiply(25.0)  # a channel-wise outlier in the input
+    out.append((x, jax.random.normal(keys[2 * i + 1], (2, D))))
+  return out
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+  model = TinyTransformer(nnx.Rngs(0))
+  stats = calibrate(model, _inputs(0, 3), max_samples=32, progress=False)
+  return model, stats
+
+
+def test_calibrate_records_every_linear_by_state_path(calibrated):
+  model, stats = calibrated
+  assert set(stats) == {
+      "x_embedder/kernel", "proj_out/kernel",
+      *(f"transformer_blocks/{i}/{name}/kernel" for i in range(2)
+        for name in ("norm1/linear", "to_q", "ff/net/0", "ff/net/1"))}
+  to_q = stats["transformer_blocks/0/to_q/kernel"]
+  assert to_q.samples.shape == (32, D) and to_q.num_tokens == 3 * 2 * 24
+  assert stats["transformer_blocks/0/norm1/linear/kernel"].num_tokens == 3 * 2
+  x0 = np.asarray(_inputs(0, 3)[0][0]).reshape(-1, 16)
+  assert np.all(stats["x_embedder/kernel"].absmax >= np.abs(x0).max(0))
+  assert stats["transformer_blocks/0/ff/net/1/kernel"].minimum.min() >= -qz.GELU_SHIFT
+
+
+def test_quantize_params_selects_skips_and_keeps_the_model_untouched(calibrated):
+  model, stats = calibrated
+  config = QuantConfig.preset("svdquant-int4", rank=16, svd_iters=2)
+  state = nnx.state(model)
+  quantized = quantize_params(state, stats, config, progress=False)
+  flat = {"/".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(quantized)}
+  assert isinstance(flat["x_embedder/kernel"], jax.Array)
+  assert isinstance(flat["proj_out/kernel"], jax.Array)
+  for i in range(2):
+    ada = flat[f"transformer_blocks/{i}/norm1/linear/kernel"]
+    assert isinstance(ada, SVDQLinear) and ada.config.act_format is None and ada.rank == 0
+    q = flat[f"transformer_blocks/{i}/to_q/kernel"]
+    assert isinstance(q, SVDQLinear) and q.rank == 16 and q.act_shift == 0.0
+    down = flat[f"transformer_blocks/{i}/ff/net/1/kernel"]
+    assert down.act_shift == qz.GELU_SHIFT and down.bias is not None
+    assert isinstance(flat[f"transformer_blocks/{i}/to_q/bias"], jax.Array)  # layer bias stays
+  assert isinstance(model.transformer_blocks[0].to_q.kernel.get_value(), jax.Array)
+  assert set(selected_kernels(state, config)) == {
+      k for k, v in flat.items() if isinstance(v, SVDQLinear)}
+
+
+def test_quantized_model_runs_under_jit_with_a_small_error(calibrated):
+  model, stats = calibrated
+  test_inputs = _inputs(1, 1)[0]
+  reference = model(test_inputs)
+  quantized = nnx.clone(model)
+  quantize_model(quantized, stats, QuantConfig.preset("svdquant-int4", rank=16, svd_iters=2),
+                 progress=False)
+  out = nnx.jit(lambda m, inputs: m(inputs))(quantized, test_inputs)
+  error = relative_error(out, reference)
+  print(f"tiny transformer, svdquant-int4 r16: relative output error {error:.4f}")
+  assert 0 < error < 0.15
+  assert model_bytes(nnx.state(quantized)) < 0.6 * model_bytes(nnx.state(model))
+
+
+def test_plain_dict_params_and_abstract_shapes():
+  rng = np.random.default_rng(0)
+  params = {"mlp": {"up": {"kernel": jnp.asarray(rng.normal(size=(D, 64)), jnp.float32),
+                           "bias": jnp.zeros((64,))}},
+            "x_embedder": {"kernel": jnp.ones((D, D))}}
+  out = quantize_params(params, None, QuantConfig.preset("w4a4"), progress=False)
+  assert isinstance(out["mlp"]["up"]["kernel"], SVDQLinear)
+  assert out["x_embedder"]["kernel"] is params["x_embedder"]["kernel"]
+  x = jnp.asarray(rng.normal(size=(4, D)), jnp.float32)
+  y = svdq_dot(x, out["mlp"]["up"]["kernel"], bias=out["mlp"]["up"]["bias"])
+  assert relative_error(y, x @ params["mlp"]["up"]["kernel"]) < 0.25
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  abstract = quantize_params(shapes, None, QuantConfig.preset("svdquant-int4"), progress=False)
+  assert model_bytes(abstract["mlp"]["up"]["kernel"]) == model_bytes(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                   quantize_params(params, None, QuantConfig.preset("w4a4", rank=32),
+                                   progress=False)["mlp"]["up"]["kernel"]))
+  bf16 = quantize_params(params, None, QuantConfig.preset("bf16"), progress=False)
+  assert bf16["mlp"]["up"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_calibration_and_selection_errors(calibrated):
+  model, stats = calibrated
+  with pytest.raises(ValueError, match="under jax.jit"):
+    calibrate(lambda inputs: nnx.jit(lambda m, i: m(i))(model, inputs), _inputs(0, 1),
+              model=model, progress=False)
+  with pytest.raises(ValueError, match="pass model="):
+    calibrate(lambda inputs: model(inputs), _inputs(0, 1), progress=False)
+  partial = {k: v for k, v in stats.items() if "to_q" not in k}
+  with pytest.raises(ValueError, match="'transformer_blocks/0/to_q/kernel' has no calibration"):
+    quantize_params(nnx.state(model), partial, QuantConfig.preset("w4a4"), progress=False)
+  bad = [(jnp.full((2, 24, 16), jnp.nan), jnp.zeros((2, D)))]
+  with pytest.raises(ValueError, match="'x_embedder/kernel' received NaN"):
+    calibrate(model, bad, progress=False)

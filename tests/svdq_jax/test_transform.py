@@ -1,0 +1,165 @@
+"""quantize_linear on outlier-laden layers (the paper's ablation as an ordering), merge_lora,
+GPTQ and the errors on bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdq_jax import QuantConfig, merge_lora, quantize_linear, svdq_dot
+from svdq_jax import quantizers as qz
+from svdq_jax.evaluation import evaluate_preset, outlier_layer
+from svdq_jax.metrics import relative_error
+
+K, N, TOKENS = 256, 128, 128
+
+
+@pytest.fixture(scope="module")
+def outliers():
+  return outlier_layer(0, K, N, TOKENS)
+
+
+@pytest.fixture(scope="module")
+def errors(outliers):
+  """Held-out relative output error of each method on the outlier layer."""
+  kernel, x = outliers
+  methods = {
+      "w4a4": ("w4a4", {}),
+      "smoothing only": ("smoothquant-w4a4", {}),
+      "low-rank only": ("svdquant-int4", {"smooth": None}),
+      "svdquant-int4": ("svdquant-int4", {}),
+  }
+  return {name: evaluate_preset(kernel, x, preset, calibration_tokens=TOKENS,
+                                **overrides).relative_error
+          for name, (preset, overrides) in methods.items()}
+
+
+def test_svdquant_beats_smoothquant_beats_plain_w4a4(errors):
+  assert errors["svdquant-int4"] < errors["smoothing only"] < errors["w4a4"]
+
+
+def test_low_rank_alone_and_smoothing_alone_each_help(errors):
+  assert errors["low-rank only"] < errors["w4a4"]
+  assert errors["smoothing only"] < errors["w4a4"]
+  assert errors["svdquant-int4"] < errors["low-rank only"]
+
+
+def test_svdquant_layer_is_close_to_the_float_layer(errors):
+  assert errors["svdquant-int4"] < 0.1
+
+
+def test_gptq_lowers_the_output_error_of_rtn():
+  rng = np.random.default_rng(3)
+  kernel = rng.normal(size=(128, 64)).astype(np.float32)
+  mixing = rng.normal(size=(128, 128)) / np.sqrt(128)
+  x = (rng.normal(size=(1024, 128)) @ mixing).astype(np.float32)  # correlated channels
+  config = QuantConfig.preset("w4a4", act_format=None)
+  reference = x[512:].astype(np.float64) @ kernel
+  errors = {}
+  for residual in ("rtn", "gptq"):
+    w = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:512]),
+                        dataclasses.replace(config, residual=residual))
+    errors[residual] = relative_error(svdq_dot(jnp.asarray(x[512:]), w), reference)
+  assert errors["gptq"] < 0.9 * errors["rtn"]
+
+
+def test_gelu_inputs_get_the_unsigned_shift_and_its_bias():
+  kernel, x = outlier_layer(1, 128, 64, 64, gelu_input=True)
+  config = QuantConfig.preset("svdquant-int4", svd_iters=1, smooth=None)
+  w = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:64]), config)
+  assert w.act_shift == qz.GELU_SHIFT and w.bias is not None
+  # Without activation quantization the shift and its compensation cancel.
+  expected_bias = -(qz.GELU_SHIFT / np.asarray(w.smooth, np.float64)) @ np.asarray(
+      w.dequantize_residual(), np.float64)
+  np.testing.assert_allclose(np.asarray(w.bias, np.float64), expected_bias, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="act_shift"):
+    quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:64]),
+                    QuantConfig.preset("svdquant-nvfp4", rank=0, svd_iters=0, smooth=None),
+                    act_shift=qz.GELU_SHIFT)
+
+
+def test_merge_lora_adds_exactly_the_lora_product(outliers):
+  kernel, x = outliers
+  base = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:TOKENS]),
+                         QuantConfig.preset("svdquant-int4", svd_iters=0, smooth=None))
+  rng = np.random.default_rng(5)
+  # Small integers and a power-of-two scale: every product below is exact in bf16/f32/f64.
+  down = rng.integers(-3, 4, size=(K, 4)).astype(np.float32)
+  up = rng.integers(-3, 4, size=(4, N)).astype(np.float32)
+  scale = 0.5
+  merged = merge_lora(base, down, up, scale)
+  for name in ("qweight", "wscales", "wtscale", "smooth", "bias"):
+    a, b = getattr(base, name), getattr(merged, name)
+    assert (a is None and b is None) or np.array_equal(np.asarray(a), np.asarray(b))
+  assert merged.rank == base.rank + 4
+  lora64 = scale * down.astype(np.float64) @ up
+  np.testing.assert_array_equal(
+      np.asarray(merged.lora_down.astype(jnp.float32), np.float64)[:, base.rank:]
+      @ np.asarray(merged.lora_up.astype(jnp.float32), np.float64)[base.rank:], lora64)
+  xs = x[TOKENS:TOKENS + 8]
+  unmerged = (np.asarray(svdq_dot(jnp.asarray(xs), base), np.float64)
+              + xs.astype(np.float64) @ lora64)
+  got = np.asarray(svdq_dot(jnp.asarray(xs), merged), np.float64)
+  np.testing.assert_allclose(got, unmerged, rtol=1e-5, atol=1e-3 * np.abs(unmerged).mean())
+  plain = merge_lora(jnp.asarray(kernel), down, up, scale)
+  np.testing.assert_allclose(np.asarray(plain), kernel + lora64, rtol=1e-6, atol=1e-5)
+  with pytest.raises(ValueError, match="lora_down"):
+    merge_lora(base, down[:10], up, scale)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_value_errors_naming_the_layer():
+  kernel = jnp.ones((128, 64))
+  x = jnp.ones((8, 128))
+  w4a4 = QuantConfig.preset("w4a4")
+  with pytest.raises(ValueError, match=r"'blocks/0/fc'.*in_features 96.*group size 64"):
+    quantize_linear(jnp.ones((96, 64)), None, x[:, :96], w4a4, name="blocks/0/fc")
+  with pytest.raises(ValueError, match=r"rank 80 is larger than min\(K, N\) = 64"):
+    quantize_linear(kernel, None, x, QuantConfig.preset("svdquant-int4", rank=80), name="fc")
+  with pytest.raises(ValueError, match="'fc'.*kernel has 1 NaN or inf"):
+    quantize_linear(kernel.at[3, 4].set(jnp.nan), None, x, w4a4, name="fc")
+  with pytest.raises(ValueError, match="calibration activations has 1 NaN or inf"):
+    quantize_linear(kernel, None, x.at[0, 0].set(jnp.inf), w4a4, name="fc")
+  with pytest.raises(ValueError, match="2-D float array"):
+    quantize_linear(jnp.ones((128, 64), jnp.int32), None, x, w4a4, name="fc")
+  with pytest.raises(ValueError, match=r"act_samples must be a float array \(T, 128\)"):
+    quantize_linear(kernel, None, jnp.ones((8, 64)), w4a4, name="fc")
+  with pytest.raises(ValueError, match="need calibration activations"):
+    quantize_linear(kernel, None, None, QuantConfig.preset("smoothquant-w4a4"), name="fc")
+  with pytest.raises(ValueError, match="bias has shape"):
+    quantize_linear(kernel, jnp.ones((3,)), x, w4a4, name="fc")
+  with pytest.raises(ValueError, match="nothing to quantize"):
+    quantize_linear(kernel, None, x, QuantConfig.preset("bf16"))
+
+
+def test_unknown_preset_and_bad_configs():
+  with pytest.raises(ValueError, match="unknown preset 'int3'.*svdquant-int4"):
+    QuantConfig.preset("int3")
+  with pytest.raises(ValueError, match="group_size 16"):
+    QuantConfig(weight_format="nvfp4", act_format="nvfp4", group_size=64)
+  with pytest.raises(ValueError, match="weight_format"):
+    QuantConfig(weight_format="int2")
+  with pytest.raises(ValueError, match="unknown keys"):
+    QuantConfig.from_dict({"weight_format": "int4", "bits": 4})
+
+
+@pytest.mark.parametrize("name", ["svdquant-int4", "svdquant-nvfp4", "w4a4", "smoothquant-w4a4",
+                                  "nf4-w4a16", "w8a8", "bf16"])
+def test_every_preset_round_trips_through_a_dict(name):
+  import json
+
+  config = QuantConfig.preset(name)
+  assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_quantize_linear_is_deterministic_and_jit_traceable(outliers):
+  kernel, x = outliers
+  config = QuantConfig.preset("w4a4")
+  a = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:TOKENS]), config)
+  b = jax.jit(lambda k, s: quantize_linear(k, None, s, config))(jnp.asarray(kernel),
+                                                               jnp.asarray(x[:TOKENS]))
+  np.testing.assert_array_equal(np.asarray(a.qweight), np.asarray(b.qweight))
