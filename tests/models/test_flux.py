@@ -255,3 +255,47 @@ def test_real_width_block_parity(kind):
   print(f"{kind} block at width 3072: relative error of the update: image {errs[0]:.2e}, "
         f"text {errs[1]:.2e}")
   assert max(errs) <= TOL
+
+
+# A FLUX small enough to quantize in seconds, wide enough for INT4 groups of 64 along K.
+QUANT_TINY = dict(num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+                  joint_attention_dim=64, pooled_projection_dim=32, num_layers=1,
+                  num_single_layers=1)
+QUANT_TOL = 8e-2  # W4A4 + rank-16 branch vs the float model; measured 3.8e-2 on this model
+
+
+@pytest.mark.slow
+def test_quantized_model_under_jit(tmp_path):
+  """quantize_params on a converted FLUX (default skip / weight-only patterns), run under jit.
+
+  Calibrated on four inputs, evaluated on a fifth. Smoothing grid and SVD refinement are cut down
+  (one alpha, two iterations, rank 16) to keep the test short; the layer selection is the default.
+  """
+  from svdq_jax import QuantConfig, calibrate, is_quantized, quantize_params
+  from svdq_jax.tree import named_leaves
+
+  save_reference(tmp_path, **QUANT_TINY)
+  model = FluxTransformer.from_pretrained(tmp_path)
+  calibration = [_jax_inputs(make_inputs(QUANT_TINY, height=4, width=4, seed=s))
+                 for s in range(10, 14)]
+  held_out = _jax_inputs(make_inputs(QUANT_TINY, height=4, width=4, seed=3))
+  config = QuantConfig.preset("svdquant-int4", smooth=(0.5,), svd_iters=2, rank=16)
+
+  stats = calibrate(lambda kwargs: model(**kwargs), calibration, model=model, progress=False)
+  graphdef, state = nnx.split(model)
+  quantized = nnx.merge(graphdef, quantize_params(state, stats, config, progress=False))
+  forward = nnx.jit(lambda m, kwargs: m(**kwargs))
+  expected = forward(model, held_out)
+  out = forward(quantized, held_out)
+
+  kernels = {p: leaf for p, leaf in named_leaves(nnx.state(quantized)) if p.endswith("kernel")}
+  in_blocks = {p for p in kernels if p.startswith(("transformer_blocks", "single_transformer"))}
+  assert {p for p, leaf in kernels.items() if is_quantized(leaf)} == in_blocks
+  modulation = {p for p in in_blocks if "norm" in p}  # AdaLN linears: W4A16
+  assert len(modulation) == 3
+  assert all(kernels[p].config.act_format is None for p in modulation)
+  assert all(kernels[p].config.act_format == "int4" for p in in_blocks - modulation)
+  err = relative_error(out, expected)
+  print(f"quantized FLUX ({len(in_blocks)} linears): relative error vs float {err:.2e}")
+  assert np.all(np.isfinite(np.asarray(out)))
+  assert 1e-4 < err <= QUANT_TOL
