@@ -2,16 +2,18 @@
 
 Layout of a checkpoint folder DST:
 
-    DST/config.json   {"svdq_jax": {"format_version", "model_type", "config", "quantized"}}
+    DST/config.json   {"svdq_jax": {"format_version", "model_type", "config", "quantized",
+                                    "empty"}}
     DST/params/       orbax PyTree checkpoint; each parameter path "a/b/kernel" is the nested
                       dict entry params["a"]["b"]["kernel"]; a quantized kernel is a dict of its
                       SVDQLinear array fields ("qweight", "wscales", ...)
 
-"model_type" is the registry's short name ("flux"), "config" the model config's `to_dict()`, and
-"quantized" maps the path of each quantized kernel to its `SVDQLinear.metadata()`. The key
-"svdq_jax" is what `convert.loading.load_pretrained` (and so every `Model.from_pretrained`) looks
-for to read a folder as ours. Writes are atomic: everything goes to a temporary folder beside DST
-that is renamed to DST at the end, and removed on any failure.
+"model_type" is the registry's short name ("flux"); "config" the model config's `to_dict()`;
+"quantized" maps the path of each quantized kernel to its `SVDQLinear.metadata()`; "empty" maps
+the path of each zero-size array (orbax cannot store one, e.g. a rank-0 low-rank branch) to its
+shape and dtype. The key "svdq_jax" is what `convert.loading.load_pretrained` (and so every
+`Model.from_pretrained`) looks for to read a folder as ours. Writes are atomic: everything goes
+to a temporary folder beside DST that is renamed to DST at the end, and removed on any failure.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from convert.loading import (
   state_paths,
 )
 from convert.safetensors_io import CheckpointError
+from svdq_jax import SVDQLinear
 
 FORMAT_VERSION = 1
 HEADER_KEY = "svdq_jax"
@@ -98,12 +101,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def _quantized_fields(w: Any) -> dict[str, jax.Array]:
-  """The array fields of an SVDQLinear by name ("qweight", ...); None fields are left out."""
-  leaves = jax.tree_util.tree_leaves_with_path(w)
-  return {path_str(path): leaf for path, leaf in leaves if leaf is not None}
-
-
 def _config_dict(config: Any) -> dict:
   if isinstance(config, Mapping):
     return dict(config)
@@ -154,13 +151,16 @@ def write_into(folder: Path, arrays: Mapping[str, Any], *, model_type: str, conf
   for path, value in arrays.items():
     if is_quantized_value(value):
       quantized[path] = value.metadata()
-      tree[path] = _quantized_fields(value)
+      tree[path] = value.arrays()
     else:
       tree[path] = value
+  flat = _flatten(_nest(tree))
+  empty = {path: {"shape": list(a.shape), "dtype": np.dtype(a.dtype).name}
+           for path, a in flat.items() if a.size == 0}
   header = {"format_version": FORMAT_VERSION, "model_type": entry.name,
-            "config": _config_dict(config), "quantized": quantized}
+            "config": _config_dict(config), "quantized": quantized, "empty": empty}
   with _checkpointer() as checkpointer:
-    checkpointer.save(folder / PARAMS_DIR, _nest(tree))
+    checkpointer.save(folder / PARAMS_DIR, _nest({p: a for p, a in flat.items() if p not in empty}))
   (folder / "config.json").write_text(json.dumps({HEADER_KEY: header}, indent=2) + "\n")
 
 
@@ -223,14 +223,17 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
   except (OSError, ValueError, KeyError) as e:
     raise CheckpointError(f"{params}: cannot read the orbax parameters: {e}") from e
   arrays = _flatten(tree)
+  for name, spec in header.get("empty", {}).items():
+    arrays[name] = np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))
   for layer, layer_metadata in header.get("quantized", {}).items():
-    from svdq_jax import SVDQLinear  # noqa: PLC0415  (only for quantized checkpoints)
-
     prefix = layer + "/"
     fields = {k[len(prefix):]: arrays.pop(k) for k in [k for k in arrays if k.startswith(prefix)]}
     if not fields:
       raise CheckpointError(f"{path}: quantized layer {layer!r} has no arrays in {params}")
-    arrays[layer] = SVDQLinear.from_arrays(fields, layer_metadata)
+    try:
+      arrays[layer] = SVDQLinear.from_arrays(fields, layer_metadata)
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"{path}: quantized layer {layer!r}: {e}") from e
   return arrays
 
 

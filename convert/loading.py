@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from convert.safetensors_io import CheckpointError, CheckpointReader
+from svdq_jax import is_quantized
 
 
 def path_str(path: tuple) -> str:
@@ -26,19 +27,14 @@ def path_str(path: tuple) -> str:
 
 
 def is_quantized_value(value: Any) -> bool:
-  """True for an `svdq_jax.SVDQLinear` standing in a parameter's place (False before task A's
-  transform is installed)."""
-  try:
-    from svdq_jax import is_quantized  # noqa: PLC0415  (optional until the transform lands)
-  except ImportError:
-    return False
-  return bool(is_quantized(value))
+  """True for an `svdq_jax.SVDQLinear` standing in a parameter's place."""
+  return is_quantized(value)
 
 
 def _spec(value: Any) -> jax.ShapeDtypeStruct:
   """Shape and dtype of a parameter value; an SVDQLinear reports its kernel's (in, out) shape."""
-  if is_quantized_value(value):
-    return jax.ShapeDtypeStruct((value.in_features, value.out_features), jnp.bfloat16)
+  if is_quantized(value):
+    return jax.ShapeDtypeStruct(tuple(value.shape), jnp.bfloat16)
   return jax.ShapeDtypeStruct(tuple(value.shape), value.dtype)
 
 

@@ -14,6 +14,7 @@ from convert import checkpoint, registry
 from convert.checkpoint import load_checkpoint, read_header, save_checkpoint
 from convert.loading import check_arrays, load_into, load_pretrained, path_str, state_paths
 from convert.safetensors_io import CheckpointError
+from svdq_jax import QuantConfig, is_quantized, quantize_model
 from tests.convert import _tiny
 
 
@@ -42,7 +43,7 @@ def test_round_trip_is_exact(tiny, tmp_path, param_dtype):
   dst = save_checkpoint(model, tmp_path / "ckpt", model_type="TinyNetModel", config=config)
   header = read_header(dst)
   assert header == {"format_version": checkpoint.FORMAT_VERSION, "model_type": "tiny",
-                    "config": config.to_dict(), "quantized": {}}
+                    "config": config.to_dict(), "quantized": {}, "empty": {}}
   loaded = load_checkpoint(dst)
   assert isinstance(loaded, _tiny.TinyNet)
   want, got = _params(model), _params(loaded)
@@ -159,3 +160,32 @@ def test_load_into_errors():
   loaded = load_into(model, arrays, source="src")
   assert jax.tree.all(jax.tree.map(lambda a: not np.any(np.asarray(a)),
                                    nnx.state(loaded, nnx.Param)))
+
+
+@pytest.mark.parametrize("preset", ["svdquant-int4", "svdquant-nvfp4"])
+def test_quantized_round_trip_is_exact(tiny, tmp_path, preset):
+  config = _tiny.TinyConfig(in_features=64, hidden_size=128, num_layers=2)
+  model = _model(config, seed=4)
+  quant = QuantConfig.preset(preset, smooth=None, rank=8, svd_iters=1, weight_only=("blocks/1/*",))
+  quantize_model(model, None, quant, progress=False)
+  layers = lambda m: {"proj_in": m.proj_in, "blocks/0": m.blocks[0], "blocks/1": m.blocks[1],
+                      "proj_out": m.proj_out}
+  kernels = {name: layer.kernel.get_value() for name, layer in layers(model).items()}
+  assert [is_quantized(k) for k in kernels.values()] == [True, True, True, False]
+  save_checkpoint(model, tmp_path / "q", model_type="tiny", config=config)
+  header = read_header(tmp_path / "q")
+  assert sorted(header["quantized"]) == ["blocks/0/kernel", "blocks/1/kernel", "proj_in/kernel"]
+  assert header["quantized"]["proj_in/kernel"] == kernels["proj_in"].metadata()
+  loaded = load_checkpoint(tmp_path / "q")
+  for name, want in kernels.items():
+    got = layers(loaded)[name].kernel.get_value()
+    if not is_quantized(want):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+      continue
+    assert is_quantized(got) and got.metadata() == want.metadata(), name
+    for field, array in want.arrays().items():
+      assert np.asarray(got.arrays()[field]).dtype == np.asarray(array).dtype, (name, field)
+      assert np.asarray(got.arrays()[field]).tobytes() == np.asarray(array).tobytes(), (name, field)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)), jnp.float32)
+  forward = nnx.jit(lambda m, v: m(v))
+  np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))
