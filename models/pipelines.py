@@ -114,6 +114,17 @@ def _to_images(decoded: jax.Array) -> np.ndarray:
   return np.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
+def _steps(num_steps: int, body: Callable[[Any, Any], Any], init: Any, eager: bool) -> Any:
+  """`lax.fori_loop(0, num_steps, body, init)`, or a Python loop when `eager` (calibration must
+  see concrete activations, so it cannot run under a trace)."""
+  if not eager:
+    return jax.lax.fori_loop(0, num_steps, body, init)
+  carry = init
+  for i in range(num_steps):
+    carry = body(jnp.int32(i), carry)
+  return carry
+
+
 def _run_loop(make_denoise: Callable[[], Callable[..., jax.Array]], runners: dict,
               devices: int | None, in_axes: tuple[int | None, ...], *args) -> jax.Array:
   """Runs `make_denoise()(*args)` jitted on one device, or data-parallel over `devices`.
@@ -226,13 +237,14 @@ class FluxPipeline:
     f = self.vae_scale_factor * 2
     return 2 * (height // f), 2 * (width // f)
 
-  def _denoise_fn(self, progress: bool) -> Callable[..., jax.Array]:
+  def _denoise_fn(self, progress: bool, eager: bool = False) -> Callable[..., jax.Array]:
     graphdef, _ = nnx.split(self.transformer)
     scheduler, report = self.scheduler, self._progress.step_done
     guidance_embeds = self.guidance_embeds
 
     def denoise(state, schedule, latents, prompt_embeds, pooled, guidance, img_ids, txt_ids):
-      model = nnx.merge(graphdef, state)
+      # Eagerly (calibration) the model itself runs: its kernels are the arrays calibrate knows.
+      model = self.transformer if eager else nnx.merge(graphdef, state)
 
       def body(i, carry):
         x, scheduler_state = carry
@@ -246,7 +258,7 @@ class FluxPipeline:
         return x, scheduler_state
 
       init = (latents, scheduler.init_state(latents))
-      return jax.lax.fori_loop(0, schedule.num_steps, body, init)[0]
+      return _steps(schedule.num_steps, body, init, eager)[0]
 
     return denoise
 
@@ -256,7 +268,7 @@ class FluxPipeline:
                key: jax.Array | None = None, num_images_per_prompt: int = 1,
                latents: jax.Array | None = None, max_sequence_length: int = 512,
                devices: int | None = None, progress: bool = False,
-               output_type: str = "np") -> np.ndarray:
+               output_type: str = "np", jit: bool = True) -> np.ndarray:
     """Generates images.
 
     Args:
@@ -272,6 +284,8 @@ class FluxPipeline:
       devices: run data-parallel over this many devices (None: one).
       progress: show a progress bar of the steps.
       output_type: "np" for images, "latent" for the final packed latents.
+      jit: False runs the steps eagerly in Python, one model call at a time (for `calibrate`;
+        slow, and without data parallelism).
 
     Returns:
       (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
@@ -303,10 +317,13 @@ class FluxPipeline:
     runners = self._runners.setdefault(("flux", progress), {})
     self._progress.start(num_inference_steps, progress)
     try:
-      latents = _run_loop(lambda: self._denoise_fn(progress), runners, devices,
-                          (None, None, 0, 0, 0, 0, None, None),
-                          state, schedule, latents, prompt_embeds, pooled, guidance,
-                          latent_image_ids(h, w), txt_ids)
+      args = (state, schedule, latents, prompt_embeds, pooled, guidance, latent_image_ids(h, w),
+              txt_ids)
+      if jit:
+        latents = _run_loop(lambda: self._denoise_fn(progress), runners, devices,
+                            (None, None, 0, 0, 0, 0, None, None), *args)
+      else:
+        latents = self._denoise_fn(progress, eager=True)(*args)
       latents.block_until_ready()
     finally:
       self._progress.close()
@@ -369,14 +386,16 @@ class PixArtSigmaPipeline:
     mask = jnp.asarray(tokens.attention_mask)
     return self._t5(jnp.asarray(tokens.input_ids), mask), mask
 
-  def _denoise_fn(self, progress: bool, guided: bool) -> Callable[..., jax.Array]:
+  def _denoise_fn(self, progress: bool, guided: bool, eager: bool = False
+                  ) -> Callable[..., jax.Array]:
     graphdef, _ = nnx.split(self.transformer)
     scheduler, report = self.scheduler, self._progress.step_done
     in_channels = self.transformer.config.in_channels
     learned_sigma = self.transformer.config.out_channels // 2 == in_channels
 
     def denoise(state, schedule, latents, embeds, mask, neg_embeds, neg_mask, guidance):
-      model = nnx.merge(graphdef, state)
+      # Eagerly (calibration) the model itself runs: its kernels are the arrays calibrate knows.
+      model = self.transformer if eager else nnx.merge(graphdef, state)
       if guided:
         embeds = jnp.concatenate([neg_embeds, embeds])
         mask = jnp.concatenate([neg_mask, mask])
@@ -399,7 +418,7 @@ class PixArtSigmaPipeline:
         return x, scheduler_state
 
       init = (latents, scheduler.init_state(latents))
-      return jax.lax.fori_loop(0, schedule.num_steps, body, init)[0]
+      return _steps(schedule.num_steps, body, init, eager)[0]
 
     return denoise
 
@@ -409,7 +428,7 @@ class PixArtSigmaPipeline:
                key: jax.Array | None = None, num_images_per_prompt: int = 1,
                latents: jax.Array | None = None, max_sequence_length: int = 300,
                devices: int | None = None, progress: bool = False,
-               output_type: str = "np") -> np.ndarray:
+               output_type: str = "np", jit: bool = True) -> np.ndarray:
     """Generates images; arguments as `FluxPipeline.__call__`, and:
 
     Args:
@@ -443,9 +462,12 @@ class PixArtSigmaPipeline:
     runners = self._runners.setdefault(("pixart", progress, guided), {})
     self._progress.start(num_inference_steps, progress)
     try:
-      latents = _run_loop(lambda: self._denoise_fn(progress, guided), runners, devices,
-                          (None, None, 0, 0, 0, 0, 0, 0),
-                          state, schedule, latents, embeds, mask, neg_embeds, neg_mask, guidance)
+      args = (state, schedule, latents, embeds, mask, neg_embeds, neg_mask, guidance)
+      if jit:
+        latents = _run_loop(lambda: self._denoise_fn(progress, guided), runners, devices,
+                            (None, None, 0, 0, 0, 0, 0, 0), *args)
+      else:
+        latents = self._denoise_fn(progress, guided, eager=True)(*args)
       latents.block_until_ready()
     finally:
       self._progress.close()
@@ -496,3 +518,81 @@ def save_images(images: np.ndarray, out: str | os.PathLike, *, prompts: Sequence
     Image.fromarray(pixels).save(path, pnginfo=info)
     paths.append(path)
   return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization of a whole pipeline.
+
+MODEL_TYPES = {FluxPipeline: "flux", PixArtSigmaPipeline: "pixart"}
+
+
+def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
+                         prompts: Sequence[str], *, num_inference_steps: int = 4,
+                         height: int = 512, width: int = 512, seed: int = 0,
+                         progress: bool = True) -> None:
+  """Calibrates `pipe.transformer` on prompts and quantizes it in place with `config`.
+
+  Every prompt is sampled eagerly for `num_inference_steps` steps while `svdq_jax.calibrate`
+  records the input of every linear layer at every step; `svdq_jax.quantize_model` then applies
+  the config (a `QuantConfig`; its `skip` patterns keep the embedders and the final norm and
+  projection in 16 bits). Progress bars run per prompt and per layer.
+  """
+  from svdq_jax import calibrate, quantize_model  # noqa: PLC0415
+
+  prompts = _prompts(list(prompts))
+
+  def run(prompt: str) -> None:
+    pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
+         output_type="latent", jit=False)
+
+  stats = calibrate(run, prompts, model=pipe.transformer, progress=progress)
+  quantize_model(pipe.transformer, stats, config, progress=progress)
+  pipe._runners.clear()  # the quantized transformer has other parameter shapes
+
+
+def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str,
+                      prompts: Sequence[str], num_inference_steps: int = 4, height: int = 512,
+                      width: int = 512, seed: int = 0, overwrite: bool = False,
+                      progress: bool = True) -> Path:
+  """Writes a copy of a pipeline folder with its transformer calibrated and quantized.
+
+  `dst` gets the source folder's other components unchanged and the transformer as our
+  checkpoint, so `load_pipeline(dst)` (and `svdq-jax sample dst`) reads it directly; the preset
+  and calibration settings are recorded in `dst/svdq_quantization.json`.
+
+  Args:
+    src: diffusers pipeline folder (or ours).
+    dst: output folder, written atomically (replaced only with `overwrite`).
+    preset: a `QuantConfig.preset` name, e.g. "svdquant-int4".
+    prompts: calibration prompts (one eager sampling run each).
+    num_inference_steps, height, width, seed: the calibration runs' sampling settings.
+    progress: progress bars per prompt and per layer.
+
+  Returns:
+    The written folder.
+  """
+  import shutil  # noqa: PLC0415
+
+  from convert.checkpoint import atomic_folder, save_checkpoint  # noqa: PLC0415
+  from svdq_jax import QuantConfig  # noqa: PLC0415
+
+  config = QuantConfig.preset(preset)
+  if Path(dst).exists() and not overwrite:
+    raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
+  src = Path(src)
+  pipe = load_pipeline(src)
+  quantize_transformer(pipe, config, prompts, num_inference_steps=num_inference_steps,
+                       height=height, width=width, seed=seed, progress=progress)
+  with atomic_folder(dst, overwrite=overwrite) as folder:
+    for entry in src.iterdir():
+      if entry.name == "transformer":
+        continue
+      copy = shutil.copytree if entry.is_dir() else shutil.copy2
+      copy(entry, folder / entry.name)
+    save_checkpoint(pipe.transformer, folder / "transformer", model_type=MODEL_TYPES[type(pipe)],
+                    config=pipe.transformer.config)
+    quant_note = {"preset": preset, "quant_config": config.to_dict(), "calibration": {
+        "prompts": len(prompts), "num_inference_steps": num_inference_steps, "height": height,
+        "width": width, "seed": seed}}
+    (folder / "svdq_quantization.json").write_text(json.dumps(quant_note, indent=2) + "\n")
+  return Path(dst)

@@ -53,8 +53,12 @@ def _t5_tokenizer() -> transformers.T5Tokenizer:
   return transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, seed: int = 0) -> FluxPipeline:
-  """The tiny FluxPipeline (float32, eval mode), dev-like (guidance) or schnell-like."""
+def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, heads: int = 2, seed: int = 0
+                             ) -> FluxPipeline:
+  """The tiny FluxPipeline (float32, eval mode), dev-like (guidance) or schnell-like.
+
+  heads: attention heads of 16 channels; 4 makes the width 64, one INT4 group, for quantization.
+  """
   torch.manual_seed(seed)
   tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
   clip_config = transformers.CLIPTextConfig(
@@ -68,7 +72,7 @@ def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, seed: int = 0) -> 
       feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   transformer = FluxTransformer2DModel(
       patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-      num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+      num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
       guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
   vae = AutoencoderKL(
       in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
