@@ -28,7 +28,8 @@ from svdq_jax.transform import quantize_linear
 from svdq_jax.tree import map_named_leaves, named_leaves
 
 
-def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+def matches_any(path: str, patterns: tuple[str, ...]) -> bool:
+  """True when a fnmatch pattern (`*` also matches "/") matches the whole path."""
   return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
 
 
@@ -39,9 +40,9 @@ def _is_linear_kernel(path: str, leaf: Any) -> bool:
 
 def layer_config(path: str, config: QuantConfig) -> QuantConfig | None:
   """The config the kernel at `path` is quantized with, or None when it stays as it is."""
-  if _matches(path, config.skip):
+  if matches_any(path, config.skip):
     return None
-  if config.weight_format is not None and _matches(path, config.weight_only):
+  if config.weight_format is not None and matches_any(path, config.weight_only):
     return dataclasses.replace(config, weight_format="int4", act_format=None, group_size=64,
                                rank=0, smooth=None, svd_iters=0, residual="rtn",
                                shift_activations=False)
