@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 
 from convert.safetensors_io import CheckpointError, CheckpointReader
@@ -23,7 +24,8 @@ MODEL_TYPES: tuple[str, ...] = ("FluxTransformer2DModel",)
 _CONFIG_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                   "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                   "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
-_FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16))
+_FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
+                 np.dtype(ml_dtypes.bfloat16))
 
 
 class TensorSource(Protocol):
@@ -157,7 +159,7 @@ def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *,
     if found != entry.shape:
       raise CheckpointError(f"{name}: key {key!r} has shape {found}, expected {entry.shape}")
     tensor = source.get(key)
-    if tensor.dtype not in _FLOAT_DTYPES and tensor.dtype.name != "bfloat16":
+    if tensor.dtype not in _FLOAT_DTYPES:
       raise CheckpointError(f"{name}: key {key!r} has dtype {tensor.dtype}, expected a float "
                             "dtype (float32, bfloat16, float16 or float64)")
     arrays[entry.ours] = tensor.T if entry.transpose else tensor

@@ -487,7 +487,7 @@ class FluxTransformer(nnx.Module):
       if ids.shape != (length, n_axes):
         raise ValueError(f"FluxTransformer: {name} must be ({length}, {n_axes}) for this input, "
                          f"got {ids.shape}")
-    dtype = self.dtype or hidden_states.dtype
+    dtype = self.dtype if self.dtype is not None else hidden_states.dtype
     hidden_states = self.x_embedder(hidden_states.astype(dtype))
     encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
     timestep = _scaled_in(timestep, dtype)
