@@ -55,11 +55,11 @@ def _check_group_size(group_size: int, where: str) -> None:
         f"{group_size} (NVFP4's group 16 runs through the XLA reference path)")
 
 
-def _padded_quantize(x2, smooth, lora_down, act_shift, cfg: QuantizeConfig, m_pad, interpret):
+def _padded_quantize(x2, smooth, lora_down, act_shift, cfg: QuantizeConfig, m_pad, k_pad,
+                     interpret):
   """Kernel 1 on zero-padded operands; returns int4 codes, transposed scales, f32 low-rank act."""
-  m, k = x2.shape
+  k = x2.shape[1]
   rank = lora_down.shape[1]
-  k_pad = _round_up(k, GROUP_SIZE * cfg.k_splits)
   r_pad = _round_up(rank, 16)
   codes, ascales_t, lora_parts = quantize_activations_kernel(
       _pad_to(x2.astype(jnp.bfloat16), (m_pad, k_pad)),
@@ -167,8 +167,9 @@ def svdq_linear(
   m = x2.shape[0]
   cfg = config or select_config(m, k, n)
   m_pad = _round_up(max(m, 1), math.lcm(cfg.quantize.block_m, cfg.gemm.block_m))
+  k_pad = _round_up(k, GROUP_SIZE * math.lcm(cfg.quantize.k_splits, cfg.gemm.groups_per_step))
   codes, ascales_t, lora_act = _padded_quantize(
-      x2, smooth, lora_down, act_shift, cfg.quantize, m_pad, interpret)
+      x2, smooth, lora_down, act_shift, cfg.quantize, m_pad, k_pad, interpret)
   out = _padded_gemm(
       codes, ascales_t, qweight, wscales, lora_act, lora_up, bias, apply_gelu=apply_gelu,
       out_dtype=jnp.dtype(out_dtype or x.dtype), cfg=cfg.gemm, interpret=interpret)
@@ -197,8 +198,9 @@ def quantize_activations(
         f"got smooth {smooth.shape}, lora_down {lora_down.shape}")
   cfg = config or select_config(m, k, 64).quantize
   m_pad = _round_up(max(m, 1), cfg.block_m)
+  k_pad = _round_up(k, GROUP_SIZE * cfg.k_splits)
   codes, ascales_t, lora_act = _padded_quantize(
-      x, smooth, lora_down, act_shift, cfg, m_pad, interpret)
+      x, smooth, lora_down, act_shift, cfg, m_pad, k_pad, interpret)
   packed = lax.bitcast_convert_type(codes.reshape(m_pad, -1, 2), jnp.uint8)
   return packed[:m, :k // 2], ascales_t[:k // GROUP_SIZE, :m].T, lora_act[:m, :lora_down.shape[1]]
 
@@ -239,10 +241,11 @@ def w4a4_gemm(
         f"{lora_up.shape}")
   cfg = config or select_config(m, k, n).gemm
   m_pad = _round_up(max(m, 1), cfg.block_m)
+  k_pad = _round_up(k, GROUP_SIZE * cfg.groups_per_step)
   codes4 = lax.bitcast_convert_type(
-      _pad_to(codes, (m_pad, k_half)), code_dtype(act_shift != 0.0)).reshape(m_pad, k)
+      _pad_to(codes, (m_pad, k_pad // 2)), code_dtype(act_shift != 0.0)).reshape(m_pad, k_pad)
   out = _padded_gemm(
-      codes4, _pad_to(ascales.astype(jnp.float32), (m_pad, k // GROUP_SIZE)).T, qweight,
+      codes4, _pad_to(ascales.astype(jnp.float32), (m_pad, k_pad // GROUP_SIZE)).T, qweight,
       wscales, _pad_to(lora_act, (m_pad, lora_act.shape[1])), lora_up, bias,
       apply_gelu=apply_gelu, out_dtype=jnp.dtype(out_dtype), cfg=cfg, interpret=interpret)
   return out[:m]

@@ -40,7 +40,9 @@ class GemmConfig:
   Attributes:
     block_m: output rows per CTA (multiple of 64).
     block_n: output columns per CTA (multiple of 64, at most 256: one wgmma N).
-    max_concurrent_steps: TMA pipeline depth over the K groups.
+    max_concurrent_steps: TMA pipeline depth over the K steps.
+    groups_per_step: 64-wide K groups per pipeline step; their wgmmas are in flight together so
+      that each group's rescale overlaps the next groups' MMA (K is padded to a multiple).
     carrier: the tensor-core type the 4-bit codes are widened to: "s8" (int8 wgmma into an int32
       group accumulator) or "e4m3" (every INT4 value is exact in float8_e4m3fn; fp8 wgmma into an
       f32 group accumulator, exact because a 64-wide group sum stays within 13 bits).
@@ -49,6 +51,7 @@ class GemmConfig:
   block_m: int = 128
   block_n: int = 128
   max_concurrent_steps: int = 2
+  groups_per_step: int = 2
   carrier: Carrier = "s8"
 
   def __post_init__(self):
@@ -58,8 +61,24 @@ class GemmConfig:
       raise ValueError(f"GemmConfig.block_n must be 64, 128, 192 or 256, got {self.block_n}")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"GemmConfig.max_concurrent_steps must be >= 1, got {self}")
+    if self.groups_per_step not in (1, 2, 4):
+      raise ValueError(f"GemmConfig.groups_per_step must be 1, 2 or 4, got {self.groups_per_step}")
     if self.carrier not in ("s8", "e4m3"):
       raise ValueError(f"GemmConfig.carrier must be 's8' or 'e4m3', got {self.carrier!r}")
+
+
+H100_SMEM_BYTES = 232_448
+"""Shared memory one CTA may use on sm_90 (the Mosaic GPU lowering rejects more)."""
+
+
+def gemm_smem_bytes(config: GemmConfig, rank: int = 32, out_itemsize: int = 2) -> int:
+  """Shared memory kernel 2 allocates for `config`: pipelined 4-bit tiles and scales, the widened
+  carrier tiles, the low-rank operands, the bias and the output staging tile."""
+  tm, tn, per_step = config.block_m, config.block_n, config.groups_per_step
+  stage = per_step * ((tm + tn) * GROUP_SIZE // 2 + 4 * (tm + tn))
+  carrier_tiles = per_step * (tm + tn) * GROUP_SIZE
+  epilogue = 2 * rank * (tm + tn) + 4 * tn + out_itemsize * tm * tn
+  return config.max_concurrent_steps * stage + carrier_tiles + epilogue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +113,9 @@ def select_config(m: int, k: int, n: int) -> SVDQLinearConfig:
     block_n = 128
   elif n % block_n and n % 128:
     block_n = 64
+  gemm = GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=4 if m > 512 else 2)
+  # Leave headroom for barriers and alignment below the hard limit.
+  while gemm_smem_bytes(gemm) > H100_SMEM_BYTES - 8192 and gemm.max_concurrent_steps > 2:
+    gemm = dataclasses.replace(gemm, max_concurrent_steps=gemm.max_concurrent_steps - 1)
   return SVDQLinearConfig(
-      quantize=QuantizeConfig(block_m=64, k_splits=k_splits, max_concurrent_steps=2),
-      gemm=GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=4 if m > 512 else 2),
-  )
+      quantize=QuantizeConfig(block_m=64, k_splits=k_splits, max_concurrent_steps=2), gemm=gemm)

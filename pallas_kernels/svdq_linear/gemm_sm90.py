@@ -1,12 +1,14 @@
 """Kernel 2 (Mosaic GPU, sm_90): the W4A4 GEMM with the low-rank, bias and GELU epilogue.
 
 Hopper has no 4-bit tensor cores. Both operands stay packed 4-bit in HBM (`jnp.int4` / `uint4`
-arrays, the same bytes as docs/format.md's uint8 packing) and are TMA-copied as 4-bit tiles; one
-pipeline step covers one 64-wide K group. Each step widens the two tiles in registers to the
-tensor-core carrier (int8 by default, float8_e4m3fn as an option: every INT4 value is exact in it),
-stores them to SMEM and issues one wgmma into a fresh group accumulator (int32 for s8, f32 for
-e4m3; the group sum is an exact integer of at most 13 bits either way). The group result is
-rescaled by ascale[m] * wscale[n] into a float32 register carry, in group order g = 0, 1, ...
+arrays, the same bytes as docs/format.md's uint8 packing) and are TMA-copied as 4-bit tiles; a
+pipeline step covers `groups_per_step` 64-wide K groups. Each step widens the tiles in registers to
+the tensor-core carrier (int8 by default; float8_e4m3fn as an option, every INT4 value is exact
+in it), stores them to SMEM and issues one wgmma per group into a fresh group accumulator (int32
+for s8, f32 for e4m3; the group sum is an exact integer of at most 13 bits either way). With several
+groups per step all their wgmmas are issued before the first is awaited, so the CUDA-core rescale
+of group g (by ascale[m] * wscale[n], into a float32 register carry, in group order g = 0, 1, ...)
+overlaps the tensor-core work of the groups after it.
 The epilogue adds bf16(x @ lora_down) @ lora_up (one bf16 wgmma of K = r into the same tile), the
 bias, optionally a tanh-GELU, and stores the tile through SMEM with TMA. Every CTA writes its own
 output tile once; nothing is accumulated across grid steps.
@@ -72,6 +74,10 @@ def w4a4_gemm_kernel(
         f"w4a4_gemm_kernel: needs int4/uint4 codes (M, K), int4 weights (N, K) with M % {tm}, "
         f"N % {tn}, K % 64 and rank % 16 all zero; got codes {codes.shape} {codes.dtype}, "
         f"weights {qweight4.shape} {qweight4.dtype}, rank {rank}")
+  per_step = config.groups_per_step
+  if groups % per_step:
+    raise ValueError(f"w4a4_gemm_kernel: K // 64 = {groups} groups, not a multiple of "
+                     f"groups_per_step = {per_step}")
   carrier, group_acc_dtype = _CARRIERS[config.carrier]
   carrier_bits = 8
   op_transforms = smem_transforms(GROUP_SIZE * carrier_bits // 8, carrier_bits)
@@ -92,32 +98,52 @@ def w4a4_gemm_kernel(
       plgpu.copy_gmem_to_smem(lora_up_g.at[cols], lora_up_s, epilogue_bar)
     plgpu.copy_gmem_to_smem(bias_g.at[cols], bias_s, epilogue_bar)
 
-    def step(idx, a4_s, b4_s, ascale_s, wscale_s, carry):
+    def step(idx, *refs):
+      """One pipeline step: `per_step` K groups, their wgmmas in flight together."""
       del idx
-      a_s[...] = a4_s[...].astype(carrier)
-      b_s[...] = b4_s[...].astype(carrier)
+      *tiles, carry = refs
+      a4, b4, a_scales, w_scales = (tiles[i * per_step:(i + 1) * per_step] for i in range(4))
+      for i in range(per_step):
+        a_s.at[i][...] = a4[i][...].astype(carrier)
+        b_s.at[i][...] = b4[i][...].astype(carrier)
       plgpu.commit_smem()
 
-      def group_product(acc_ref):
-        plgpu.wgmma(acc_ref, a_s, b_s.T)
-        plgpu.wgmma_wait(0)
-        return acc_ref[...]
+      def group_products(*acc_refs):
+        for i, acc_ref in enumerate(acc_refs):
+          plgpu.wgmma(acc_ref, a_s.at[i], b_s.at[i].T)
+        total = carry
+        for i, acc_ref in enumerate(acc_refs):
+          # Group i is done once at most the later groups' wgmmas are pending; the rescale of
+          # group i overlaps them. Groups are added in order, as the reference does.
+          plgpu.wgmma_wait(per_step - 1 - i)
+          scale = a_scales[i][0][:, None] * w_scales[i][0][None, :]
+          total = total + acc_ref[...].astype(jnp.float32) * scale
+        return total
 
-      part = pl.run_scoped(group_product, plgpu.ACC((tm, tn), group_acc_dtype))
-      return carry + part.astype(jnp.float32) * (ascale_s[0][:, None] * wscale_s[0][None, :])
+      return pl.run_scoped(
+          group_products, *[plgpu.ACC((tm, tn), group_acc_dtype) for _ in range(per_step)])
 
+    def group_spec(rows_per_tile, tile_index, offset, **kwargs):
+      return plgpu.BlockSpec(
+          (rows_per_tile, GROUP_SIZE), lambda g: (tile_index, per_step * g + offset), **kwargs)
+
+    def scale_spec(cols_per_tile, tile_index, offset):
+      return plgpu.BlockSpec((1, cols_per_tile), lambda g: (per_step * g + offset, tile_index))
+
+    offsets = range(per_step)
     acc = plgpu.emit_pipeline(
         step,
-        grid=(groups,),
+        grid=(groups // per_step,),
         in_specs=[
-            plgpu.BlockSpec((tm, GROUP_SIZE), lambda g: (mi, g), transforms=four_bit_transforms),
-            plgpu.BlockSpec((tn, GROUP_SIZE), lambda g: (ni, g), transforms=four_bit_transforms),
-            plgpu.BlockSpec((1, tm), lambda g: (g, mi)),
-            plgpu.BlockSpec((1, tn), lambda g: (g, ni)),
+            *[group_spec(tm, mi, i, transforms=four_bit_transforms) for i in offsets],
+            *[group_spec(tn, ni, i, transforms=four_bit_transforms) for i in offsets],
+            *[scale_spec(tm, mi, i) for i in offsets],
+            *[scale_spec(tn, ni, i) for i in offsets],
         ],
         max_concurrent_steps=config.max_concurrent_steps,
         init_carry=jnp.zeros((tm, tn), jnp.float32),
-    )(codes_g, weights_g, ascales_g, wscales_g)
+    )(*[codes_g] * per_step, *[weights_g] * per_step, *[ascales_g] * per_step,
+      *[wscales_g] * per_step)
 
     plgpu.barrier_wait(epilogue_bar)
 
@@ -137,8 +163,8 @@ def w4a4_gemm_kernel(
 
   out_itemsize = jnp.dtype(out_dtype).itemsize
   scratch_types = dict(
-      a_s=plgpu.SMEM((tm, GROUP_SIZE), carrier, transforms=op_transforms),
-      b_s=plgpu.SMEM((tn, GROUP_SIZE), carrier, transforms=op_transforms),
+      a_s=plgpu.SMEM((per_step, tm, GROUP_SIZE), carrier, transforms=op_transforms),
+      b_s=plgpu.SMEM((per_step, tn, GROUP_SIZE), carrier, transforms=op_transforms),
       bias_s=plgpu.SMEM((tn,), jnp.float32),
       out_s=plgpu.SMEM((tm, tn), out_dtype,
                        transforms=smem_transforms(tn * out_itemsize, 8 * out_itemsize)),

@@ -25,6 +25,7 @@ from pallas_kernels.svdq_linear import (
     w4a4_gemm,
     w4a4_gemm_reference,
 )
+from pallas_kernels.svdq_linear.config import H100_SMEM_BYTES, gemm_smem_bytes
 
 H100 = jax.sharding.AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
@@ -136,8 +137,10 @@ def _gemm_operands(rng, m, k, n, rank, unsigned):
     [
         (64, 128, 128, 32, False, False, jnp.bfloat16, GemmConfig(64, 128)),
         (100, 192, 192, 16, True, False, jnp.bfloat16, GemmConfig(64, 128)),   # ragged M, N
-        (70, 128, 64, 32, False, True, jnp.float32, GemmConfig(128, 64, carrier="e4m3")),
-        (64, 256, 128, 16, True, True, jnp.bfloat16, GemmConfig(64, 128, 3, carrier="e4m3")),
+        (70, 128, 64, 32, False, True, jnp.float32,
+         GemmConfig(128, 64, groups_per_step=1, carrier="e4m3")),
+        (64, 256, 128, 16, True, True, jnp.bfloat16,
+         GemmConfig(64, 128, 3, groups_per_step=4, carrier="e4m3")),
     ],
 )
 def test_gemm_kernel_matches_reference(np_rng, m, k, n, rank, unsigned, apply_gelu, out_dtype,
@@ -238,7 +241,7 @@ def test_quantize_kernel_lowers_for_h100(np_rng, act_shift):
 def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_dtype, block_m,
                                      block_n):
   ops = _gemm_operands(np_rng, 256, 512, 512, 32, unsigned)
-  config = GemmConfig(block_m, block_n, max_concurrent_steps=4, carrier=carrier)
+  config = GemmConfig(block_m, block_n, max_concurrent_steps=3, carrier=carrier)
   text = _lower_for_h100(
       lambda *a: w4a4_gemm(*a, act_shift=SHIFT if unsigned else 0.0, apply_gelu=apply_gelu,
                            out_dtype=out_dtype, config=config),
@@ -288,6 +291,7 @@ def test_select_config_gives_valid_tiles_for_flux_shapes():
       config = select_config(m, k, n)
       assert (k // 64) % config.quantize.k_splits == 0
       assert n % config.gemm.block_n == 0
+      assert gemm_smem_bytes(config.gemm) <= H100_SMEM_BYTES
 
 
 def test_bad_inputs_raise_clear_errors(np_rng):
@@ -305,3 +309,5 @@ def test_bad_inputs_raise_clear_errors(np_rng):
     GemmConfig(block_n=512)
   with pytest.raises(ValueError, match="carrier"):
     GemmConfig(carrier="int4")
+  with pytest.raises(ValueError, match="groups_per_step"):
+    GemmConfig(groups_per_step=3)
