@@ -85,12 +85,14 @@ def _child(src: str, dst: str) -> None:
   import convert.flux  # noqa: F401, PLC0415
   from convert.api import convert  # noqa: PLC0415
 
-  baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  before = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()
   convert(src, dst, progress=False)
   seconds = time.perf_counter() - start
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak}))
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+  print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "baseline_rss": before.ru_maxrss * 1024,
+                    "peak_rss": after.ru_maxrss * 1024, "load": os.getloadavg()[0]}))
 
 
 def _run(*args: str) -> str:
@@ -135,7 +137,8 @@ def main() -> None:
       ("checkpoint size", f"{size / _GIB:.3f} GiB (largest tensor {largest / _GIB:.3f} GiB)"),
       ("output size (orbax)", f"{output / _GIB:.3f} GiB"),
       ("synthetic write", f"{write_seconds:.1f} s"),
-      ("conversion time", f"{measured['seconds']:.1f} s"),
+      ("conversion time", f"{measured['seconds']:.1f} s wall, {measured['cpu_seconds']:.1f} s CPU "
+                          f"(load average {measured['load']:.1f} on {os.cpu_count()} cores)"),
       ("throughput", f"{size / measured['seconds'] / 1e6:.0f} MB/s"),
       ("RSS after imports", f"{measured['baseline_rss'] / _GIB:.3f} GiB"),
       ("peak RSS", f"{measured['peak_rss'] / _GIB:.3f} GiB"),

@@ -32,13 +32,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", 
 class _CountingReader(CheckpointReader):
   """A CheckpointReader that reports each tensor read (for the per-tensor progress bar)."""
 
-  def __init__(self, path: Path, on_read: Callable[[], Any]):
-    super().__init__(path)
-    self._on_read = on_read
+  on_read: Callable[[], Any] = staticmethod(lambda: None)
 
   def get(self, key: str) -> np.ndarray:
     array = super().get(key)
-    self._on_read()
+    self.on_read()
     return array
 
 
@@ -102,10 +100,10 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
       raw, where=str(folder / "config.json"))
   converter = entry.converter_module()
   config = converter.config_from_json(raw)
-  with tqdm(desc=f"{entry.name} {folder.name}", unit="tensor", disable=not progress,
-            leave=False) as bar:
-    reader = _CountingReader(src, bar.update)
-    bar.total = len(reader)
+  reader = _CountingReader(src)
+  with tqdm(desc=f"{entry.name} {folder.name}", total=len(reader), unit="tensor",
+            disable=not progress, leave=False) as bar:
+    reader.on_read = bar.update
     with reader:
       arrays = dict(converter.convert_state(reader, config))
       check_against_model(arrays, entry, config, source=str(src))

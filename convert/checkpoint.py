@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,14 @@ HEADER_KEY = "svdq_jax"
 PARAMS_DIR = "params"
 
 
+def _fresh_sibling(dst: Path, kind: str) -> Path:
+  """A new empty hidden folder beside `dst` (created with the usual permissions, not mkdtemp's
+  0700, since it becomes `dst`)."""
+  folder = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.{kind}"
+  folder.mkdir()
+  return folder
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
   """Yields a fresh temporary folder beside `dst`; renames it to `dst` when the block succeeds.
@@ -63,11 +71,11 @@ def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
   if dst.exists() and not overwrite:
     raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
   dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+  tmp = _fresh_sibling(dst, "tmp")
   try:
     yield tmp
     if dst.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+      old = _fresh_sibling(dst, "old")
       os.replace(dst, old / dst.name)
       os.replace(tmp, dst)
       shutil.rmtree(old)
