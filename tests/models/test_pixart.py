@@ -177,6 +177,11 @@ def test_config_from_json_follows_diffusers_defaults(tmp_path):
     convert_pixart.config_from_json({**raw, "frobnicate": 1})
   with pytest.raises(CheckpointError, match="UNet2DConditionModel"):
     convert_pixart.config_from_json({**raw, "_class_name": "UNet2DConditionModel"})
+  # Folders converted before diffusers 0.28 name the class Transformer2DModel.
+  assert convert_pixart.config_from_json({**raw, "_class_name": "Transformer2DModel"}) == cfg
+  with pytest.raises(CheckpointError, match="not PixArt"):
+    convert_pixart.config_from_json({**raw, "_class_name": "Transformer2DModel",
+                                     "norm_type": "layer_norm"})
 
 
 def _rewrite(folder, edit) -> None:
