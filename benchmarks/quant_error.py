@@ -13,7 +13,13 @@ import time
 
 import jax
 
-from svdq_jax.evaluation import ALL_PRESETS, FLUX_SHAPES, error_table, format_table
+from svdq_jax.evaluation import (
+    ALL_PRESETS,
+    FLUX_SHAPES,
+    error_table,
+    format_table,
+    shape_specs,
+)
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
@@ -39,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
   print("# error = ||y_q - y||/||y|| vs the float64 product; bits/weight include scales, smooth,")
   print("# low-rank branch and bias; 'quant s' is the quantization time summed over the shapes")
   print("# (including XLA compilation).", flush=True)
-  results = error_table(args.shapes, args.presets.split(","), tokens=args.tokens, progress=True)
+  results = error_table(shape_specs(args.shapes), args.presets.split(","), tokens=args.tokens,
+                        progress=True)
   print(format_table(results))
   print(f"# total {time.perf_counter() - start:.0f} s")
   return 0

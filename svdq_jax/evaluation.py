@@ -22,6 +22,22 @@ from svdq_jax.qlinear import xla_dot
 from svdq_jax.transform import quantize_linear
 
 FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """A test layer: its column label, kernel shape (K = in, N = out) and whether its inputs follow
+  a GELU (an MLP down-projection, quantized as shifted unsigned INT4 by svdquant-int4)."""
+
+  label: str
+  in_features: int
+  out_features: int
+  gelu_input: bool = False
+
+
+def shape_specs(shapes: Sequence[tuple[int, int]]) -> list[LayerSpec]:
+  """One spec per (K, N), labelled "KxN"; layers with K > N (down-projections) get GELU inputs."""
+  return [LayerSpec(f"{k}x{n}", k, n, gelu_input=k > n) for k, n in shapes]
 ALL_PRESETS = ("bf16", "w8a8", "nf4-w4a16", "w4a4", "smoothquant-w4a4", "svdquant-int4",
                "svdquant-nvfp4")
 
@@ -61,14 +77,14 @@ class LayerResult:
   """One row of the table: a preset on one layer shape."""
 
   preset: str
-  shape: tuple[int, int]
+  layer: str
   relative_error: float
   bits_per_weight: float
   seconds: float
 
 
 def evaluate_preset(kernel: np.ndarray, activations: np.ndarray, preset: str, *,
-                    calibration_tokens: int, **overrides) -> LayerResult:
+                    calibration_tokens: int, label: str = "", **overrides) -> LayerResult:
   """Quantizes `kernel` with `preset` on the first `calibration_tokens` rows and measures the
   relative output error on the remaining rows against the float64 product."""
   calib, test = activations[:calibration_tokens], activations[calibration_tokens:]
@@ -85,37 +101,41 @@ def evaluate_preset(kernel: np.ndarray, activations: np.ndarray, preset: str, *,
     jax.block_until_ready(layer)
     seconds = time.perf_counter() - start
     output = xla_dot(jnp.asarray(test), layer)
-  return LayerResult(preset, tuple(kernel.shape), relative_error(output, reference),
+  return LayerResult(preset, label or "x".join(map(str, kernel.shape)),
+                     relative_error(output, reference),
                      bits_per_weight(layer), seconds)
 
 
-def error_table(shapes: Sequence[tuple[int, int]], presets: Sequence[str] = ALL_PRESETS, *,
+def error_table(layers: Sequence[LayerSpec], presets: Sequence[str] = ALL_PRESETS, *,
                 tokens: int = 256, seed: int = 0, progress: bool = False) -> list[LayerResult]:
-  """Every preset on an outlier layer of every (K, N) shape (MLP down-projections, K > N, get
-  GELU inputs)."""
+  """Every preset on an outlier layer (`outlier_layer`, seed + index) per spec."""
   results = []
-  for index, (k, n) in enumerate(shapes):
-    kernel, activations = outlier_layer(seed + index, k, n, tokens, gelu_input=k > n)
+  for index, spec in enumerate(layers):
+    kernel, activations = outlier_layer(seed + index, spec.in_features, spec.out_features,
+                                        tokens, gelu_input=spec.gelu_input)
     for preset in presets:
-      result = evaluate_preset(kernel, activations, preset, calibration_tokens=tokens)
+      result = evaluate_preset(kernel, activations, preset, calibration_tokens=tokens,
+                               label=spec.label)
       if progress:
-        print(f"  {preset:18s} {k}x{n}: {result.relative_error:.4f} ({result.seconds:.1f} s)",
-              flush=True)
+        print(f"  {preset:18s} {spec.label}: {result.relative_error:.4f} "
+              f"({result.seconds:.1f} s)", flush=True)
       results.append(result)
   return results
 
 
 def format_table(results: Sequence[LayerResult]) -> str:
-  """A plain-text table: one row per preset, relative error per shape, bits/weight, seconds."""
-  shapes = list(dict.fromkeys(r.shape for r in results))
+  """A plain-text table: one row per preset, relative error per layer, mean bits/weight, and
+  the quantization seconds summed over the layers."""
+  layers = list(dict.fromkeys(r.layer for r in results))
   presets = list(dict.fromkeys(r.preset for r in results))
-  by_key = {(r.preset, r.shape): r for r in results}
-  head = f"{'preset':18s}" + "".join(f"{f'err {k}x{n}':>17s}" for k, n in shapes)
+  by_key = {(r.preset, r.layer): r for r in results}
+  width = max(17, *(len(layer) + 7 for layer in layers))
+  head = f"{'preset':18s}" + "".join(f"{'err ' + layer:>{width}s}" for layer in layers)
   head += f"{'bits/weight':>13s}{'quant s':>9s}"
   lines = [head, "-" * len(head)]
   for preset in presets:
-    rows = [by_key[(preset, shape)] for shape in shapes]
-    line = f"{preset:18s}" + "".join(f"{r.relative_error:17.4f}" for r in rows)
+    rows = [by_key[(preset, layer)] for layer in layers]
+    line = f"{preset:18s}" + "".join(f"{r.relative_error:{width}.4f}" for r in rows)
     bits = np.mean([r.bits_per_weight for r in rows])
     seconds = sum(r.seconds for r in rows)
     lines.append(line + f"{bits:13.2f}{seconds:9.1f}")

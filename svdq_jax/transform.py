@@ -26,7 +26,7 @@ from svdq_jax.config import QuantConfig
 from svdq_jax.qlinear import SVDQLinear
 
 _OVERSAMPLE = 16
-_POWER_ITERS = 2
+_POWER_ITERS = 1
 _MAX_SCORE_TOKENS = 256
 _GPTQ_DAMP = 0.01
 
@@ -48,7 +48,7 @@ def _check_finite(what: str, x, name: str | None) -> None:
 def low_rank(w: jax.Array, rank: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Rank-`rank` factors (K, r), (r, N) of w (K, N) in float32, singular values split evenly.
 
-  Randomized range finder with oversampling 16 and 2 power iterations (Halko et al. 2011); an
+  Randomized range finder with oversampling 16 and 1 power iteration (Halko et al. 2011); an
   exact SVD when the matrix is small enough that the randomized one would not be cheaper.
   """
   k, n = w.shape
@@ -100,15 +100,20 @@ def _act_fake_quant(xs: jax.Array, config: QuantConfig, shift: float) -> jax.Arr
                           scale_dtype=qz.ACT_SCALE_DTYPE[fmt], tensor_scale=1.0)
 
 
-def _output_error(x, y_ref, w_smoothed, smooth, lora_product, config, shift, has_samples):
-  """Mean squared layer-output error of the quantized layer (or weight error without data)."""
+def _output_error(x, y_ref, w_smoothed, smooth, lora, config, shift, has_samples):
+  """Mean squared layer-output error of the quantized layer (or weight error without data).
+
+  lora: (lora_down, lora_up, their product in the smoothed domain) from `_storage_lora`; the
+  branch's output is computed from the factors, as at inference.
+  """
+  lora_down, lora_up, lora_product = lora
   residual_q = _weight_fake_quant(w_smoothed - lora_product, config)
   if not has_samples:
     return jnp.mean(jnp.square(w_smoothed - lora_product - residual_q))
   xs = (x + shift) / smooth
   y = _act_fake_quant(xs, config, shift) @ residual_q
   if config.rank:
-    y = y + (x / smooth) @ lora_product
+    y = y + (x @ lora_down.astype(jnp.float32)) @ lora_up.astype(jnp.float32)
   if shift:
     y = y - (shift / smooth) @ residual_q
   return jnp.mean(jnp.square(y - y_ref))
@@ -203,8 +208,8 @@ def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: flo
 
   def score(smooth):
     w_smoothed = smooth[:, None] * w
-    _, _, lora_product = _storage_lora(w_smoothed, smooth, config.rank, key)
-    return _output_error(x, y_ref, w_smoothed, smooth, lora_product, config, shift, has_samples)
+    lora = _storage_lora(w_smoothed, smooth, config.rank, key)
+    return _output_error(x, y_ref, w_smoothed, smooth, lora, config, shift, has_samples)
 
   if config.smooth is not None:
     span_w = jnp.max(jnp.abs(w), axis=1)
@@ -214,17 +219,17 @@ def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: flo
     smooth = jnp.ones((w.shape[0],), jnp.float32)
   w_smoothed = smooth[:, None] * w
 
-  def error_of(lora_product):
-    return _output_error(x, y_ref, w_smoothed, smooth, lora_product, config, shift, has_samples)
+  def error_of(lora):
+    return _output_error(x, y_ref, w_smoothed, smooth, lora, config, shift, has_samples)
 
   lora = _storage_lora(w_smoothed, smooth, config.rank, key)
-  error = error_of(lora[2])
+  error = error_of(lora)
   if config.rank and config.svd_iters:
     def refine(carry):
       step, lora, error, _ = carry
       target = w_smoothed - _weight_fake_quant(w_smoothed - lora[2], config)
       new_lora = _storage_lora(target, smooth, config.rank, key)
-      new_error = error_of(new_lora[2])
+      new_error = error_of(new_lora)
       better = new_error < error
       lora = jax.tree.map(lambda new, old: jnp.where(better, new, old), new_lora, lora)
       return step + 1, lora, jnp.minimum(new_error, error), better
