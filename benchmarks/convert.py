@@ -74,25 +74,52 @@ def _folder_bytes(folder: Path) -> int:
   return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _child(src: str, dst: str) -> None:
-  """Runs in a fresh process: the conversion, with time and peak RSS measured.
+def _measure(stage: str, src: str, dst: str) -> None:
+  """Runs in a fresh process: one stage, with wall time, CPU time and peak RSS measured.
 
-  Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux); the baseline is taken
-  after jax, flax, orbax and the converters are imported, so the difference is the conversion's.
+  "convert": `convert(src, dst)`; "load": `load_checkpoint(dst)` (what `from_pretrained` on our
+  folder does). Peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux); the
+  baseline is taken after jax, flax, orbax and the model code are imported, so the difference is
+  the stage's own.
   """
+  import jax  # noqa: PLC0415
   import orbax.checkpoint  # noqa: F401, PLC0415
 
   import convert.flux  # noqa: F401, PLC0415
   from convert.api import convert  # noqa: PLC0415
+  from convert.checkpoint import load_checkpoint  # noqa: PLC0415
 
   before = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()
-  convert(src, dst, progress=False)
+  if stage == "convert":
+    convert(src, dst, progress=False)
+  else:
+    jax.block_until_ready(jax.tree.leaves(nnx_state(load_checkpoint(dst))))
   seconds = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
   print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "baseline_rss": before.ru_maxrss * 1024,
                     "peak_rss": after.ru_maxrss * 1024, "load": os.getloadavg()[0]}))
+
+
+def nnx_state(model: object) -> object:
+  from flax import nnx  # noqa: PLC0415
+
+  return nnx.state(model)
+
+
+def _stage_rows(name: str, stats: dict, size: int, largest: int) -> list[tuple[str, str]]:
+  """Table rows of one measured stage: time, throughput and peak RSS against `size`."""
+  extra = stats["peak_rss"] - stats["baseline_rss"]
+  return [
+      (f"{name}: time", f"{stats['seconds']:.1f} s wall, {stats['cpu_seconds']:.1f} s CPU "
+                        f"(load average {stats['load']:.1f} on {os.cpu_count()} cores)"),
+      (f"{name}: throughput", f"{size / stats['seconds'] / 1e6:.0f} MB/s"),
+      (f"{name}: peak RSS", f"{stats['peak_rss'] / _GIB:.3f} GiB, "
+                            f"{stats['baseline_rss'] / _GIB:.3f} GiB after imports"),
+      (f"{name}: peak - imports", f"{extra / _GIB:.3f} GiB = {extra / size:.2f} x checkpoint, "
+                                  f"{(extra - size) / largest:+.2f} largest tensors beyond it"),
+  ]
 
 
 def _run(*args: str) -> str:
@@ -111,11 +138,11 @@ def main() -> None:
   parser.add_argument("--single", type=int, default=2, help="single-stream blocks")
   parser.add_argument("--workdir", default=None, help="where to write (default: a temp folder)")
   parser.add_argument("--out", default=None, help="also write the table to this file")
-  parser.add_argument("--child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
+  parser.add_argument("--stage", nargs=3, metavar=("STAGE", "SRC", "DST"), help=argparse.SUPPRESS)
   parser.add_argument("--write", metavar="SRC", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.child:
-    _child(*args.child)
+  if args.stage:
+    _measure(*args.stage)
     return
   if args.write:
     write_synthetic_flux(Path(args.write), args.double, args.single)
@@ -128,22 +155,18 @@ def main() -> None:
     with CheckpointReader(src) as reader:
       size, tensors = reader.nbytes(), len(reader)
       largest = max(reader.nbytes(k) for k in reader)
-    measured = json.loads(_run("--child", str(src), str(dst)).strip().splitlines()[-1])
+    convert_stats, load_stats = (
+        json.loads(_run("--stage", stage, str(src), str(dst)).splitlines()[-1])
+        for stage in ("convert", "load"))
     output = _folder_bytes(dst)
-  extra = measured["peak_rss"] - measured["baseline_rss"]
   rows = [
       ("checkpoint", f"FLUX.1-dev width, {args.double} double + {args.single} single blocks, "
                      f"bf16, {tensors} tensors"),
       ("checkpoint size", f"{size / _GIB:.3f} GiB (largest tensor {largest / _GIB:.3f} GiB)"),
       ("output size (orbax)", f"{output / _GIB:.3f} GiB"),
       ("synthetic write", f"{write_seconds:.1f} s"),
-      ("conversion time", f"{measured['seconds']:.1f} s wall, {measured['cpu_seconds']:.1f} s CPU "
-                          f"(load average {measured['load']:.1f} on {os.cpu_count()} cores)"),
-      ("throughput", f"{size / measured['seconds'] / 1e6:.0f} MB/s"),
-      ("RSS after imports", f"{measured['baseline_rss'] / _GIB:.3f} GiB"),
-      ("peak RSS", f"{measured['peak_rss'] / _GIB:.3f} GiB"),
-      ("peak RSS - imports", f"{extra / _GIB:.3f} GiB = {extra / size:.2f} x checkpoint, "
-                             f"{(extra - size) / largest:+.2f} largest tensors beyond it"),
+      *_stage_rows("convert", convert_stats, size, largest),
+      *_stage_rows("load ours", load_stats, size, largest),
   ]
   width = max(len(name) for name, _ in rows)
   table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
