@@ -2,6 +2,7 @@
 every kind of bad input giving a CheckpointError with nothing left at the destination."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -267,3 +268,30 @@ def test_converted_flux_pipeline_loads_exactly(tmp_path):
     key = f"{stem.replace('/', '.')}.{'bias' if leaf == 'bias' else 'weight'}"
     np.testing.assert_array_equal(array, torch_state[key].T if leaf == "kernel" else
                                   torch_state[key], err_msg=path)
+
+
+def test_registry_dispatch_on_real_converters():
+  from convert import registry
+
+  known = registry.known_model_types()
+  for name, short in [("FluxTransformer2DModel", "flux"), ("PixArtTransformer2DModel", "pixart"),
+                      ("AutoencoderKL", "vae"), ("T5EncoderModel", "t5"),
+                      ("CLIPTextModel", "clip"), ("CLIPTextModelWithProjection", "clip")]:
+    assert known[name] == short
+  assert registry.detect({"architectures": ["T5EncoderModel"]}, where="x").name == "t5"
+  assert registry.detect({"_class_name": "AutoencoderKL"}, where="x").name == "vae"
+  assert registry.find_entry("clip").model_class().__name__ == "CLIPTextModel"
+  with pytest.raises(CheckpointError, match=r"x: unknown model type 'T5ForConditionalGeneration'; "
+                     r"known: \['flux', 'pixart', 'vae', 't5', 'clip', 'tiny'\]"):
+    registry.detect({"architectures": ["T5ForConditionalGeneration"]}, where="x")
+
+
+def test_package_level_names_and_permissions(tmp_path):
+  import convert as package
+
+  _source(tmp_path / "src")
+  dst = package.convert(tmp_path / "src", tmp_path / "dst", progress=False)
+  assert isinstance(package.load_checkpoint(dst), _tiny.TinyNet)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert dst.stat().st_mode & 0o777 == 0o777 & ~umask
