@@ -265,14 +265,14 @@ def test_real_width_block_parity(kind):
 QUANT_TINY = dict(num_attention_heads=2, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
                   joint_attention_dim=64, pooled_projection_dim=32, num_layers=1,
                   num_single_layers=1)
-QUANT_TOL = 8e-2  # W4A4 + rank-16 branch vs the float model; measured 3.8e-2 on this model
+QUANT_TOL = 8e-2  # W4A4 + rank-16 branch vs the float model; measured 4.2e-2 on this model
 
 
 @pytest.mark.slow
 def test_quantized_model_under_jit(tmp_path):
   """quantize_params on a converted FLUX (default skip / weight-only patterns), run under jit.
 
-  Calibrated on four inputs, evaluated on a fifth. Smoothing grid and SVD refinement are cut down
+  Calibrated on two inputs, evaluated on a third. Smoothing grid and SVD refinement are cut down
   (one alpha, two iterations, rank 16) to keep the test short; the layer selection is the default.
   """
   from svdq_jax import QuantConfig, calibrate, is_quantized, quantize_params
@@ -281,7 +281,7 @@ def test_quantized_model_under_jit(tmp_path):
   save_reference(tmp_path, **QUANT_TINY)
   model = FluxTransformer.from_pretrained(tmp_path)
   calibration = [_jax_inputs(make_inputs(QUANT_TINY, height=4, width=4, seed=s))
-                 for s in range(10, 14)]
+                 for s in (10, 11)]
   held_out = _jax_inputs(make_inputs(QUANT_TINY, height=4, width=4, seed=3))
   config = QuantConfig.preset("svdquant-int4", smooth=(0.5,), svd_iters=2, rank=16)
 
