@@ -125,7 +125,8 @@ def rope_frequencies(ids: jax.Array, axes_dims: tuple[int, ...],
   """
   if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
     raise ValueError(f"rope_frequencies: ids must be (S, {len(axes_dims)}), got {ids.shape}")
-  # Inverse frequencies are exact float64 constants; only pos * freq is rounded in float32.
+  # Frequencies in float64 (as diffusers), rounded once to float32; the angles are float32, off by
+  # about |angle| * 2**-24 (1e-5 rad at position 128) from diffusers' float64 ones.
   inv_freqs = np.concatenate(
       [1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d) for d in axes_dims])
   axis_of_pair = np.repeat(np.arange(len(axes_dims)), [d // 2 for d in axes_dims])
