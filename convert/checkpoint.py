@@ -224,12 +224,17 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
   params = Path(path).absolute() / PARAMS_DIR
   try:
     with _checkpointer() as checkpointer:
-      metadata = checkpointer.metadata(params).item_metadata.tree
+      metadata = checkpointer.metadata(params).item_metadata
+      if metadata is None:
+        raise CheckpointError(f"{params}: orbax metadata missing or unreadable")
       restore_args = jax.tree.map(
-          lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), metadata)
+          lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), metadata.tree)
       tree = checkpointer.restore(params, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except (OSError, ValueError, KeyError) as e:
-    raise CheckpointError(f"{params}: cannot read the orbax parameters: {e}") from e
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax / tensorstore raise many types on damaged files
+    raise CheckpointError(f"{params}: corrupt or incomplete orbax parameters: "
+                          f"{type(e).__name__}: {e}") from e
   arrays = _flatten(tree)
   for name, spec in header.get("empty", {}).items():
     arrays[name] = np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))

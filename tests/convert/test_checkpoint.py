@@ -189,3 +189,21 @@ def test_quantized_round_trip_is_exact(tiny, tmp_path, preset):
   x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)), jnp.float32)
   forward = nnx.jit(lambda m, v: m(v))
   np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "remove_manifest"])
+def test_damaged_parameters(tiny, tmp_path, damage):
+  folder = tmp_path / "c"
+  save_checkpoint(_model(), folder, model_type="tiny", config=_tiny.TinyConfig())
+  files = [f for f in (folder / "params").rglob("*") if f.is_file()]
+  if damage == "truncate_data":
+    for f in files:
+      if f.parent.name == "d":
+        f.write_bytes(f.read_bytes()[:10])
+  else:
+    for f in files:
+      if f.name == "manifest.ocdbt":
+        f.unlink()
+  with pytest.raises(CheckpointError, match=r"params: (corrupt or incomplete orbax parameters|"
+                     r"orbax metadata missing)"):
+    load_checkpoint(folder)
