@@ -41,6 +41,7 @@ class _CountingReader(CheckpointReader):
 
 
 def _float_dtype(dtype: Any) -> np.dtype | None:
+  """`dtype` as a numpy floating dtype (None stays None); anything else is a CheckpointError."""
   if dtype is None:
     return None
   try:
@@ -99,7 +100,11 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
   entry = registry.find_entry(model, where=str(src)) if model else registry.detect(
       raw, where=str(folder / "config.json"))
   converter = entry.converter_module()
-  config = converter.config_from_json(raw)
+  try:
+    config = converter.config_from_json(raw)
+  except ValueError as e:  # CheckpointError included: make sure the message names the file
+    where = folder / "config.json"
+    raise CheckpointError(str(e) if str(where) in str(e) else f"{where}: {e}") from e
   reader = _CountingReader(src)
   with tqdm(desc=f"{entry.name} {folder.name}", total=len(reader), unit="tensor",
             disable=not progress, leave=False) as bar:

@@ -295,3 +295,17 @@ def test_package_level_names_and_permissions(tmp_path):
   umask = os.umask(0)
   os.umask(umask)
   assert dst.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_bad_config_names_the_file(tmp_path):
+  _source(tmp_path / "src")
+  raw = json.loads((tmp_path / "src" / "config.json").read_text())
+  del raw["hidden_size"]
+  (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(CheckpointError, match=r"src/config.json: TinyNetModel config.json lacks "
+                     r"'hidden_size'"):
+    convert(tmp_path / "src", tmp_path / "dst", progress=False)
+  (tmp_path / "src" / "config.json").write_text("{oops")
+  with pytest.raises(CheckpointError, match=r"src/config.json: cannot parse config.json"):
+    convert(tmp_path / "src", tmp_path / "dst", progress=False)
+  _assert_nothing_at(tmp_path / "dst")
