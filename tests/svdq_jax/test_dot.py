@@ -210,3 +210,25 @@ def test_auto_uses_the_kernel_only_on_a_supported_gpu(layer_data, fake_kernel, m
     warnings.simplefilter("always")
     svdq_dot(x, nvfp4)
   assert len(calls) == 1 and "nvfp4" in str(caught[0].message)
+
+
+def test_xla_path_agrees_with_the_kernel_reference(layer_data):
+  """The contract of docs/format.md seen from both sides: our XLA product and the jnp reference
+  of the Pallas kernel (pallas_kernels.svdq_linear) on the same SVDQLinear and bf16 input."""
+  reference = pytest.importorskip("pallas_kernels.svdq_linear.reference")
+  kernel, x = layer_data
+  gelu_x = np.asarray(jax.nn.gelu(jnp.asarray(x)))
+  w = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(gelu_x),
+                      QuantConfig.preset("svdquant-int4", svd_iters=0))
+  assert w.act_shift == qz.GELU_SHIFT
+  xs = jnp.asarray(gelu_x[:16], jnp.bfloat16)
+  theirs = reference.svdq_linear_reference(
+      xs, w.qweight, w.wscales, w.smooth, w.lora_down, w.lora_up, w.bias,
+      group_size=w.group_size, act_shift=w.act_shift, out_dtype=jnp.float32)
+  ours = xla_dot_f32(xs, w)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def xla_dot_f32(x, w):
+  """Our reference product of bf16 x, returned before the final cast to x's dtype."""
+  return qlinear.xla_dot(x.astype(jnp.float32), w)
