@@ -71,7 +71,12 @@ def _padded_quantize(x2, smooth, lora_down, act_shift, cfg: QuantizeConfig, m_pa
 
 def _padded_gemm(codes, ascales_t, qweight, wscales, lora_act, lora_up, bias, *, apply_gelu,
                  out_dtype, cfg: GemmConfig, interpret):
-  """Kernel 2 on operands whose M and K are already padded; pads N and the rank."""
+  """Kernel 2 on operands whose M and K are already padded; pads N and the rank.
+
+  The f32 low-rank activations are split into two bf16 terms, hi = bf16(a) and lo = bf16(a - hi),
+  and multiplied as [hi | lo] @ [lora_up; lora_up] in one bf16 wgmma of K = 2r: the product keeps
+  about 16 bits of a (instead of bf16's 8) for a negligible cost.
+  """
   m_pad, k_pad = codes.shape
   n, k_half = qweight.shape
   n_pad = _round_up(n, cfg.block_n)
@@ -79,13 +84,17 @@ def _padded_gemm(codes, ascales_t, qweight, wscales, lora_act, lora_up, bias, *,
   groups_pad = k_pad // GROUP_SIZE
   qweight4 = lax.bitcast_convert_type(_pad_to(qweight, (n_pad, k_pad // 2)), jnp.int4)
   bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  lora_act = _pad_to(lora_act.astype(jnp.float32), (m_pad, r_pad))
+  lora_hi = lora_act.astype(jnp.bfloat16)
+  lora_lo = (lora_act - lora_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  lora_up = _pad_to(lora_up.astype(jnp.bfloat16), (r_pad, n_pad))
   out = w4a4_gemm_kernel(
       codes,
       ascales_t,
       qweight4.reshape(n_pad, k_pad),
       _pad_to(wscales.astype(jnp.float32), (groups_pad, n_pad)),
-      _pad_to(lora_act.astype(jnp.bfloat16), (m_pad, r_pad)),
-      _pad_to(lora_up.astype(jnp.bfloat16), (r_pad, n_pad)).T,
+      jnp.concatenate([lora_hi, lora_lo], axis=1),
+      jnp.concatenate([lora_up, lora_up], axis=0).T,
       _pad_to(bias, (n_pad,)),
       apply_gelu=apply_gelu, out_dtype=out_dtype, config=cfg, interpret=interpret)
   return out[:, :n] if n_pad != n else out
@@ -165,7 +174,7 @@ def svdq_linear(
   n = qweight.shape[0]
   x2 = x.reshape(-1, k)
   m = x2.shape[0]
-  cfg = config or select_config(m, k, n)
+  cfg = config or select_config(m, k, n, lora_down.shape[1])
   m_pad = _round_up(max(m, 1), math.lcm(cfg.quantize.block_m, cfg.gemm.block_m))
   k_pad = _round_up(k, GROUP_SIZE * math.lcm(cfg.quantize.k_splits, cfg.gemm.groups_per_step))
   codes, ascales_t, lora_act = _padded_quantize(
@@ -239,7 +248,7 @@ def w4a4_gemm(
         f"w4a4_gemm: inconsistent shapes codes {codes.shape}, ascales {ascales.shape}, qweight "
         f"{qweight.shape}, wscales {wscales.shape}, lora_act {lora_act.shape}, lora_up "
         f"{lora_up.shape}")
-  cfg = config or select_config(m, k, n).gemm
+  cfg = config or select_config(m, k, n, lora_act.shape[1]).gemm
   m_pad = _round_up(max(m, 1), cfg.block_m)
   k_pad = _round_up(k, GROUP_SIZE * cfg.groups_per_step)
   codes4 = lax.bitcast_convert_type(

@@ -71,9 +71,10 @@ H100_SMEM_BYTES = 232_448
 """Shared memory one CTA may use on sm_90 (the Mosaic GPU lowering rejects more)."""
 
 
-def gemm_smem_bytes(config: GemmConfig, rank: int = 32, out_itemsize: int = 2) -> int:
+def gemm_smem_bytes(config: GemmConfig, rank: int = 64, out_itemsize: int = 2) -> int:
   """Shared memory kernel 2 allocates for `config`: pipelined 4-bit tiles and scales, the widened
-  carrier tiles, the low-rank operands, the bias and the output staging tile."""
+  carrier tiles, the low-rank operands (`rank` = the kernel's K of the low-rank wgmma), the bias
+  and the output staging tile."""
   tm, tn, per_step = config.block_m, config.block_n, config.groups_per_step
   stage = per_step * ((tm + tn) * GROUP_SIZE // 2 + 4 * (tm + tn))
   carrier_tiles = per_step * (tm + tn) * GROUP_SIZE
@@ -93,8 +94,9 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-def select_config(m: int, k: int, n: int) -> SVDQLinearConfig:
-  """Chooses block sizes for an (m, k) x (k, n) product (m tokens after flattening batch dims).
+def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
+  """Chooses block sizes for an (m, k) x (k, n) product (m tokens after flattening batch dims)
+  with a rank-`rank` low-rank branch.
 
   Heuristic, not yet tuned on a GPU: small token counts use 64-row tiles and split K in kernel 1 so
   that enough CTAs run; large ones use 128x256 output tiles (two s8 wgmma of m64n256 per group)
@@ -115,7 +117,9 @@ def select_config(m: int, k: int, n: int) -> SVDQLinearConfig:
     block_n = 64
   gemm = GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=4 if m > 512 else 2)
   # Leave headroom for barriers and alignment below the hard limit.
-  while gemm_smem_bytes(gemm) > H100_SMEM_BYTES - 8192 and gemm.max_concurrent_steps > 2:
+  epilogue_rank = 2 * -(-rank // 16) * 16  # the hi/lo bf16 split doubles the low-rank operand
+  while (gemm_smem_bytes(gemm, epilogue_rank) > H100_SMEM_BYTES - 8192
+         and gemm.max_concurrent_steps > 2):
     gemm = dataclasses.replace(gemm, max_concurrent_steps=gemm.max_concurrent_steps - 1)
   return SVDQLinearConfig(
       quantize=QuantizeConfig(block_m=64, k_splits=k_splits, max_concurrent_steps=2), gemm=gemm)

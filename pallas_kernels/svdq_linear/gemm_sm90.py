@@ -9,9 +9,10 @@ for s8, f32 for e4m3; the group sum is an exact integer of at most 13 bits eithe
 groups per step all their wgmmas are issued before the first is awaited, so the CUDA-core rescale
 of group g (by ascale[m] * wscale[n], into a float32 register carry, in group order g = 0, 1, ...)
 overlaps the tensor-core work of the groups after it.
-The epilogue adds bf16(x @ lora_down) @ lora_up (one bf16 wgmma of K = r into the same tile), the
-bias, optionally a tanh-GELU, and stores the tile through SMEM with TMA. Every CTA writes its own
-output tile once; nothing is accumulated across grid steps.
+The epilogue adds the low-rank product (one bf16 wgmma into the same tile; the wrapper passes the
+f32 x @ lora_down as two bf16 terms, hi and lo, against a stacked lora_up), the bias, optionally a
+tanh-GELU, and stores the tile through SMEM with TMA. Every CTA writes its own output tile once;
+nothing is accumulated across grid steps.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def w4a4_gemm_kernel(
     ascales_t: (K // 64, M) float32 activation scales, transposed.
     qweight4: (N, K) jnp.int4 weight codes.
     wscales: (K // 64, N) float32 weight scales.
-    lora_act: (M, r) bfloat16 x @ lora_down, r a multiple of 16; r = 0 skips the low-rank term.
-    lora_up_t: (N, r) bfloat16, lora_up transposed (K-major B operand).
+    lora_act: (M, r) bfloat16 left operand of the low-rank product, r a multiple of 16; r = 0
+      skips the low-rank term.
+    lora_up_t: (N, r) bfloat16 right operand, transposed (K-major B operand).
     bias: (N,) float32.
     apply_gelu: apply tanh-GELU after the bias.
     out_dtype: dtype of the result.

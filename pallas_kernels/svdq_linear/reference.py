@@ -93,7 +93,7 @@ def w4a4_gemm_reference(
     ascales: (M, G) float32 activation scales, G = K // group_size.
     qweight: (N, K // 2) uint8 packed signed INT4 weight codes.
     wscales: (G, N) weight scales (bf16 or f32; used in f32).
-    lora_act: (M, r) x @ lora_down; rounded to bf16 as the kernel's wgmma operand.
+    lora_act: (M, r) x @ lora_down, used in f32 (the kernel keeps ~16 bits of it, see api.py).
     lora_up: (r, N) bfloat16.
     bias: (N,) float32 or None.
     group_size: quantization group along K.
@@ -103,7 +103,7 @@ def w4a4_gemm_reference(
 
   Returns:
     (M, N) out_dtype: sum_g ascales[:, g] * wscales[g] * int32_group_sum(g), accumulated in f32 in
-    group order, plus bf16(lora_act) @ lora_up in f32, plus bias.
+    group order, plus lora_act @ lora_up in f32, plus bias.
   """
   m = codes.shape[0]
   n = qweight.shape[0]
@@ -117,9 +117,8 @@ def w4a4_gemm_reference(
     return acc + part.astype(jnp.float32) * (ascales[:, g][:, None] * wsc[g][None, :]), None
 
   acc, _ = lax.scan(add_group, jnp.zeros((m, n), jnp.float32), jnp.arange(groups))
-  lora = jnp.dot(
-      lora_act.astype(jnp.bfloat16), lora_up.astype(jnp.bfloat16),
-      preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+  lora = jnp.dot(lora_act.astype(jnp.float32), lora_up.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST)
   y = acc + lora
   if bias is not None:
     y = y + bias.astype(jnp.float32)[None, :]

@@ -67,19 +67,20 @@ def _assert_within_bf16_rounding(got, want):
 
 
 def _assert_fused_close(got, ops, act_shift):
-  """The fused op rounds x @ lora_down (f32, summed in a different order than the reference) to
-  bf16 before the up-projection; a flip of that rounding moves the output by up to one bf16 ulp of
-  each low-rank activation times |lora_up|. Everything else must agree to bf16 output rounding."""
+  """The fused op must agree with the reference to bf16 output rounding, up to the low-rank
+  activations' error: f32 summation order plus the hi/lo bf16 split (< 2^-16 relative each),
+  bounded here by 2^-14 * |x @ lora_down| @ |lora_up|."""
   want = svdq_linear_reference(**ops, act_shift=act_shift, out_dtype=jnp.float32)
   k = ops["x"].shape[-1]
   _, _, lora_act = quantize_activations_reference(
       ops["x"].reshape(-1, k), ops["smooth"], ops["lora_down"], act_shift=act_shift)
-  flip = (np.abs(np.asarray(lora_act)) * 2**-8) @ np.abs(np.asarray(ops["lora_up"], np.float32))
+  low_rank_err = (np.abs(np.asarray(lora_act)) * 2**-14) @ np.abs(
+      np.asarray(ops["lora_up"], np.float32))
+  relative = 2**-7 if got.dtype == jnp.bfloat16 else 1e-5
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  output_rounding = 2**-7 * np.abs(want) + 1e-6 * np.abs(want).max()
+  output_rounding = relative * np.abs(want) + 1e-6 * np.abs(want).max()
   err = np.abs(got - want)
-  assert np.all(err <= output_rounding + flip.reshape(want.shape)), float(np.max(err - flip))
-  assert np.mean(err <= output_rounding) > 0.99
+  assert np.all(err <= output_rounding + low_rank_err.reshape(want.shape)), float(np.max(err))
 
 
 # ---------------------------------------------------------------- kernel 1, interpreted
@@ -248,7 +249,8 @@ def test_quantize_kernel_lowers_for_h100(np_rng, act_shift):
 def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_dtype, block_m,
                                      block_n):
   ops = _gemm_operands(np_rng, 256, 512, 512, 32, unsigned)
-  config = GemmConfig(block_m, block_n, max_concurrent_steps=3, carrier=carrier)
+  config = GemmConfig(block_m, block_n, max_concurrent_steps=2, carrier=carrier)
+  assert gemm_smem_bytes(config) <= H100_SMEM_BYTES
   text = _lower_for_h100(
       lambda *a: w4a4_gemm(*a, act_shift=SHIFT if unsigned else 0.0, apply_gelu=apply_gelu,
                            out_dtype=out_dtype, config=config),

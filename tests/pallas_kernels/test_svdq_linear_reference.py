@@ -82,8 +82,8 @@ def test_gemm_reference_matches_float64(np_rng, unsigned, apply_gelu):
   qw = _np_unpack(qweight, False).reshape(n, groups, 64).astype(np.float64)
   group_sums = np.einsum("mgk,ngk->mng", qa, qw)
   scales = ascales.astype(np.float64)[:, None, :] * wscales.astype(np.float64).T[None]
-  lora_bf16 = lora_act.astype(ml_dtypes.bfloat16).astype(np.float64)
-  y64 = (group_sums * scales).sum(-1) + lora_bf16 @ lora_up.astype(np.float64) + bias
+  y64 = (group_sums * scales).sum(-1) + lora_act.astype(np.float64) @ lora_up.astype(np.float64)
+  y64 = y64 + bias
   if apply_gelu:
     y64 = 0.5 * y64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (y64 + 0.044715 * y64**3)))
   np.testing.assert_allclose(np.asarray(y), y64, rtol=1e-5, atol=1e-5 * np.abs(y64).max())
