@@ -32,7 +32,7 @@ def pack_int4(codes: jax.Array) -> jax.Array:
 def unpack_int4(packed: jax.Array, *, unsigned: bool = False) -> jax.Array:
   """Unpacks (..., K // 2) uint8 into (..., K) int8 codes (two's complement unless `unsigned`)."""
   p = packed.astype(jnp.int32)
-  nibbles = jnp.stack([p & 0xF, p >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+  nibbles = jnp.stack([p & 0xF, p >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
   if not unsigned:
     nibbles = nibbles - ((nibbles & 8) << 1)
   return nibbles.astype(jnp.int8)

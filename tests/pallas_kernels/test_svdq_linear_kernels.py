@@ -188,6 +188,7 @@ def test_gemm_integer_part_is_exact(np_rng):
         ((2, 37), 256, 192, 32, 0.0, True, None),            # batch dims, ragged M and N
         ((50,), 192, 128, 16, SHIFT, False, jnp.float32),     # K = 3 groups, shifted codes
         ((70,), 128, 64, 0, 0.0, True, jnp.float32),          # rank 0: plain W4A4
+        ((1,), 64, 64, 8, 0.0, False, None),                  # one token, one group, rank 8
     ],
 )
 def test_svdq_linear_matches_reference_under_jit(np_rng, lead, k, n, rank, act_shift, bias,
@@ -198,6 +199,12 @@ def test_svdq_linear_matches_reference_under_jit(np_rng, lead, k, n, rank, act_s
   y = run(**ops)
   assert y.shape == (*lead, n) and y.dtype == (out_dtype or jnp.bfloat16)
   _assert_fused_close(y, ops, act_shift)
+
+
+def test_svdq_linear_with_zero_tokens(np_rng):
+  ops = _linear_operands(np_rng, (0,), 128, 64, 16)
+  y = svdq_linear(**ops, interpret=INTERPRET, config=SMALL)
+  assert y.shape == (0, 64) and y.dtype == jnp.bfloat16
 
 
 def test_svdq_linear_under_shard_map(np_rng):
