@@ -46,6 +46,8 @@ class GemmConfig:
     carrier: the tensor-core type the 4-bit codes are widened to: "s8" (int8 wgmma into an int32
       group accumulator) or "e4m3" (every INT4 value is exact in float8_e4m3fn; fp8 wgmma into an
       f32 group accumulator, exact because a 64-wide group sum stays within 13 bits).
+    magic_int_to_float: (s8) convert each int32 group sum to f32 with the exact magic-number trick
+      (integer add, reinterpret, float subtract) instead of the slower conversion instruction.
   """
 
   block_m: int = 128
@@ -53,6 +55,7 @@ class GemmConfig:
   max_concurrent_steps: int = 2
   groups_per_step: int = 2
   carrier: Carrier = "s8"
+  magic_int_to_float: bool = True
 
   def __post_init__(self):
     if self.block_m <= 0 or self.block_m % 64:
