@@ -42,7 +42,7 @@ def test_integer_part_matches_float64_numpy(layer_data, preset):
   w = _quantized(layer_data, preset, rank=0, svd_iters=0)
   x = jnp.asarray(layer_data[1][:16])
   codes, ascales = qlinear.quantize_activations(x, w)
-  a_int, a_factor = _weight_integers(dataclass_like(w, codes))
+  a_int, a_factor = _weight_integers(_activation_view(w, codes))
   w_int, w_factor = _weight_integers(w)
   group = w.group_size
   groups = K // group
@@ -65,7 +65,7 @@ def test_integer_part_matches_float64_numpy(layer_data, preset):
   assert np.all(np.abs(got - expected) <= bound)
 
 
-def dataclass_like(w, act_codes):
+def _activation_view(w, act_codes):
   """A stand-in exposing activation codes through `weight_codes` (for `_weight_integers`)."""
   return types.SimpleNamespace(weight_codes=lambda: act_codes,
                                config=types.SimpleNamespace(weight_format=w.config.act_format))
