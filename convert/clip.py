@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
+from convert.mapping import KeyEntry, convert_tensors
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.clip import CLIPTextConfig
 
@@ -57,27 +57,27 @@ def config_from_json(cfg: dict[str, Any]) -> CLIPTextConfig:
 
 
 def checkpoint_layout(config: CLIPTextConfig,
-                      prefix: str = _PREFIX) -> dict[str, tuple[str, tuple[int, ...], bool]]:
-  """{checkpoint key: (our path, checkpoint shape, is a torch linear weight to transpose)}.
+                      prefix: str = _PREFIX) -> dict[str, KeyEntry]:
+  """{checkpoint key: where its tensor goes} (see `convert.mapping.KeyEntry`).
 
   `prefix` is put before every key of the text model ("text_model." or "").
   """
-  layout: dict[str, tuple[str, tuple[int, ...], bool]] = {}
+  layout: dict[str, KeyEntry] = {}
   width = config.hidden_size
 
   def linear(key: str, path: str, fan_in: int, fan_out: int, use_bias: bool = True) -> None:
-    layout[f"{key}.weight"] = (f"{path}/kernel", (fan_out, fan_in), True)
+    layout[f"{key}.weight"] = KeyEntry(f"{path}/kernel", (fan_out, fan_in), transpose=True)
     if use_bias:
-      layout[f"{key}.bias"] = (f"{path}/bias", (fan_out,), False)
+      layout[f"{key}.bias"] = KeyEntry(f"{path}/bias", (fan_out,))
 
   def layer_norm(key: str, path: str) -> None:
-    layout[f"{key}.weight"] = (f"{path}/scale", (width,), False)
-    layout[f"{key}.bias"] = (f"{path}/bias", (width,), False)
+    layout[f"{key}.weight"] = KeyEntry(f"{path}/scale", (width,))
+    layout[f"{key}.bias"] = KeyEntry(f"{path}/bias", (width,))
 
-  layout[f"{prefix}embeddings.token_embedding.weight"] = (
-      "embeddings/token_embedding/embedding", (config.vocab_size, width), False)
-  layout[f"{prefix}embeddings.position_embedding.weight"] = (
-      "embeddings/position_embedding/embedding", (config.max_position_embeddings, width), False)
+  layout[f"{prefix}embeddings.token_embedding.weight"] = KeyEntry(
+      "embeddings/token_embedding/embedding", (config.vocab_size, width))
+  layout[f"{prefix}embeddings.position_embedding.weight"] = KeyEntry(
+      "embeddings/position_embedding/embedding", (config.max_position_embeddings, width))
   for i in range(config.num_hidden_layers):
     key, path = f"{prefix}encoder.layers.{i}", f"encoder/layers/{i}"
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -101,31 +101,6 @@ def convert_state(reader: CheckpointReader, config: CLIPTextConfig) -> dict[str,
   present = set(reader.keys())
   prefix = _PREFIX if any(k.startswith(_PREFIX) for k in present) else ""
   layout = checkpoint_layout(config, prefix)
-  skipped = {f"{prefix}embeddings.position_ids"}
-  missing = sorted(set(layout) - present)
-  unexpected = sorted(present - set(layout) - skipped)
-  if missing or unexpected:
-    raise CheckpointError(
-        f"{reader.path}: CLIP text checkpoint does not match its config: missing keys "
-        f"{_listing(missing)}; unexpected keys {_listing(unexpected)}")
-  arrays = {}
-  for key, (path, shape, is_linear) in layout.items():
-    _check(reader, key, shape)
-    tensor = reader.get(key)
-    arrays[path] = np.ascontiguousarray(tensor.T) if is_linear else np.array(tensor)
-  return arrays
-
-
-def _check(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> None:
-  found = reader.shape(key)
-  if found != shape:
-    raise CheckpointError(f"{reader.path}: key {key!r} has shape {found}, expected {shape}")
-  dtype = reader.dtype(key)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise CheckpointError(f"{reader.path}: key {key!r} has dtype {dtype}, expected a float dtype")
-
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-  shown = ", ".join(repr(k) for k in keys[:limit])
-  more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
-  return f"[{shown}{more}]"
+  return convert_tensors(reader, layout, name=str(reader.path),
+                         what="CLIP text checkpoint does not match its config",
+                         ignored=[f"{prefix}embeddings.position_ids"])

@@ -9,12 +9,13 @@ a checkpoint that does not fit the config fails with the key named before anythi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from convert import mapping
+from convert.mapping import KeyEntry, TensorSource
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.flux import FluxConfig
 
@@ -24,33 +25,6 @@ MODEL_TYPES: tuple[str, ...] = ("FluxTransformer2DModel",)
 _CONFIG_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                   "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                   "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
-_FLOAT_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16),
-                 np.dtype(ml_dtypes.bfloat16))
-
-
-class TensorSource(Protocol):
-  """What the converter reads: `CheckpointReader`, or any mapping-like source of numpy tensors."""
-
-  def keys(self) -> Iterable[str]: ...
-
-  def shape(self, key: str) -> tuple[int, ...]: ...
-
-  def get(self, key: str) -> np.ndarray: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyEntry:
-  """Where one checkpoint tensor goes.
-
-  Attributes:
-    ours: our "/"-joined parameter path.
-    shape: the tensor's shape in the checkpoint (torch layout).
-    transpose: True for linear weights, stored (out, in) by torch and (in, out) by us.
-  """
-
-  ours: str
-  shape: tuple[int, ...]
-  transpose: bool = False
 
 
 def _linear(name: str, in_features: int, out_features: int) -> dict[str, KeyEntry]:
@@ -124,46 +98,22 @@ def key_table(config: FluxConfig) -> dict[str, KeyEntry]:
   return keys
 
 
-def _listing(keys: list[str]) -> str:
+def _count_listing(keys: list[str]) -> str:
+  """`2 (a, b)`: FLUX's key lists give the count first (its tests read them so)."""
   shown = ", ".join(keys[:20])
   return f"{len(keys)} ({shown}{', ...' if len(keys) > 20 else ''})"
 
 
 def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *,
                     name: str) -> dict[str, np.ndarray]:
-  """Checks `source` against `table` and maps its tensors to our paths and layout.
+  """`convert.mapping.convert_tensors` with FLUX's mismatch message (see there).
 
-  Args:
-    source: the checkpoint tensors (a `CheckpointReader`, read one tensor at a time).
-    table: checkpoint key -> `KeyEntry` (e.g. `key_table(config)`).
-    name: how errors name the checkpoint (its path).
-
-  Returns:
-    {our path: array}, in the checkpoint's dtype; linear kernels are transposed views of the
-    memory-mapped tensors, so nothing is copied until the caller materializes them.
-
-  Raises:
-    CheckpointError: missing or unexpected keys (listed), or a tensor whose shape or dtype does not
-      match (naming the key, what was expected and what was found).
+  Linear kernels are transposed views of the memory-mapped tensors: nothing is copied until the
+  caller materializes them.
   """
-  present = set(source.keys())
-  missing = sorted(set(table) - present)
-  unexpected = sorted(present - set(table))
-  if missing or unexpected:
-    raise CheckpointError(
-        f"{name}: not a FluxTransformer2DModel checkpoint for this config: "
-        f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}")
-  arrays: dict[str, np.ndarray] = {}
-  for key, entry in table.items():
-    found = tuple(source.shape(key))
-    if found != entry.shape:
-      raise CheckpointError(f"{name}: key {key!r} has shape {found}, expected {entry.shape}")
-    tensor = source.get(key)
-    if tensor.dtype not in _FLOAT_DTYPES:
-      raise CheckpointError(f"{name}: key {key!r} has dtype {tensor.dtype}, expected a float "
-                            "dtype (float32, bfloat16, float16 or float64)")
-    arrays[entry.ours] = tensor.T if entry.transpose else tensor
-  return arrays
+  return mapping.convert_tensors(
+      source, table, name=name, what="not a FluxTransformer2DModel checkpoint for this config",
+      listing=_count_listing)
 
 
 def convert_state(reader: CheckpointReader, config: FluxConfig) -> dict[str, np.ndarray]:

@@ -3,20 +3,19 @@
 Our parameter paths spell the diffusers keys ("transformer_blocks/0/attn1/to_q/kernel" is
 "transformer_blocks.0.attn1.to_q.weight"), so the mapping is by name: `convert_by_name` walks the
 model's (allocation-free) parameter tree and reads the matching tensor for each parameter,
-transposing Linear (out, in) -> (in, out) and Conv2d OIHW -> HWIO. The VAE converter reuses it.
+transposing Linear (out, in) -> (in, out) and Conv2d OIHW -> HWIO (`convert.mapping`, shared with
+the VAE converter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from convert.loading import state_paths
+from convert.mapping import convert_by_name
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.pixart import PixArtConfig, PixArtSigmaTransformer
 
@@ -94,79 +93,7 @@ def config_from_json(cfg: dict) -> PixArtConfig:
     raise CheckpointError(f"convert.pixart: invalid config: {e}") from e
 
 
-def torch_key(path: str) -> str:
-  """Our "/"-path -> the torch state-dict key ("a/0/kernel" -> "a.0.weight")."""
-  parts = path.split("/")
-  leaf = {"kernel": "weight", "scale": "weight"}.get(parts[-1], parts[-1])
-  return ".".join([*parts[:-1], leaf])
-
-
-def _torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if path.endswith("kernel") and len(shape) == 2:
-    return (shape[1], shape[0])
-  if path.endswith("kernel") and len(shape) == 4:
-    h, w, i, o = shape
-    return (o, i, h, w)
-  return tuple(shape)
-
-
-def _to_ours(path: str, array: np.ndarray) -> np.ndarray:
-  if path.endswith("kernel") and array.ndim == 2:
-    return array.T
-  if path.endswith("kernel") and array.ndim == 4:
-    return array.transpose(2, 3, 1, 0)
-  return array
-
-
-def convert_by_name(reader: CheckpointReader, expected: Mapping[str, jax.ShapeDtypeStruct], *,
-                    rename: Callable[[str], str] | None = None) -> dict[str, np.ndarray]:
-  """Reads, for each of our parameter paths, the torch tensor of the same name, in our layout.
-
-  Args:
-    reader: the open checkpoint.
-    expected: our flat `{path: ShapeDtypeStruct}` (`convert.loading.state_paths` of the model).
-    rename: maps a checkpoint key to its current diffusers name (legacy key spellings), or None.
-
-  Returns:
-    `{path: array}` with Linear kernels (in, out) and conv kernels HWIO (transposed views of the
-    memory-mapped tensors: nothing is read until the caller uses them).
-
-  Raises:
-    CheckpointError: keys missing or unexpected (listed), a shape that does not match (naming the
-      key, the expected and the found shape), or a tensor that is not floating point.
-  """
-  rename = rename or (lambda key: key)
-  by_name: dict[str, str] = {}
-  for key in reader.keys():
-    name = rename(key)
-    if name in by_name:
-      raise CheckpointError(f"{reader.path}: keys {by_name[name]!r} and {key!r} both give "
-                            f"{name!r}")
-    by_name[name] = key
-  wanted = {torch_key(path): path for path in expected}
-  missing = sorted(set(wanted) - set(by_name))
-  unexpected = sorted(by_name[k] for k in set(by_name) - set(wanted))
-  if missing or unexpected:
-    raise CheckpointError(
-        f"{reader.path}: checkpoint does not match the model: missing keys {missing[:20]}"
-        f"{' ...' if len(missing) > 20 else ''} ({len(missing)}); unexpected keys "
-        f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})")
-  arrays = {}
-  for name, path in wanted.items():
-    key = by_name[name]
-    want = _torch_shape(path, expected[path].shape)
-    found = reader.shape(key)
-    if tuple(found) != want:
-      raise CheckpointError(f"{reader.path}: key {key!r} has shape {tuple(found)}, expected "
-                            f"{want} (for our {path!r})")
-    if not jnp.issubdtype(reader.dtype(key), jnp.floating):
-      raise CheckpointError(f"{reader.path}: key {key!r} has dtype {reader.dtype(key)}, expected "
-                            "a floating-point tensor")
-    arrays[path] = _to_ours(path, reader.get(key))
-  return arrays
-
-
 def convert_state(reader: CheckpointReader, config: PixArtConfig) -> dict[str, np.ndarray]:
   """A diffusers PixArt transformer checkpoint -> flat `{our path: array}` (see module doc)."""
   model = nnx.eval_shape(lambda: PixArtSigmaTransformer(config, rngs=nnx.Rngs(0)))
-  return convert_by_name(reader, state_paths(model))
+  return convert_by_name(reader, state_paths(model), name=str(reader.path))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
+from convert.mapping import KeyEntry, check_key_sets, read_tensor, read_tensors
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.t5 import T5Config
 
@@ -47,21 +47,21 @@ def config_from_json(cfg: dict[str, Any]) -> T5Config:
     raise CheckpointError(f"T5 converter: unsupported config: {e}") from e
 
 
-def checkpoint_layout(config: T5Config) -> dict[str, tuple[str, tuple[int, ...], bool]]:
-  """{checkpoint key: (our path, checkpoint shape, is a torch linear weight to transpose)}.
+def checkpoint_layout(config: T5Config) -> dict[str, KeyEntry]:
+  """{checkpoint key: where its tensor goes} (see `convert.mapping.KeyEntry`).
 
   The token embedding is listed under `shared.weight`.
   """
-  layout: dict[str, tuple[str, tuple[int, ...], bool]] = {}
+  layout: dict[str, KeyEntry] = {}
 
   def linear(key: str, path: str, fan_in: int, fan_out: int) -> None:
-    layout[f"{key}.weight"] = (f"{path}/kernel", (fan_out, fan_in), True)
+    layout[f"{key}.weight"] = KeyEntry(f"{path}/kernel", (fan_out, fan_in), transpose=True)
 
   def norm(key: str, path: str) -> None:
-    layout[f"{key}.weight"] = (f"{path}/scale", (config.d_model,), False)
+    layout[f"{key}.weight"] = KeyEntry(f"{path}/scale", (config.d_model,))
 
   d_model, inner = config.d_model, config.num_heads * config.d_kv
-  layout["shared.weight"] = ("shared/embedding", (config.vocab_size, d_model), False)
+  layout["shared.weight"] = KeyEntry("shared/embedding", (config.vocab_size, d_model))
   for i in range(config.num_layers):
     attn_key, attn_path = f"encoder.block.{i}.layer.0", f"encoder/block/{i}/layer/0"
     for name in ("q", "k", "v"):
@@ -69,9 +69,9 @@ def checkpoint_layout(config: T5Config) -> dict[str, tuple[str, tuple[int, ...],
              inner)
     linear(f"{attn_key}.SelfAttention.o", f"{attn_path}/SelfAttention/o", inner, d_model)
     if i == 0:
-      layout[f"{attn_key}.SelfAttention.relative_attention_bias.weight"] = (
+      layout[f"{attn_key}.SelfAttention.relative_attention_bias.weight"] = KeyEntry(
           f"{attn_path}/SelfAttention/relative_attention_bias/embedding",
-          (config.relative_attention_num_buckets, config.num_heads), False)
+          (config.relative_attention_num_buckets, config.num_heads))
     norm(f"{attn_key}.layer_norm", f"{attn_path}/layer_norm")
     ff_key, ff_path = f"encoder.block.{i}.layer.1", f"encoder/block/{i}/layer/1"
     for name in ("wi_0", "wi_1") if config.is_gated_act else ("wi",):
@@ -94,33 +94,10 @@ def convert_state(reader: CheckpointReader, config: T5Config) -> dict[str, np.nd
   embedding_keys = [k for k in _EMBEDDING_KEYS if k in present]
   if embedding_keys:
     layout[embedding_keys[0]] = layout.pop("shared.weight")
-  tied_copies = set(embedding_keys[1:])
-  missing = sorted(set(layout) - present)
-  unexpected = sorted(present - set(layout) - tied_copies)
-  if missing or unexpected:
-    raise CheckpointError(
-        f"{reader.path}: T5 encoder checkpoint does not match its config: missing keys "
-        f"{_listing(missing)}; unexpected keys {_listing(unexpected)}")
+  tied_copies = embedding_keys[1:]
+  name = str(reader.path)
+  check_key_sets(layout, present, name=name, ignored=tied_copies,
+                 what="T5 encoder checkpoint does not match its config")
   for key in tied_copies:
-    _check(reader, key, layout[embedding_keys[0]][1])
-  arrays = {}
-  for key, (path, shape, is_linear) in layout.items():
-    _check(reader, key, shape)
-    tensor = reader.get(key)
-    arrays[path] = np.ascontiguousarray(tensor.T) if is_linear else np.array(tensor)
-  return arrays
-
-
-def _check(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> None:
-  found = reader.shape(key)
-  if found != shape:
-    raise CheckpointError(f"{reader.path}: key {key!r} has shape {found}, expected {shape}")
-  dtype = reader.dtype(key)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise CheckpointError(f"{reader.path}: key {key!r} has dtype {dtype}, expected a float dtype")
-
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-  shown = ", ".join(repr(k) for k in keys[:limit])
-  more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
-  return f"[{shown}{more}]"
+    read_tensor(reader, key, layout[embedding_keys[0]], name=name)
+  return read_tensors(reader, layout, name=name)

@@ -1,6 +1,6 @@
 """diffusers `AutoencoderKL` checkpoints -> `models.vae.AutoencoderKL`.
 
-The mapping is by name (see `convert.pixart.convert_by_name`): our paths spell the diffusers
+The mapping is by name (see `convert.mapping.convert_by_name`): our paths spell the diffusers
 keys. Checkpoints saved before diffusers renamed the mid-block attention
 (`attentions.0.query/key/value/proj_attn`) are read too, as diffusers itself does on load.
 """
@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from convert.loading import state_paths
-from convert.pixart import convert_by_name
+from convert.mapping import convert_by_name
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.vae import AutoencoderKL, VAEConfig
 
@@ -80,4 +80,5 @@ def _current_name(key: str) -> str:
 def convert_state(reader: CheckpointReader, config: VAEConfig) -> dict[str, np.ndarray]:
   """A diffusers AutoencoderKL checkpoint -> flat `{our path: array}` (conv OIHW -> HWIO)."""
   model = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-  return convert_by_name(reader, state_paths(model), rename=_current_name)
+  return convert_by_name(reader, state_paths(model), name=str(reader.path),
+                         rename=_current_name)
