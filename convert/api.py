@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from convert import registry
 from convert.checkpoint import HEADER_KEY, atomic_folder, check_against_model, write_into
-from convert.loading import is_quantized_value, read_config
+from convert.loading import read_config
 from convert.safetensors_io import CheckpointError, CheckpointReader
+from svdq_jax import is_quantized
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -114,7 +115,7 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
       check_against_model(arrays, entry, config, source=str(src))
       cast = _float_dtype(dtype)
       for key, value in arrays.items():
-        if not is_quantized_value(value):
+        if not is_quantized(value):
           arrays[key] = _materialize(value, cast)
       write_into(Path(out), arrays, model_type=entry.name, config=config)
   return entry

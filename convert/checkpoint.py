@@ -35,14 +35,13 @@ from flax import nnx
 from convert import registry
 from convert.loading import (
   check_arrays,
-  is_quantized_value,
   load_into,
   path_str,
   read_config,
   state_paths,
 )
 from convert.safetensors_io import CheckpointError
-from svdq_jax import SVDQLinear
+from svdq_jax import SVDQLinear, is_quantized
 
 FORMAT_VERSION = 1
 HEADER_KEY = "svdq_jax"
@@ -157,7 +156,7 @@ def write_into(folder: Path, arrays: Mapping[str, Any], *, model_type: str, conf
   tree: dict[str, Any] = {}
   quantized: dict[str, dict] = {}
   for path, value in arrays.items():
-    if is_quantized_value(value):
+    if is_quantized(value):
       quantized[path] = value.metadata()
       tree[path] = value.arrays()
     else:

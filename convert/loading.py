@@ -26,13 +26,9 @@ def path_str(path: tuple) -> str:
   return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
-def is_quantized_value(value: Any) -> bool:
-  """True for an `svdq_jax.SVDQLinear` standing in a parameter's place."""
-  return is_quantized(value)
-
-
 def _spec(value: Any) -> jax.ShapeDtypeStruct:
-  """Shape and dtype of a parameter value; an SVDQLinear reports its kernel's (in, out) shape."""
+  """Shape and dtype of a parameter value; an SVDQLinear reports the (in, out) shape of the kernel
+  it replaces and a float dtype (bfloat16), so it checks like that float kernel."""
   if is_quantized(value):
     return jax.ShapeDtypeStruct(tuple(value.shape), jnp.bfloat16)
   return jax.ShapeDtypeStruct(tuple(value.shape), value.dtype)
@@ -98,7 +94,7 @@ def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
   for path, variable in flat:
     name = path_str(path)
     value = arrays.pop(name) if consume else arrays[name]
-    if is_quantized_value(value):
+    if is_quantized(value):
       variable.set_value(value)
       continue
     target = expected[name].dtype
