@@ -9,15 +9,18 @@ config.json carries our "svdq_jax" header). Calling a pipeline:
   2. draws the initial latents from `jax.random.key(seed)` (or takes `latents`);
   3. runs every denoising step inside one `jax.jit` of a `lax.fori_loop` (compiled once per
      shape: batch, resolution, number of steps), on one device or data-parallel over `devices`
-     with `models.sharding.data_parallel` (weights replicated, batch split);
+     with `models.sharding.data_parallel` (weights replicated, batch split); the step itself is
+     a pure function `step(state, schedule, i, carry, *conditions) -> carry`;
   4. decodes with the jitted VAE and returns images (B, H, W, 3) float32 in [0, 1].
 
-Progress bar: the jitted loop reports each finished step through `jax.debug.callback` to a tqdm
-bar on the host. Measured on CPU (2 cores, tiny FLUX, 8 steps; `benchmarks/sampling.py
---progress-overhead`): the callback adds about 0.1 ms a step to a fused loop, while a per-step
-compiled body called from Python adds one dispatch and a host sync per step (about 1 ms a step
-here, more on a GPU, where it also stops XLA from overlapping steps); so the callback is used.
-With `progress=False` the loop is compiled without it.
+Progress bar (`progress=True`): the one-step body is compiled on its own and called once per step
+from Python, which waits for each step and advances a tqdm bar. The alternative, a
+`jax.debug.callback` inside the fused loop, cost more in each of three runs of `python
+benchmarks/sampling.py --progress-overhead` (CPU, 2 busy cores, tiny FLUX, 8 steps, median of 9;
+fused loop without a bar 6-11 ms/step): debug.callback +2.2 to +8.2 ms/step, per-step body with
+a host sync -2.1 to +2.4 ms/step (noise of the shared machine). At a width of 768 (3.7-4.0
+s/step) both were lost in the noise. Not measured on a GPU. Without a
+progress bar the whole loop is one `lax.fori_loop` in one jitted function.
 
 Same seed, same image: the noise comes from `jax.random.key(seed)` for the whole batch on the
 host side of the mesh, so the image does not depend on the device count, and runs on CPU repeat
@@ -60,29 +63,6 @@ def _jit_module(module: nnx.Module, method: str = "__call__", **jit_kwargs) -> C
   return lambda *args, **kwargs: jitted(state, *args, **kwargs)
 
 
-class _Progress:
-  """Host side of the in-loop progress bar: one tqdm bar per run, fed by `jax.debug.callback`."""
-
-  def __init__(self):
-    self.bar = None
-
-  def start(self, total: int, enabled: bool) -> None:
-    if enabled:
-      from tqdm.auto import tqdm  # noqa: PLC0415
-
-      self.bar = tqdm(total=total, desc="denoising", unit="step")
-
-  def step_done(self, i: np.ndarray) -> None:
-    # Called once per device under data parallelism: move to step i+1, never backwards.
-    if self.bar is not None and int(i) + 1 > self.bar.n:
-      self.bar.update(int(i) + 1 - self.bar.n)
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
-      self.bar = None
-
-
 def _read_model_index(path: Path) -> dict:
   if not path.is_dir():
     raise CheckpointError(f"{path}: pipeline folder does not exist")
@@ -114,29 +94,55 @@ def _to_images(decoded: jax.Array) -> np.ndarray:
   return np.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
-def _steps(num_steps: int, body: Callable[[Any, Any], Any], init: Any, eager: bool) -> Any:
-  """`lax.fori_loop(0, num_steps, body, init)`, or a Python loop when `eager` (calibration must
-  see concrete activations, so it cannot run under a trace)."""
-  if not eager:
-    return jax.lax.fori_loop(0, num_steps, body, init)
-  carry = init
-  for i in range(num_steps):
-    carry = body(jnp.int32(i), carry)
-  return carry
+def fused_loop(step: Callable[..., Any], scheduler: schedulers.Scheduler
+               ) -> Callable[..., jax.Array]:
+  """`denoise(state, schedule, latents, *conditions) -> latents`: every step in one fori_loop."""
+
+  def denoise(state, schedule, latents, *conditions):
+    def body(i, carry):
+      return step(state, schedule, i, carry, *conditions)
+
+    init = (latents, scheduler.init_state(latents))
+    return jax.lax.fori_loop(0, schedule.num_steps, body, init)[0]
+
+  return denoise
 
 
-def _run_loop(make_denoise: Callable[[], Callable[..., jax.Array]], runners: dict,
-              devices: int | None, in_axes: tuple[int | None, ...], *args) -> jax.Array:
-  """Runs `make_denoise()(*args)` jitted on one device, or data-parallel over `devices`.
+def _denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedulers.Scheduler,
+             runners: dict, *, state: Any, schedule: schedulers.Schedule, latents: jax.Array,
+             conditions: tuple, condition_axes: tuple, devices: int | None, progress: bool,
+             jit: bool) -> jax.Array:
+  """Runs the denoising loop and returns the final latents.
 
-  `runners` caches the jitted function per device count, so each shape compiles once.
+  jit and no progress: the fused loop, jitted (or data-parallel over `devices`). jit and
+  progress: the jitted one-step body, called per step with a tqdm bar. Not jit: eager steps in
+  Python (calibration). `runners` caches the compiled functions per (mode, device count).
   """
-  key = devices or 1
+  num_steps = schedule.num_steps
+  carry = (latents, scheduler.init_state(latents))
+  if not jit:
+    step = make_step(True)
+    for i in range(num_steps):
+      carry = step(state, schedule, jnp.int32(i), carry, *conditions)
+    return carry[0]
+  count = devices or 1
+  key = ("per-step" if progress else "fused", count)
   if key not in runners:
-    denoise = make_denoise()
-    runners[key] = (jax.jit(denoise) if key == 1
-                    else sharding.data_parallel(denoise, devices=key, in_axes=in_axes))
-  return runners[key](*args)
+    step = make_step(False)
+    fn, axes = ((step, (None, None, None, 0, *condition_axes)) if progress
+                else (fused_loop(step, scheduler), (None, None, 0, *condition_axes)))
+    runners[key] = (jax.jit(fn) if count == 1
+                    else sharding.data_parallel(fn, devices=count, in_axes=axes))
+  run = runners[key]
+  if not progress:
+    return run(state, schedule, latents, *conditions)
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  with tqdm(total=num_steps, desc="denoising", unit="step") as bar:
+    for i in range(num_steps):
+      carry = jax.block_until_ready(run(state, schedule, jnp.int32(i), carry, *conditions))
+      bar.update(1)
+  return carry[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +167,32 @@ def latent_image_ids(h: int, w: int) -> jax.Array:
   """(h/2 * w/2, 3) float32 position ids (0, row, column) of the packed latent tokens."""
   rows, cols = jnp.meshgrid(jnp.arange(h // 2), jnp.arange(w // 2), indexing="ij")
   return jnp.stack([jnp.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(jnp.float32)
+
+
+def flux_step_fn(transformer: nnx.Module, scheduler: schedulers.FlowMatchEulerScheduler, *,
+                 eager: bool = False) -> Callable[..., Any]:
+  """One FLUX denoising step as a pure function.
+
+  Returns `step(state, schedule, i, (latents, scheduler_state), prompt_embeds, pooled, guidance,
+  img_ids, txt_ids) -> (latents, scheduler_state)` where `state` is `nnx.state(transformer)`
+  (plain or quantized), latents (B, S, 4C), prompt_embeds (B, T, D), pooled (B, P), guidance (B,)
+  (unused without a guidance embedding), img_ids (S, 3), txt_ids (T, 3). `eager` runs the
+  transformer object itself, so that `calibrate` sees its kernels; `fused_loop(step, scheduler)`
+  makes the whole loop.
+  """
+  graphdef, _ = nnx.split(transformer)
+  guidance_embeds = bool(transformer.config.guidance_embeds)
+
+  def step(state, schedule, i, carry, prompt_embeds, pooled, guidance, img_ids, txt_ids):
+    model = transformer if eager else nnx.merge(graphdef, state)
+    x, scheduler_state = carry
+    timestep = jnp.broadcast_to(schedule.timesteps[i], x.shape[:1]).astype(x.dtype)
+    velocity = model(hidden_states=x, encoder_hidden_states=prompt_embeds,
+                     pooled_projections=pooled, timestep=timestep / 1000, img_ids=img_ids,
+                     txt_ids=txt_ids, guidance=guidance if guidance_embeds else None)
+    return scheduler.step(schedule, scheduler_state, i, velocity, x)
+
+  return step
 
 
 class FluxPipeline:
@@ -190,8 +222,7 @@ class FluxPipeline:
     self._clip = _jit_module(text_encoder)
     self._t5 = _jit_module(text_encoder_2)
     self._decode = _jit_module(vae, "decode")
-    self._progress = _Progress()
-    self._runners: dict[tuple, dict] = {}
+    self._runners: dict = {}  # compiled loops, see `_denoise`
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, dtype: jnp.dtype | None = None
@@ -237,31 +268,6 @@ class FluxPipeline:
     f = self.vae_scale_factor * 2
     return 2 * (height // f), 2 * (width // f)
 
-  def _denoise_fn(self, progress: bool, eager: bool = False) -> Callable[..., jax.Array]:
-    graphdef, _ = nnx.split(self.transformer)
-    scheduler, report = self.scheduler, self._progress.step_done
-    guidance_embeds = self.guidance_embeds
-
-    def denoise(state, schedule, latents, prompt_embeds, pooled, guidance, img_ids, txt_ids):
-      # Eagerly (calibration) the model itself runs: its kernels are the arrays calibrate knows.
-      model = self.transformer if eager else nnx.merge(graphdef, state)
-
-      def body(i, carry):
-        x, scheduler_state = carry
-        timestep = jnp.broadcast_to(schedule.timesteps[i], x.shape[:1]).astype(x.dtype)
-        velocity = model(hidden_states=x, encoder_hidden_states=prompt_embeds,
-                         pooled_projections=pooled, timestep=timestep / 1000, img_ids=img_ids,
-                         txt_ids=txt_ids, guidance=guidance if guidance_embeds else None)
-        x, scheduler_state = scheduler.step(schedule, scheduler_state, i, velocity, x)
-        if progress:
-          jax.debug.callback(report, i)
-        return x, scheduler_state
-
-      init = (latents, scheduler.init_state(latents))
-      return _steps(schedule.num_steps, body, init, eager)[0]
-
-    return denoise
-
   def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None, *,
                height: int = 1024, width: int = 1024, num_inference_steps: int = 28,
                guidance_scale: float | None = None, seed: int | None = 0,
@@ -282,7 +288,7 @@ class FluxPipeline:
       latents: packed initial latents (B, h/2 * w/2, 4C) instead of drawn ones.
       max_sequence_length: T5 tokens (512 for dev, 256 is common for schnell).
       devices: run data-parallel over this many devices (None: one).
-      progress: show a progress bar of the steps.
+      progress: show a progress bar of the steps (runs the compiled one-step body per step).
       output_type: "np" for images, "latent" for the final packed latents.
       jit: False runs the steps eagerly in Python, one model call at a time (for `calibrate`;
         slow, and without data parallelism).
@@ -313,20 +319,12 @@ class FluxPipeline:
     guidance = jnp.full((batch,), 3.5 if guidance_scale is None else guidance_scale,
                         jnp.float32)
     txt_ids = jnp.zeros((prompt_embeds.shape[1], 3), jnp.float32)
-    state = nnx.state(self.transformer)
-    runners = self._runners.setdefault(("flux", progress), {})
-    self._progress.start(num_inference_steps, progress)
-    try:
-      args = (state, schedule, latents, prompt_embeds, pooled, guidance, latent_image_ids(h, w),
-              txt_ids)
-      if jit:
-        latents = _run_loop(lambda: self._denoise_fn(progress), runners, devices,
-                            (None, None, 0, 0, 0, 0, None, None), *args)
-      else:
-        latents = self._denoise_fn(progress, eager=True)(*args)
-      latents.block_until_ready()
-    finally:
-      self._progress.close()
+    latents = _denoise(
+        lambda eager: flux_step_fn(self.transformer, self.scheduler, eager=eager),
+        self.scheduler, self._runners, state=nnx.state(self.transformer), schedule=schedule,
+        latents=latents, conditions=(prompt_embeds, pooled, guidance, latent_image_ids(h, w),
+                                     txt_ids),
+        condition_axes=(0, 0, 0, None, None), devices=devices, progress=progress, jit=jit)
     if output_type == "latent":
       return np.asarray(latents)
     raw = self.vae.unscale_latents(unpack_latents(latents, h, w))
@@ -355,8 +353,7 @@ class PixArtSigmaPipeline:
     self.vae_scale_factor = vae.config.downsample_factor
     self._t5 = _jit_module(text_encoder)
     self._decode = _jit_module(vae, "decode")
-    self._progress = _Progress()
-    self._runners: dict[tuple, dict] = {}
+    self._runners: dict = {}  # compiled loops, see `_denoise`
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, dtype: jnp.dtype | None = None
@@ -386,41 +383,32 @@ class PixArtSigmaPipeline:
     mask = jnp.asarray(tokens.attention_mask)
     return self._t5(jnp.asarray(tokens.input_ids), mask), mask
 
-  def _denoise_fn(self, progress: bool, guided: bool, eager: bool = False
-                  ) -> Callable[..., jax.Array]:
+  def _step_fn(self, guided: bool, eager: bool) -> Callable[..., Any]:
+    """`step(state, schedule, i, carry, embeds, mask, neg_embeds, neg_mask, guidance)`."""
     graphdef, _ = nnx.split(self.transformer)
-    scheduler, report = self.scheduler, self._progress.step_done
-    in_channels = self.transformer.config.in_channels
-    learned_sigma = self.transformer.config.out_channels // 2 == in_channels
+    scheduler, transformer = self.scheduler, self.transformer
+    in_channels = transformer.config.in_channels
+    learned_sigma = transformer.config.out_channels // 2 == in_channels
 
-    def denoise(state, schedule, latents, embeds, mask, neg_embeds, neg_mask, guidance):
-      # Eagerly (calibration) the model itself runs: its kernels are the arrays calibrate knows.
-      model = self.transformer if eager else nnx.merge(graphdef, state)
+    def step(state, schedule, i, carry, embeds, mask, neg_embeds, neg_mask, guidance):
+      model = transformer if eager else nnx.merge(graphdef, state)
+      x, scheduler_state = carry
       if guided:
         embeds = jnp.concatenate([neg_embeds, embeds])
         mask = jnp.concatenate([neg_mask, mask])
+      x_in = jnp.concatenate([x, x]) if guided else x
+      x_in = scheduler.scale_model_input(schedule, i, x_in)
+      timestep = jnp.broadcast_to(schedule.timesteps[i], x_in.shape[:1])
+      out = model(x_in, encoder_hidden_states=embeds, timestep=timestep,
+                  encoder_attention_mask=mask)
+      if guided:
+        uncond, cond = jnp.split(out, 2)
+        out = uncond + guidance[:, None, None, None].astype(out.dtype) * (cond - uncond)
+      if learned_sigma:
+        out = out[:, :in_channels]
+      return scheduler.step(schedule, scheduler_state, i, out, x)
 
-      def body(i, carry):
-        x, scheduler_state = carry
-        x_in = jnp.concatenate([x, x]) if guided else x
-        x_in = scheduler.scale_model_input(schedule, i, x_in)
-        timestep = jnp.broadcast_to(schedule.timesteps[i], x_in.shape[:1])
-        out = model(x_in, encoder_hidden_states=embeds, timestep=timestep,
-                    encoder_attention_mask=mask)
-        if guided:
-          uncond, cond = jnp.split(out, 2)
-          out = uncond + guidance[:, None, None, None].astype(out.dtype) * (cond - uncond)
-        if learned_sigma:
-          out = out[:, :in_channels]
-        x, scheduler_state = scheduler.step(schedule, scheduler_state, i, out, x)
-        if progress:
-          jax.debug.callback(report, i)
-        return x, scheduler_state
-
-      init = (latents, scheduler.init_state(latents))
-      return _steps(schedule.num_steps, body, init, eager)[0]
-
-    return denoise
+    return step
 
   def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None, *,
                height: int = 1024, width: int = 1024, num_inference_steps: int = 20,
@@ -458,19 +446,12 @@ class PixArtSigmaPipeline:
       raise ValueError(f"PixArtSigmaPipeline: latents must be {shape}, got {latents.shape}")
     latents = jnp.asarray(latents).astype(embeds.dtype)
     guidance = jnp.full((batch,), guidance_scale, jnp.float32)
-    state = nnx.state(self.transformer)
-    runners = self._runners.setdefault(("pixart", progress, guided), {})
-    self._progress.start(num_inference_steps, progress)
-    try:
-      args = (state, schedule, latents, embeds, mask, neg_embeds, neg_mask, guidance)
-      if jit:
-        latents = _run_loop(lambda: self._denoise_fn(progress, guided), runners, devices,
-                            (None, None, 0, 0, 0, 0, 0, 0), *args)
-      else:
-        latents = self._denoise_fn(progress, guided, eager=True)(*args)
-      latents.block_until_ready()
-    finally:
-      self._progress.close()
+    latents = _denoise(
+        lambda eager: self._step_fn(guided, eager), self.scheduler,
+        self._runners.setdefault(guided, {}), state=nnx.state(self.transformer),
+        schedule=schedule, latents=latents,
+        conditions=(embeds, mask, neg_embeds, neg_mask, guidance),
+        condition_axes=(0, 0, 0, 0, 0), devices=devices, progress=progress, jit=jit)
     if output_type == "latent":
       return np.asarray(latents)
     return _to_images(self._decode(self.vae.unscale_latents(latents)))
