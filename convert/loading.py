@@ -129,12 +129,20 @@ def load_pretrained(path: str | os.PathLike, *, build: Callable[[Any], nnx.Modul
   on random init); `config_from_json` maps the folder's config.json to our config;
   `convert_state(reader, config)` maps the checkpoint's tensors to flat "/"-joined paths of ours.
   A folder whose config.json carries the key "svdq_jax" is one of ours and is read by
-  `convert.checkpoint.load_checkpoint` instead.
+  `convert.checkpoint.load_checkpoint` instead (a CheckpointError when it holds another model
+  family than the one `config_from_json` belongs to).
   """
   raw = read_config(path)
   if "svdq_jax" in raw:
-    from convert.checkpoint import load_checkpoint  # noqa: PLC0415  (ours: orbax format)
+    from convert import registry  # noqa: PLC0415  (ours: orbax format)
+    from convert.checkpoint import load_checkpoint, read_header  # noqa: PLC0415
 
+    stored = registry.find_entry(read_header(path)["model_type"], where=str(path))
+    wanted = [e for e in registry.ENTRIES if e.converter == config_from_json.__module__]
+    if wanted and wanted[0] != stored:
+      raise CheckpointError(f"{path}: a svdq-jax checkpoint of a {stored.name!r} model "
+                            f"({stored.model}), but this loader reads {wanted[0].name!r} "
+                            f"({wanted[0].model})")
     return load_checkpoint(path, dtype=dtype)
   config = config_from_json(raw)
   model = nnx.eval_shape(lambda: build(config))

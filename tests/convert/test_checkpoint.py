@@ -213,3 +213,13 @@ def test_damaged_parameters(tiny, tmp_path, damage):
     load_checkpoint(folder)
   time.sleep(0.5)  # let that late callback fail inside this test, where it is ignored
   gc.collect()
+
+
+def test_load_pretrained_of_another_family(tiny, tmp_path):
+  import convert.t5
+
+  save_checkpoint(_model(), tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  with pytest.raises(CheckpointError, match=r"a svdq-jax checkpoint of a 'tiny' model \(.*TinyNet"
+                     r"\), but this loader reads 't5' \(models.t5:T5Encoder\)"):
+    load_pretrained(tmp_path / "c", build=None, config_from_json=convert.t5.config_from_json,
+                    convert_state=convert.t5.convert_state)
