@@ -210,8 +210,11 @@ class CheckpointReader:
     entry = self._entry(key)
     if entry.end == entry.begin:
       return np.zeros(entry.shape, entry.dtype)
-    return np.memmap(entry.file, dtype=entry.dtype, mode="r", offset=entry.begin,
-                     shape=entry.shape)
+    try:
+      return np.memmap(entry.file, dtype=entry.dtype, mode="r", offset=entry.begin,
+                       shape=entry.shape)
+    except (OSError, ValueError) as e:  # the file changed or vanished since it was opened
+      raise CheckpointError(f"{entry.file}: cannot read key {key!r}: {e}") from e
 
   def close(self) -> None:
     """Nothing to release (mappings live as long as the arrays); kept for `with` blocks."""

@@ -188,3 +188,12 @@ def test_save_file_failure_leaves_nothing(tmp_path):
   with pytest.raises(CheckpointError, match=r"cannot store key 'o' of dtype object"):
     save_file({"a": np.ones(2, np.float32), "o": np.array([None])}, tmp_path / "f.safetensors")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_file_truncated_after_open(tmp_path):
+  path = tmp_path / "t.safetensors"
+  save_file({"a": np.ones((64,), np.float32), "b": np.ones((64,), np.float32)}, path)
+  reader = CheckpointReader(path)
+  path.write_bytes(path.read_bytes()[:-200])
+  with pytest.raises(CheckpointError, match=r"t.safetensors: cannot read key 'b'"):
+    reader.get("b")
