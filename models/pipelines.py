@@ -422,7 +422,8 @@ class PixArtSigmaPipeline:
     Args:
       negative_prompt: the unconditional prompt of classifier-free guidance (default "").
       guidance_scale: classifier-free guidance (default 4.5; <= 1 turns guidance off).
-      latents: initial latents (B, 4, H/8, W/8), already scaled by the scheduler's noise sigma.
+      latents: initial noise (B, 4, H/8, W/8); like diffusers, it is multiplied by the
+        scheduler's initial noise sigma.
     """
     prompts = _prompts(prompt)
     patch = self.transformer.config.patch_size
@@ -440,11 +441,11 @@ class PixArtSigmaPipeline:
     schedule = self.scheduler.schedule(num_inference_steps)
     if latents is None:
       key = jax.random.key(seed or 0) if key is None else key
-      latents = jax.random.normal(key, shape, jnp.float32) * self.scheduler.init_noise_sigma(
-          schedule)
+      latents = jax.random.normal(key, shape, jnp.float32)
     if tuple(latents.shape) != shape:
       raise ValueError(f"PixArtSigmaPipeline: latents must be {shape}, got {latents.shape}")
-    latents = jnp.asarray(latents).astype(embeds.dtype)
+    sigma = self.scheduler.init_noise_sigma(schedule)
+    latents = (jnp.asarray(latents, jnp.float32) * sigma).astype(embeds.dtype)
     guidance = jnp.full((batch,), guidance_scale, jnp.float32)
     latents = _denoise(
         lambda eager: self._step_fn(guided, eager), self.scheduler,

@@ -1,5 +1,6 @@
-"""A tiny random-init diffusers FluxPipeline (transformer, VAE, CLIP, T5, both tokenizers) saved
-to a folder: the reference for the pipeline, CLI and quantization tests.
+"""Tiny random-init diffusers pipelines saved to a folder: FluxPipeline (transformer, VAE, CLIP,
+T5, both tokenizers) and PixArtSigmaPipeline; the reference for the pipeline, CLI and
+quantization tests.
 
 The tokenizers are built offline with the `tokenizers`-backed transformers classes (a byte-level
 BPE for CLIP, a Unigram model for T5) over a small word list, and saved with `save_pretrained`, so
@@ -14,9 +15,12 @@ import torch
 import transformers
 from diffusers import (
   AutoencoderKL,
+  DPMSolverMultistepScheduler,
   FlowMatchEulerDiscreteScheduler,
   FluxPipeline,
   FluxTransformer2DModel,
+  PixArtSigmaPipeline,
+  PixArtTransformer2DModel,
 )
 
 WORDS = ("a photo of the red blue green cat dog bird sitting on mat in snow under tree with "
@@ -98,5 +102,33 @@ def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, heads: int = 2, se
 def save_tiny_flux_pipeline(folder: Path, **kwargs) -> FluxPipeline:
   """Builds the tiny pipeline, saves it to `folder` (diffusers layout) and returns it."""
   pipe = build_tiny_flux_pipeline(**kwargs)
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return pipe
+
+
+def save_tiny_pixart_pipeline(folder: Path, *, seed: int = 0) -> PixArtSigmaPipeline:
+  """A tiny PixArtSigmaPipeline (T5, 4-channel VAE, DPM-Solver++), saved to `folder`."""
+  torch.manual_seed(seed)
+  tokenizer = _t5_tokenizer()
+  t5_config = transformers.T5Config(
+      vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  transformer = PixArtTransformer2DModel(
+      num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+      cross_attention_dim=16, sample_size=16, patch_size=2, norm_type="ada_norm_single",
+      caption_channels=32, use_additional_conditions=False)
+  vae = AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+      latent_channels=4, norm_num_groups=4, sample_size=HEIGHT)
+  with torch.no_grad():
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in (transformer, vae):
+      for p in module.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=generator))
+  pipe = PixArtSigmaPipeline(
+      tokenizer=tokenizer, text_encoder=transformers.T5EncoderModel(t5_config).eval(),
+      vae=vae.eval(), transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler())
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
