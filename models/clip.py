@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from convert.loading import load_pretrained
+from models.config_base import DictConfig
+from models.layers import ACTIVATIONS as LAYER_ACTIVATIONS
 from models.layers import LayerNorm, Linear, attention
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": partial(jax.nn.gelu, approximate=False),
-}
+# The activations CLIP text configs name (`hidden_act`).
+ACTIVATIONS = {name: LAYER_ACTIVATIONS[name] for name in ("quick_gelu", "gelu")}
 
 # transformers' CLIP configs written before its PR #24773 carry eos_token_id 2; for them the pooled
 # output is taken at the largest token id (the end-of-text token is the last id of CLIP's vocab).
@@ -37,7 +35,7 @@ LEGACY_EOS_TOKEN_ID = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(DictConfig):
   """Hyperparameters of a CLIP text encoder (names as transformers' `CLIPTextConfig`).
 
   `projection_dim`: None for `CLIPTextModel`, the output width of `text_projection` for
@@ -94,18 +92,6 @@ class CLIPTextConfig:
                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
                layer_norm_eps=1e-5, eos_token_id=LEGACY_EOS_TOKEN_ID, projection_dim=1280)
 
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> CLIPTextConfig:
-    """Builds a config from `to_dict`'s output; unknown keys are a ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"CLIPTextConfig: unknown keys {unknown} (known: {sorted(names)})")
-    return cls(**values)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +142,16 @@ class CLIPAttention(nnx.Module):
     self.v_proj = linear()
     self.out_proj = linear()
 
-  def __call__(self, hidden_states: jax.Array, mask: jax.Array) -> jax.Array:
-    """hidden_states (B, T, hidden); mask bool broadcastable to (B, 1, T, T), True = attend."""
+  def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Causal self-attention. hidden_states (B, T, hidden); mask: padding, bool (B, 1, 1, T) with
+    True = attend, or None."""
     batch, length, width = hidden_states.shape
     heads = (batch, length, self.num_heads, self.head_dim)
     q = self.q_proj(hidden_states).reshape(heads)
     k = self.k_proj(hidden_states).reshape(heads)
     v = self.v_proj(hidden_states).reshape(heads)
-    return self.out_proj(attention(q, k, v, mask=mask).reshape(batch, length, width))
+    out = attention(q, k, v, mask=mask, is_causal=True)
+    return self.out_proj(out.reshape(batch, length, width))
 
 
 class CLIPMLP(nnx.Module):
@@ -193,7 +181,7 @@ class CLIPEncoderLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps,
                                  param_dtype=param_dtype)
 
-  def __call__(self, hidden_states: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, hidden_states: jax.Array, mask: jax.Array | None) -> jax.Array:
     hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), mask)
     return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
@@ -208,7 +196,8 @@ class CLIPEncoder(nnx.Module):
         for _ in range(config.num_hidden_layers)
     ])
 
-  def __call__(self, hidden_states: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+  def __call__(self, hidden_states: jax.Array,
+               mask: jax.Array | None) -> tuple[jax.Array, ...]:
     """Returns (input, output of layer 1, ..., output of layer L)."""
     states = [hidden_states]
     for layer in self.layers:
@@ -257,12 +246,12 @@ class CLIPTextModel(nnx.Module):
     if length > self.config.max_position_embeddings:
       raise ValueError(f"CLIPTextModel: sequence length {length} exceeds max_position_embeddings "
                        f"{self.config.max_position_embeddings}")
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    mask = None  # padding only: every layer's attention is causal on its own
     if attention_mask is not None:
       if attention_mask.shape != input_ids.shape:
         raise ValueError(f"CLIPTextModel: attention_mask shape {attention_mask.shape} differs "
                          f"from input_ids shape {input_ids.shape}")
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]
+      mask = attention_mask.astype(bool)[:, None, None, :]
     states = self.encoder(self.embeddings(input_ids), mask)
     last_hidden_state = self.final_layer_norm(states[-1])
     pooler_output = last_hidden_state[jnp.arange(batch), self._eos_positions(input_ids)]

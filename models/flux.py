@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import LayerNorm, Linear, RMSNorm, attention, timestep_embedding
+from models.config_base import DictConfig
+from models.layers import (
+    FeedForward,
+    LayerNorm,
+    Linear,
+    MLPEmbedder,
+    RMSNorm,
+    attention,
+    timestep_embedding,
+)
 
 _TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep / guidance embedding
 _TIMESTEP_SCALE = 1000.0  # diffusers multiplies timestep and guidance (in [0, 1]) by this
@@ -28,7 +36,7 @@ _NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(DictConfig):
   """Hyperparameters of a FLUX.1 transformer, named as in diffusers' config.json.
 
   Defaults are FLUX.1's (diffusers' defaults: no guidance embedding, i.e. schnell).
@@ -92,21 +100,6 @@ class FluxConfig:
     """FLUX.1-schnell: as dev, without the guidance embedding."""
     return cls(guidance_embeds=False)
 
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> FluxConfig:
-    """Builds a config from `to_dict`'s output; unknown keys are a ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"FluxConfig: unknown fields {unknown}; known: {sorted(names)}")
-    return cls(**values)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-ready dict of every field (tuples as lists)."""
-    values = dataclasses.asdict(self)
-    values["axes_dims_rope"] = list(self.axes_dims_rope)
-    return values
-
 
 def rope_frequencies(ids: jax.Array, axes_dims: tuple[int, ...],
                      theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
@@ -144,18 +137,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   c, s = cos[None, :, None, :], sin[None, :, None, :]
   rotated = jnp.stack([real * c - imag * s, imag * c + real * s], axis=-1)
   return rotated.reshape(x.shape).astype(x.dtype)
-
-
-class MLPEmbedder(nnx.Module):
-  """`linear_2(silu(linear_1(x)))`: diffusers' TimestepEmbedding and its SiLU text projection."""
-
-  def __init__(self, in_features: int, hidden: int, *, dtype: jnp.dtype | None,
-               param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.linear_1 = Linear(in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = Linear(hidden, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
 
 class TimestepGuidanceTextEmbedding(nnx.Module):
@@ -311,34 +292,6 @@ class FluxAttention(nnx.Module):
       return out
     text_len = encoder_hidden_states.shape[1]
     return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
-
-
-class GELUProjection(nnx.Module):
-  """`gelu_tanh(proj(x))`: diffusers' `GELU(approximate="tanh")` feed-forward input layer."""
-
-  def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    self.proj = Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-  """`net.2(gelu_tanh(net.0.proj(x)))`, hidden width 4 x dim (diffusers' FeedForward).
-
-  `net` mirrors diffusers' ModuleList([GELU, Dropout, Linear]); the dropout (p = 0) at index 1 does
-  nothing and is kept only so that parameter paths match the checkpoint keys (`ff.net.2`).
-  """
-
-  def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.net = nnx.List([GELUProjection(dim, hidden, **kw), nnx.Dropout(0.0),
-                         Linear(hidden, dim, **kw)])
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.net[2](self.net[0](x))
 
 
 class FluxTransformerBlock(nnx.Module):

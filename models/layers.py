@@ -1,12 +1,16 @@
 """Shared Flax NNX building blocks. Every linear goes through `svdq_dot`.
 
 Parameters follow flax conventions: `Linear.kernel` is (in, out), `Conv2d.kernel` is HWIO,
-norms have `scale` and `bias`. Converters transpose torch's (out, in) / OIHW into these.
+norms have `scale` and `bias`. Converters transpose torch's (out, in) / OIHW into these
+(`convert.mapping`). The diffusers blocks several models share (`Attention`, `MLPEmbedder`,
+`FeedForward`) keep diffusers' attribute names, so their parameter paths are the checkpoint keys.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +18,15 @@ from flax import nnx
 
 from svdq_jax import svdq_dot
 
-
-def _zeros(shape, dtype):
-  return jnp.zeros(shape, dtype)
+# Activations by their transformers / diffusers config names. Each model accepts its own subset.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),  # transformers' name for the tanh GELU
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
 
 
 class Linear(nnx.Module):
@@ -158,20 +168,112 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              bias: jax.Array | None = None, is_causal: bool = False,
               scale: float | None = None) -> jax.Array:
   """Multi-head attention on (B, T, H, D) tensors via `jax.nn.dot_product_attention`.
 
-  mask: boolean, broadcastable to (B, H, Tq, Tk), True = attend. Uses cuDNN on GPU where it applies.
+  Args:
+    q: (B, Tq, H, D) queries; k, v: (B, Tk, H, D).
+    mask: boolean, broadcastable to (B, H, Tq, Tk), True = attend; or None.
+    bias: additive logit bias broadcastable to (B, H, Tq, Tk) (T5's position bias); or None.
+    is_causal: query i attends only keys <= i (combined with `mask`).
+    scale: logit scale; None means 1/sqrt(D).
+
+  Uses cuDNN on GPU where it applies (no mask, no bias, 16-bit inputs, D <= 128).
   """
-  implementation = "cudnn" if _cudnn_ok(q, mask) else None
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                      implementation=implementation)
+  implementation = "cudnn" if _cudnn_ok(q, mask, bias) else None
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                      is_causal=is_causal, implementation=implementation)
 
 
-def _cudnn_ok(q: jax.Array, mask: jax.Array | None) -> bool:
+def _cudnn_ok(q: jax.Array, mask: jax.Array | None, bias: jax.Array | None) -> bool:
   try:
     platform = jax.devices()[0].platform
   except RuntimeError:
     return False
-  return (platform == "gpu" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
-          and q.shape[-1] <= 128)
+  return (platform == "gpu" and mask is None and bias is None
+          and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128)
+
+
+class Attention(nnx.Module):
+  """Multi-head (self- or cross-) attention with diffusers' `to_q/to_k/to_v/to_out.0` layers.
+
+  Parameter paths are diffusers' `Attention` keys; `to_out` is a list whose index 1 (dropout in
+  diffusers) is absent, so `to_out.0` is the output projection.
+  """
+
+  def __init__(self, query_dim: int, heads: int, head_dim: int, *, kv_dim: int | None = None,
+               use_bias: bool = True, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    inner = heads * head_dim
+    kv_dim = query_dim if kv_dim is None else kv_dim
+    self.heads = heads
+    self.head_dim = head_dim
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.to_q = Linear(query_dim, inner, **kw)
+    self.to_k = Linear(kv_dim, inner, **kw)
+    self.to_v = Linear(kv_dim, inner, **kw)
+    self.to_out = nnx.List([Linear(inner, query_dim, dtype=dtype, param_dtype=param_dtype,
+                                   rngs=rngs)])
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """x (B, Tq, Dq); context (B, Tk, Dkv) or None (self-attention); mask bool, broadcastable
+    to (B, H, Tq, Tk), True = attend. Returns (B, Tq, Dq)."""
+    context = x if context is None else context
+    b, tq, _ = x.shape
+    tk = context.shape[1]
+    q = self.to_q(x).reshape(b, tq, self.heads, self.head_dim)
+    k = self.to_k(context).reshape(b, tk, self.heads, self.head_dim)
+    v = self.to_v(context).reshape(b, tk, self.heads, self.head_dim)
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    return self.to_out[0](out.reshape(b, tq, self.heads * self.head_dim))
+
+
+class MLPEmbedder(nnx.Module):
+  """`linear_2(act(linear_1(x)))`, (..., in_features) -> (..., out_features).
+
+  diffusers' `TimestepEmbedding` (SiLU) and `PixArtAlphaTextProjection` (tanh GELU or SiLU): the
+  MLPs on the sinusoidal timestep / guidance embedding and on pooled or caption text features.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, act: str = "silu",
+               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if act not in ACTIVATIONS:
+      raise ValueError(f"MLPEmbedder: activation {act!r} is not one of {sorted(ACTIVATIONS)}")
+    self.act = act
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_1 = Linear(in_features, out_features, **kw)
+    self.linear_2 = Linear(out_features, out_features, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_2(ACTIVATIONS[self.act](self.linear_1(x)))
+
+
+class GELUProjection(nnx.Module):
+  """`gelu_tanh(proj(x))`: diffusers' `GELU(approximate="tanh")`, a feed-forward's input layer."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.proj = Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+class FeedForward(nnx.Module):
+  """`net.2(gelu_tanh(net.0.proj(x)))`: diffusers' `FeedForward(activation_fn="gelu-approximate")`.
+
+  `net` mirrors diffusers' ModuleList([GELU, Dropout, Linear]); index 1 (dropout, nothing at
+  inference) is None, kept so that the parameter paths are the checkpoint keys (`ff.net.2`).
+  (..., dim) -> (..., dim) through a `hidden`-wide layer.
+  """
+
+  def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.net = nnx.List([GELUProjection(dim, hidden, **kw), None, Linear(hidden, dim, **kw)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.net[2](self.net[0](x))

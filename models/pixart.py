@@ -15,20 +15,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import Conv2d, LayerNorm, Linear, attention, timestep_embedding
+from models.config_base import DictConfig
+from models.layers import (
+    Attention,
+    Conv2d,
+    FeedForward,
+    LayerNorm,
+    Linear,
+    MLPEmbedder,
+    timestep_embedding,
+)
 
 _TIMESTEP_CHANNELS = 256
 
 
 @dataclasses.dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(DictConfig):
   """Hyper-parameters of a PixArt-Sigma transformer (defaults: PixArt-Sigma-XL-2-1024-MS).
 
   `interpolation_scale` scales the position grid of the sin-cos embedding (the original models
@@ -95,18 +103,6 @@ class PixArtConfig:
     """PixArt-Sigma-XL-2-2K-MS (latent 256x256)."""
     return cls.sigma(2048)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> PixArtConfig:
-    """Inverse of `to_dict`; unknown keys are a ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"PixArtConfig.from_dict: unknown keys {unknown}")
-    return cls(**d)
-
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int, *, base_size: int,
                         interpolation_scale: float) -> jax.Array:
@@ -155,25 +151,13 @@ class PatchEmbed(nnx.Module):
     return (tokens.astype(jnp.float32) + pos[None]).astype(tokens.dtype)
 
 
-class TimestepEmbedding(nnx.Module):
-  """`linear_2(silu(linear_1(x)))`, the MLP on the 256-channel sinusoidal timestep embedding."""
-
-  def __init__(self, in_channels: int, dim: int, *, dtype: jnp.dtype | None,
-               param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.linear_1 = Linear(in_channels, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
 class CombinedTimestepEmbeddings(nnx.Module):
   """diffusers' `PixArtAlphaCombinedTimestepSizeEmbeddings` without the size conditions."""
 
   def __init__(self, dim: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
                rngs: nnx.Rngs):
-    self.timestep_embedder = TimestepEmbedding(_TIMESTEP_CHANNELS, dim, dtype=dtype,
-                                               param_dtype=param_dtype, rngs=rngs)
+    self.timestep_embedder = MLPEmbedder(_TIMESTEP_CHANNELS, dim, dtype=dtype,
+                                         param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, timestep: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """(B,) timesteps (any numeric dtype, e.g. 0..999) -> (B, D) in `dtype`."""
@@ -194,74 +178,6 @@ class AdaLayerNormSingle(nnx.Module):
     """Returns (modulation (B, 6D), embedded_timestep (B, D))."""
     embedded = self.emb(timestep, dtype)
     return self.linear(jax.nn.silu(embedded)), embedded
-
-
-class CaptionProjection(nnx.Module):
-  """diffusers' `PixArtAlphaTextProjection`: linear_1, GELU(tanh), linear_2."""
-
-  def __init__(self, in_features: int, dim: int, *, dtype: jnp.dtype | None,
-               param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.linear_1 = Linear(in_features, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, caption: jax.Array) -> jax.Array:
-    return self.linear_2(jax.nn.gelu(self.linear_1(caption), approximate=True))
-
-
-class Attention(nnx.Module):
-  """Multi-head (self- or cross-) attention with diffusers' `to_q/to_k/to_v/to_out.0` layers."""
-
-  def __init__(self, query_dim: int, heads: int, head_dim: int, *, kv_dim: int | None = None,
-               use_bias: bool = True, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    inner = heads * head_dim
-    kv_dim = query_dim if kv_dim is None else kv_dim
-    self.heads = heads
-    self.head_dim = head_dim
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.to_q = Linear(query_dim, inner, **kw)
-    self.to_k = Linear(kv_dim, inner, **kw)
-    self.to_v = Linear(kv_dim, inner, **kw)
-    self.to_out = nnx.List([Linear(inner, query_dim, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs)])
-
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
-               mask: jax.Array | None = None) -> jax.Array:
-    """x (B, Tq, Dq); context (B, Tk, Dkv) or None (self-attention); mask (B, 1, 1, Tk) bool."""
-    context = x if context is None else context
-    b, tq, _ = x.shape
-    tk = context.shape[1]
-    q = self.to_q(x).reshape(b, tq, self.heads, self.head_dim)
-    k = self.to_k(context).reshape(b, tk, self.heads, self.head_dim)
-    v = self.to_v(context).reshape(b, tk, self.heads, self.head_dim)
-    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
-    return self.to_out[0](out.reshape(b, tq, self.heads * self.head_dim))
-
-
-class GELUProj(nnx.Module):
-  """diffusers' `GELU(approximate="tanh")` activation module: `gelu_tanh(proj(x))`."""
-
-  def __init__(self, dim: int, inner: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    self.proj = Linear(dim, inner, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(self.proj(x), approximate=True)
-
-
-class FeedForward(nnx.Module):
-  """`net.0` (GELUProj, D -> 4D), `net.1` (dropout: none at inference), `net.2` (4D -> D)."""
-
-  def __init__(self, dim: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    self.net = nnx.List([
-        GELUProj(dim, 4 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        None,
-        Linear(4 * dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-    ])
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.net[2](self.net[0](x))
 
 
 class PixArtBlock(nnx.Module):
@@ -285,7 +201,7 @@ class PixArtBlock(nnx.Module):
     self.norm2 = LayerNorm(dim, **norm_kw)
     self.attn2 = Attention(dim, config.num_attention_heads, config.attention_head_dim,
                            kv_dim=config.cross_attention_dim, use_bias=config.attention_bias, **kw)
-    self.ff = FeedForward(dim, **kw)
+    self.ff = FeedForward(dim, 4 * dim, **kw)
     self.scale_shift_table = nnx.Param(
         jax.random.normal(rngs.params(), (6, dim), param_dtype) / dim**0.5)
 
@@ -324,7 +240,7 @@ class PixArtSigmaTransformer(nnx.Module):
         jax.random.normal(rngs.params(), (2, dim), param_dtype) / dim**0.5)
     self.proj_out = Linear(dim, config.patch_size**2 * config.out_channels, **kw)
     self.adaln_single = AdaLayerNormSingle(dim, **kw)
-    self.caption_projection = (CaptionProjection(config.caption_channels, dim, **kw)
+    self.caption_projection = (MLPEmbedder(config.caption_channels, dim, act="gelu_tanh", **kw)
                                if config.caption_channels is not None else None)
 
   def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array,

@@ -22,27 +22,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from convert.loading import load_pretrained
-from models.layers import Linear, RMSNorm
+from models.config_base import DictConfig
+from models.layers import ACTIVATIONS as LAYER_ACTIVATIONS
+from models.layers import Linear, RMSNorm, attention
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": partial(jax.nn.gelu, approximate=False),
-    "gelu_new": partial(jax.nn.gelu, approximate=True),
-    "silu": jax.nn.silu,
-}
+# The feed-forward activations T5 configs name (see `T5Config.dense_act_fn`).
+ACTIVATIONS = {name: LAYER_ACTIVATIONS[name] for name in ("relu", "gelu", "gelu_new", "silu")}
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(DictConfig):
   """Hyperparameters of a T5 encoder (the names are those of transformers' `T5Config`).
 
   `feed_forward_proj` is "ACT" (dense-act-dense) or "gated-ACT" (act(wi_0 x) * wi_1 x); as in
@@ -96,18 +92,6 @@ class T5Config:
     return cls(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                relative_attention_num_buckets=32, relative_attention_max_distance=128,
                layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> T5Config:
-    """Builds a config from `to_dict`'s output; unknown keys are a ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"T5Config: unknown keys {unknown} (known: {sorted(names)})")
-    return cls(**values)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 def relative_position_bucket(relative_position: jax.Array, *, num_buckets: int,
@@ -167,7 +151,7 @@ class T5Attention(nnx.Module):
     q = self.q(hidden_states).reshape(heads)
     k = self.k(hidden_states).reshape(heads)
     v = self.v(hidden_states).reshape(heads)
-    out = jax.nn.dot_product_attention(q, k, v, bias=position_bias, mask=mask, scale=1.0)
+    out = attention(q, k, v, bias=position_bias, mask=mask, scale=1.0)
     return self.o(out.reshape(batch, length, self.num_heads * self.d_kv))
 
 

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import Conv2d, GroupNorm, Linear, attention
+from models.config_base import DictConfig
+from models.layers import Attention, Conv2d, GroupNorm
 
 _EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(DictConfig):
   """Hyper-parameters of an AutoencoderKL (defaults: the SD 1.x / 2.x VAE).
 
   `latents_mean` / `latents_std` are carried for pipelines that normalise per channel (diffusers
@@ -80,18 +80,6 @@ class VAEConfig:
     """The FLUX.1 VAE: 16 latent channels, no quant convs, scaling 0.3611, shift 0.1159."""
     return cls(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                scaling_factor=0.3611, shift_factor=0.1159)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
-    """Inverse of `to_dict`; unknown keys are a ValueError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"VAEConfig.from_dict: unknown keys {unknown}")
-    return cls(**d)
 
 
 @flax.struct.dataclass
@@ -160,27 +148,22 @@ class Upsample2D(nnx.Module):
     return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
-class SpatialAttention(nnx.Module):
+class SpatialAttention(Attention):
   """The mid block's single-head self-attention over all H*W positions, with a residual.
 
-  `group_norm` then `to_q/to_k/to_v` (C -> C), softmax(q k^T / sqrt(C)) v, `to_out.0`, + input.
+  `group_norm`, then the shared diffusers `Attention` (one head of width C) on the H*W tokens,
+  then + input. (N, H, W, C) -> (N, H, W, C).
   """
 
   def __init__(self, channels: int, groups: int, *, dtype: jnp.dtype | None,
                param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    super().__init__(channels, 1, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.group_norm = GroupNorm(groups, channels, eps=_EPS, param_dtype=param_dtype)
-    self.to_q = Linear(channels, channels, **lin)
-    self.to_k = Linear(channels, channels, **lin)
-    self.to_v = Linear(channels, channels, **lin)
-    self.to_out = nnx.List([Linear(channels, channels, **lin)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    tokens = self.group_norm(x).reshape(b, h * w, 1, c)
-    q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-    out = attention(q, k, v).reshape(b, h * w, c)
-    return x + self.to_out[0](out).reshape(b, h, w, c)
+    tokens = self.group_norm(x).reshape(b, h * w, c)
+    return x + super().__call__(tokens).reshape(b, h, w, c)
 
 
 class UNetMidBlock2D(nnx.Module):

@@ -1,0 +1,38 @@
+"""`from_dict` / `to_dict` for the models' frozen config dataclasses.
+
+Checkpoints store a model's config as `config.to_dict()` in JSON and rebuild it with
+`Config.from_dict`; every model config shares this one implementation. (`svdq_jax.config.
+QuantConfig` has its own copy: the core package does not import from `models`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Self
+
+
+class DictConfig:
+  """Mixin for a frozen config dataclass: a JSON-ready dict of its fields, and back.
+
+  Tuple fields become lists in `to_dict`; the dataclass's `__post_init__` turns them back into
+  tuples where it needs them hashable.
+  """
+
+  def to_dict(self) -> dict[str, Any]:
+    """Every field by name; tuple values as lists (what JSON would give back)."""
+    values = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      values[field.name] = list(value) if isinstance(value, tuple) else value
+    return values
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> Self:
+    """Inverse of `to_dict`; a key that is not a field is a ValueError (not dropped silently)."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown} (unknown fields are "
+                       f"not dropped); known: {sorted(names)}")
+    return cls(**values)
