@@ -5,9 +5,13 @@ The batch (prompts, latents, keys) is split along a one-dimensional `jax.make_me
 `jax.shard_map`, so every device sees an ordinary local batch and any Pallas call inside it needs
 no sharding rule of its own. `data_parallel(fn, devices=n)` is the `pmap`-style one-liner.
 
-Multi-host: after `jax.distributed.initialize()` on every host, `jax.devices()` lists the devices
-of all hosts and the same mesh spans them; each host then feeds its own slice of the batch (see
-the README). Only single-host runs (CPU with virtual devices, one GPU) were tested here.
+Multi-host (not run here): call `jax.distributed.initialize()` first on every host (with
+coordinator address, process count and id, or from the cluster environment); `jax.devices()` then
+lists the devices of all hosts, and `data_mesh()` spans them. Every host runs the same program on
+the same global batch arguments; `jax.device_put` onto the batch sharding keeps on each host only
+the rows its devices own, and results come back as global arrays whose rows a host can read with
+`addressable_shards` (or all of them after `jax.experimental.multihost_utils.process_allgather`).
+Only single-host runs were tested: CPU with 8 virtual devices, and one device.
 """
 
 from __future__ import annotations
