@@ -5,13 +5,13 @@ The batch (prompts, latents, keys) is split along a one-dimensional `jax.make_me
 `jax.shard_map`, so every device sees an ordinary local batch and any Pallas call inside it needs
 no sharding rule of its own. `data_parallel(fn, devices=n)` is the `pmap`-style one-liner.
 
-Multi-host (not run here): call `jax.distributed.initialize()` first on every host (with
-coordinator address, process count and id, or from the cluster environment); `jax.devices()` then
-lists the devices of all hosts, and `data_mesh()` spans them. Every host runs the same program on
-the same global batch arguments; `jax.device_put` onto the batch sharding keeps on each host only
-the rows its devices own, and results come back as global arrays whose rows a host can read with
-`addressable_shards` (or all of them after `jax.experimental.multihost_utils.process_allgather`).
-Only single-host runs were tested: CPU with 8 virtual devices, and one device.
+Multi-host (not run here): call `jax.distributed.initialize()` first on every host (coordinator
+address, process count and id, or read from the cluster environment); `jax.devices()` then lists
+the devices of all hosts and `data_mesh()` spans them. Each host builds the global batch from its
+own rows with `jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows)` and every
+host calls the same jitted shard_map function; `data_parallel` itself puts host arrays with
+`jax.device_put`, which is the single-process path. Results are global arrays; a host reads its
+rows from `addressable_shards`. Only single-host runs were tested: CPU with 8 virtual devices.
 """
 
 from __future__ import annotations
