@@ -123,7 +123,8 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
 
 def _pipeline_plan(src: Path) -> list[tuple[str, bool]]:
   """`[(component name, convert it?)]` from model_index.json; fails before any work is done on a
-  missing component folder or a weight-holding component of an unknown type."""
+  missing component folder, a weight-holding component of an unknown type, or a truncated or
+  corrupt weight file."""
   index = src / "model_index.json"
   try:
     components = json.loads(index.read_text())
@@ -141,6 +142,7 @@ def _pipeline_plan(src: Path) -> list[tuple[str, bool]]:
       raise CheckpointError(f"{index}: component {name!r} ({spec[1]}) has no folder {folder}")
     has_weights = any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir())
     if spec[1] in known:
+      CheckpointReader(folder)  # checks every header now: a bad file fails before any work
       plan.append((name, True))
     elif has_weights:
       raise CheckpointError(f"{folder}: unknown model type {spec[1]!r} for component {name!r}; "
