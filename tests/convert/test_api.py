@@ -313,11 +313,11 @@ def test_bad_config_names_the_file(tmp_path):
 
 def test_pipeline_with_a_truncated_component_fails_before_converting(tmp_path, monkeypatch):
   _pipeline(tmp_path / "src")
-  weights_file = tmp_path / "src" / "transformer" / "diffusion_pytorch_model.safetensors"
+  weights_file = tmp_path / "src" / "text_encoder" / "diffusion_pytorch_model.safetensors"
   weights_file.write_bytes(weights_file.read_bytes()[:-10])
   written = []
   monkeypatch.setattr(api, "write_into", lambda *args, **kwargs: written.append(args))
-  with pytest.raises(CheckpointError, match=r"transformer/diffusion_pytorch_model.safetensors: "
+  with pytest.raises(CheckpointError, match=r"text_encoder/diffusion_pytorch_model.safetensors: "
                      r"truncated"):
     convert(tmp_path / "src", tmp_path / "dst", progress=False)
   assert written == []
