@@ -178,30 +178,3 @@ def test_eight_prompts_on_eight_devices_equal_one_device(tmp_path):
   # One image per device against eight on one device: XLA's CPU matmuls block differently for
   # batch 1 and batch 8, so float32 rounding may differ in the last bits (seen: 1.1e-6).
   np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_quantized_pipeline_stays_close_to_float(tmp_path):
-  """quantize_pipeline (svdquant-int4) on a tiny FLUX of width 64 (one INT4 group) writes a folder
-  that load_pipeline reads; its image stays within 40 dB PSNR of the float image (measured: about
-  60 dB), and only the block linears are quantized."""
-  from svdq_jax import is_quantized
-
-  src, dst = tmp_path / "flux", tmp_path / "flux-int4"
-  save_tiny_flux_pipeline(src, heads=4)
-  pipelines.quantize_pipeline(src, dst, preset="svdquant-int4",
-                              prompts=["a red cat", "a blue dog in snow"], num_inference_steps=2,
-                              height=HEIGHT, width=WIDTH, progress=False)
-  assert json.loads((dst / "svdq_quantization.json").read_text())["preset"] == "svdquant-int4"
-  quant_pipe = pipelines.load_pipeline(dst)
-  transformer = quant_pipe.transformer
-  assert is_quantized(transformer.transformer_blocks[0].attn.to_q.kernel.get_value())
-  assert is_quantized(transformer.single_transformer_blocks[0].proj_out.kernel.get_value())
-  assert not is_quantized(transformer.x_embedder.kernel.get_value())
-  assert not is_quantized(transformer.proj_out.kernel.get_value())
-  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, seed=1,
-                max_sequence_length=MAX_SEQUENCE_LENGTH)
-  expected = pipelines.load_pipeline(src)(["a red cat sitting on a mat"], **kwargs)
-  got = quant_pipe(["a red cat sitting on a mat"], **kwargs)
-  psnr = 10 * np.log10(1.0 / np.mean((got - expected) ** 2))
-  assert 40.0 <= psnr < 200.0, psnr  # close, but not identical: the 4-bit path did run
