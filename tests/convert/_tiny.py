@@ -85,10 +85,8 @@ def convert_state(reader: CheckpointReader, config: TinyConfig) -> dict[str, np.
       raise CheckpointError(f"{reader.path}: key {key!r} has shape {reader.shape(key)}, "
                             f"expected {shape}")
     array = reader.get(key)
-    path = key.replace(".", "/").replace("/weight", "/kernel")
-    if key.startswith("norm.weight"):
-      path = "norm/scale"
-    out[path] = np.array(array.T if array.ndim == 2 else array)
+    leaf = "scale" if key == "norm.weight" else "kernel" if key.endswith(".weight") else "bias"
+    out[f"{key.rsplit('.', 1)[0].replace('.', '/')}/{leaf}"] = array.T if array.ndim == 2 else array
   return out
 
 
