@@ -535,7 +535,7 @@ def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
 def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str,
                       prompts: Sequence[str], num_inference_steps: int = 4, height: int = 512,
                       width: int = 512, seed: int = 0, overwrite: bool = False,
-                      progress: bool = True) -> Path:
+                      dtype: jnp.dtype | None = None, progress: bool = True) -> Path:
   """Writes a copy of a pipeline folder with its transformer calibrated and quantized.
 
   `dst` gets the source folder's other components unchanged and the transformer as our
@@ -548,6 +548,8 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
     preset: a `QuantConfig.preset` name, e.g. "svdquant-int4".
     prompts: calibration prompts (one eager sampling run each).
     num_inference_steps, height, width, seed: the calibration runs' sampling settings.
+    dtype: the models' dtype during calibration (None: float32); the unquantized layers of the
+      written transformer keep it.
     progress: progress bars per prompt and per layer.
 
   Returns:
@@ -562,7 +564,7 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
   if Path(dst).exists() and not overwrite:
     raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
   src = Path(src)
-  pipe = load_pipeline(src)
+  pipe = load_pipeline(src, dtype=dtype)
   quantize_transformer(pipe, config, prompts, num_inference_steps=num_inference_steps,
                        height=height, width=width, seed=seed, progress=progress)
   with atomic_folder(dst, overwrite=overwrite) as folder:

@@ -19,6 +19,7 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 class UsageError(Exception):
@@ -76,6 +77,16 @@ def _positive(name: str):
   return parse
 
 
+def _dtype(name: str):
+  """The models' dtype: "auto" is bfloat16 on a GPU and float32 elsewhere."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  if name == "auto":
+    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  return jnp.dtype(name)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
   try:
     from svdq_jax import demo  # noqa: PLC0415
@@ -115,7 +126,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
   pipelines.quantize_pipeline(src, Path(args.dst), preset=args.preset, prompts=prompts,
                               num_inference_steps=args.steps, height=args.height,
-                              width=args.width, seed=args.seed, overwrite=args.overwrite)
+                              width=args.width, seed=args.seed, overwrite=args.overwrite,
+                              dtype=_dtype(args.dtype))
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0
 
@@ -137,7 +149,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     raise UsageError(f"output folder {str(args.out.parent)!r} does not exist")
   from models import pipelines  # noqa: PLC0415
 
-  pipe = pipelines.load_pipeline(model)
+  pipe = pipelines.load_pipeline(model, dtype=_dtype(args.dtype))
   images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height,
                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                 seed=args.seed, num_images_per_prompt=args.num_images, devices=args.devices,
@@ -188,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
   quant.add_argument("--width", type=_positive("--width"), default=512)
   quant.add_argument("--seed", type=int, default=0)
   quant.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  quant.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="models' dtype while calibrating (auto: bfloat16 on GPU, else float32)")
   quant.set_defaults(run=_cmd_quantize)
 
   sample = sub.add_parser("sample", help="text-to-image from a diffusers or svdq-jax folder")
@@ -209,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
   sample.add_argument("--devices", type=_positive("--devices"), default=1,
                       help="data-parallel devices (the batch is sharded over them)")
   sample.add_argument("--lora", default=None, help="LoRA file (not supported yet)")
+  sample.add_argument("--dtype", choices=DTYPES, default="auto",
+                      help="models' dtype (auto: bfloat16 on GPU, else float32)")
   sample.add_argument("--quiet", action="store_true", help="no progress bar")
   sample.set_defaults(run=_cmd_sample)
 

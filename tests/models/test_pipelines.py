@@ -87,6 +87,20 @@ def test_same_seed_same_image_bit_for_bit(tiny):
   assert np.abs(first[0] - first[1]).max() > 1e-3  # two images of one prompt differ
 
 
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_bfloat16_pipeline_stays_close_to_float32(tiny):
+  import jax.numpy as jnp
+
+  folder, _, ours = tiny
+  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, seed=1,
+                max_sequence_length=MAX_SEQUENCE_LENGTH)
+  bf16 = pipelines.load_pipeline(folder, dtype=jnp.bfloat16)
+  assert bf16.transformer.x_embedder.kernel.get_value().dtype == jnp.bfloat16
+  got, expected = bf16(PROMPTS[:1], **kwargs), ours(PROMPTS[:1], **kwargs)
+  assert got.dtype == np.float32
+  assert np.abs(got - expected).max() <= 0.1  # measured 0.03: bf16 weights and activations
+
+
 def test_tokenizers_match_transformers(tiny):
   folder, reference, ours = tiny
   texts = PROMPTS + ["", "  A  Photo\tOF snow  ", "unknownword zebra 42!"]
