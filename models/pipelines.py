@@ -14,13 +14,15 @@ config.json carries our "svdq_jax" header). Calling a pipeline:
   4. decodes with the jitted VAE and returns images (B, H, W, 3) float32 in [0, 1].
 
 Progress bar (`progress=True`): the one-step body is compiled on its own and called once per step
-from Python, which waits for each step and advances a tqdm bar. The alternative, a
-`jax.debug.callback` inside the fused loop, cost more in each of three runs of `python
-benchmarks/sampling.py --progress-overhead` (CPU, 2 busy cores, tiny FLUX, 8 steps, median of 9;
-fused loop without a bar 6-11 ms/step): debug.callback +2.2 to +8.2 ms/step, per-step body with
-a host sync -2.1 to +2.4 ms/step (noise of the shared machine). At a width of 768 (3.7-4.0
-s/step) both were lost in the noise. Not measured on a GPU. Without a
-progress bar the whole loop is one `lax.fori_loop` in one jitted function.
+from Python, which waits for each step and advances a tqdm bar. The alternative is a
+`jax.debug.callback` inside the fused loop. Measured with `python benchmarks/sampling.py
+--progress-overhead` (CPU, 2 shared cores, tiny FLUX, 8 steps, median of 5-9 runs; the fused
+loop without a bar took 4-11 ms/step), added cost per step in four runs: debug.callback +2.2,
++2.8, +8.2, +2.9 ms; per-step body with a host sync +1.6, -2.1, +2.4, +3.6 ms. The per-step body
+was cheaper in three of four runs (median +2.0 against +2.85 ms), keeps host callbacks out of the
+compiled loop (under data parallelism a callback fires once per device), and at a width of 768
+(3.7-4.0 s/step) neither cost was measurable. Not measured on a GPU. Without a progress bar the
+whole loop is one `lax.fori_loop` in one jitted function.
 
 Same seed, same image: the noise comes from `jax.random.key(seed)` for the whole batch on the
 host side of the mesh, so the image does not depend on the device count, and runs on CPU repeat
