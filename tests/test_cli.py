@@ -160,3 +160,10 @@ def test_quantize_then_sample_stays_close_to_float(tmp_path, capsys):
   got = quant_pipe(["a red cat sitting on a mat"], **kwargs)
   psnr = 10 * np.log10(1.0 / np.mean((got - expected) ** 2))
   assert 40.0 <= psnr < 200.0, psnr  # close, but not identical: the 4-bit path did run
+
+
+def test_bench_runs_the_benchmark_script_with_its_arguments(capfd):
+  status = cli.main(["bench", "models", "--help"])
+  out = capfd.readouterr().out
+  assert status == 0
+  assert "usage: sampling.py" in out and "--progress-overhead" in out
