@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convert.loading import load_pretrained
-from models.config_base import DictConfig
 from models.layers import ACTIVATIONS as LAYER_ACTIVATIONS
 from models.layers import LayerNorm, Linear, attention
+from svdq_jax.config_base import DictConfig
 
 # The activations CLIP text configs name (`hidden_act`).
 ACTIVATIONS = {name: LAYER_ACTIVATIONS[name] for name in ("quick_gelu", "gelu")}

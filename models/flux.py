@@ -19,16 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config_base import DictConfig
 from models.layers import (
-    FeedForward,
-    LayerNorm,
-    Linear,
-    MLPEmbedder,
-    RMSNorm,
-    attention,
-    timestep_embedding,
+  FeedForward,
+  LayerNorm,
+  Linear,
+  MLPEmbedder,
+  RMSNorm,
+  attention,
+  timestep_embedding,
 )
+from svdq_jax.config_base import DictConfig
 
 _TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep / guidance embedding
 _TIMESTEP_SCALE = 1000.0  # diffusers multiplies timestep and guidance (in [0, 1]) by this

@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config_base import DictConfig
 from models.layers import (
-    Attention,
-    Conv2d,
-    FeedForward,
-    LayerNorm,
-    Linear,
-    MLPEmbedder,
-    timestep_embedding,
+  Attention,
+  Conv2d,
+  FeedForward,
+  LayerNorm,
+  Linear,
+  MLPEmbedder,
+  timestep_embedding,
 )
+from svdq_jax.config_base import DictConfig
 
 _TIMESTEP_CHANNELS = 256
 

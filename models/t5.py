@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convert.loading import load_pretrained
-from models.config_base import DictConfig
 from models.layers import ACTIVATIONS as LAYER_ACTIVATIONS
 from models.layers import Linear, RMSNorm, attention
+from svdq_jax.config_base import DictConfig
 
 # The feed-forward activations T5 configs name (see `T5Config.dense_act_fn`).
 ACTIVATIONS = {name: LAYER_ACTIVATIONS[name] for name in ("relu", "gelu", "gelu_new", "silu")}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Literal
+
+from svdq_jax.config_base import DictConfig
 
 WeightFormat = Literal["int4", "nvfp4", "nf4", "int8"]
 ActFormat = Literal["int4", "nvfp4", "int8"]
@@ -41,7 +42,7 @@ DEFAULT_WEIGHT_ONLY = (
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(DictConfig):
   """How one linear layer (or, with the patterns, a whole model) is quantized.
 
   Attributes:
@@ -122,23 +123,6 @@ class QuantConfig:
   def effective_group(self, in_features: int) -> int:
     """The group size along K for a layer with `in_features` inputs."""
     return in_features if self.group_size is None else self.group_size
-
-  def to_dict(self) -> dict[str, Any]:
-    """A JSON-serializable dict (tuples become lists)."""
-    out = dataclasses.asdict(self)
-    for name in ("smooth", "skip", "weight_only"):
-      if out[name] is not None:
-        out[name] = list(out[name])
-    return out
-
-  @classmethod
-  def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
-    """Inverse of `to_dict`; unknown keys are an error (a newer or foreign format)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-      raise ValueError(f"QuantConfig.from_dict: unknown keys {unknown}; known: {sorted(names)}")
-    return cls(**dict(data))
 
 
 PRESETS: dict[str, QuantConfig] = {

@@ -1,4 +1,4 @@
-"""The shared blocks of `models.layers` and `models.config_base` against torch / diffusers /
+"""The shared blocks of `models.layers` and `svdq_jax.config_base` against torch / diffusers /
 transformers modules and float64 numpy math (never against our own output)."""
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from flax import nnx
 
 from convert.loading import load_into, state_paths
 from convert.mapping import convert_by_name
-from models.config_base import DictConfig
 from models.layers import (
-    ACTIVATIONS,
-    Attention,
-    Conv2d,
-    FeedForward,
-    MLPEmbedder,
-    attention,
+  ACTIVATIONS,
+  Attention,
+  Conv2d,
+  FeedForward,
+  MLPEmbedder,
+  attention,
 )
+from svdq_jax.config_base import DictConfig
 
 torch = pytest.importorskip("torch")
 

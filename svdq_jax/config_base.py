@@ -1,8 +1,8 @@
-"""`from_dict` / `to_dict` for the models' frozen config dataclasses.
+"""`from_dict` / `to_dict` for frozen config dataclasses (QuantConfig and the model configs).
 
-Checkpoints store a model's config as `config.to_dict()` in JSON and rebuild it with
-`Config.from_dict`; every model config shares this one implementation. (`svdq_jax.config.
-QuantConfig` has its own copy: the core package does not import from `models`.)
+Checkpoints store a config as `config.to_dict()` in JSON and rebuild it with `Config.from_dict`;
+every config shares this one implementation (it lives here because `models` and `convert` build
+on `svdq_jax`, never the other way round).
 """
 
 from __future__ import annotations
