@@ -237,11 +237,17 @@ class Encoder(nnx.Module):
     self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.mid_block(self.feature_maps(x)[-1])
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+  def feature_maps(self, x: jax.Array) -> list[jax.Array]:
+    """The output of each down block, (B, H_l, W_l, C_l) channels-last, for perceptual metrics."""
     x = self.conv_in(x)
+    maps = []
     for block in self.down_blocks:
       x = block(x)
-    x = self.mid_block(x)
-    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+      maps.append(x)
+    return maps
 
 
 class Decoder(nnx.Module):
@@ -291,24 +297,36 @@ class AutoencoderKL(nnx.Module):
       raise ValueError(f"AutoencoderKL.{name}: expected (B, {channels}, H, W) with H, W "
                        f"multiples of {multiple}, got {x.shape}")
 
+  def _to_nhwc(self, x: jax.Array) -> jax.Array:
+    """NCHW input in the computation dtype -> NHWC."""
+    return x.astype(self.dtype or x.dtype).transpose(0, 2, 3, 1)
+
   def encode(self, sample: jax.Array) -> LatentDistribution:
     """Images (B, in_channels, H, W), usually in [-1, 1] -> posterior over (B, latent, H/f, W/f).
 
     H and W must be multiples of f = `config.downsample_factor` (8 for the released VAEs).
     """
     self._check("encode", sample, self.config.in_channels, self.config.downsample_factor)
-    x = sample.astype(self.dtype or sample.dtype).transpose(0, 2, 3, 1)
-    moments = self.encoder(x)
+    moments = self.encoder(self._to_nhwc(sample))
     if self.quant_conv is not None:
       moments = self.quant_conv(moments)
     moments = moments.transpose(0, 3, 1, 2)
     mean, logvar = jnp.split(moments, 2, axis=1)
     return LatentDistribution(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
 
+  def feature_maps(self, sample: jax.Array) -> list[jax.Array]:
+    """Images (B, in_channels, H, W) -> each encoder down block's output (B, H_l, W_l, C_l).
+
+    The feature extractor of `svdq_jax.metrics.feature_distance` (an LPIPS-like distance on a
+    trained VAE's encoder features, for comparing quantized against 16-bit images).
+    """
+    self._check("feature_maps", sample, self.config.in_channels, self.config.downsample_factor)
+    return self.encoder.feature_maps(self._to_nhwc(sample))
+
   def decode(self, latents: jax.Array) -> jax.Array:
     """Raw latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f)."""
     self._check("decode", latents, self.config.latent_channels, 1)
-    z = latents.astype(self.dtype or latents.dtype).transpose(0, 2, 3, 1)
+    z = self._to_nhwc(latents)
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
     return self.decoder(z).transpose(0, 3, 1, 2)
