@@ -98,12 +98,6 @@ def key_table(config: FluxConfig) -> dict[str, KeyEntry]:
   return keys
 
 
-def _count_listing(keys: list[str]) -> str:
-  """`2 (a, b)`: FLUX's key lists give the count first (its tests read them so)."""
-  shown = ", ".join(keys[:20])
-  return f"{len(keys)} ({shown}{', ...' if len(keys) > 20 else ''})"
-
-
 def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *,
                     name: str) -> dict[str, np.ndarray]:
   """`convert.mapping.convert_tensors` with FLUX's mismatch message (see there).
@@ -112,8 +106,7 @@ def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *,
   caller materializes them.
   """
   return mapping.convert_tensors(
-      source, table, name=name, what="not a FluxTransformer2DModel checkpoint for this config",
-      listing=_count_listing)
+      source, table, name=name, what="not a FluxTransformer2DModel checkpoint for this config")
 
 
 def convert_state(reader: CheckpointReader, config: FluxConfig) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.mapping import key_listing
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from svdq_jax import is_quantized
 
@@ -40,10 +41,6 @@ def state_paths(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
   return {path_str(path): _spec(v.get_value()) for path, v in flat}
 
 
-def _listed(keys: list[str]) -> str:
-  return f"{keys[:20]}{' ...' if len(keys) > 20 else ''} ({len(keys)})"
-
-
 def check_arrays(expected: Mapping[str, jax.ShapeDtypeStruct], arrays: Mapping[str, Any], *,
                  source: str) -> None:
   """Raises `CheckpointError` naming `source` unless `arrays` has exactly the expected keys with
@@ -56,7 +53,7 @@ def check_arrays(expected: Mapping[str, jax.ShapeDtypeStruct], arrays: Mapping[s
   unexpected = sorted(set(arrays) - set(expected))
   if missing or unexpected:
     raise CheckpointError(f"{source}: checkpoint does not match the model: missing keys "
-                          f"{_listed(missing)}; unexpected keys {_listed(unexpected)}")
+                          f"{key_listing(missing)}; unexpected keys {key_listing(unexpected)}")
   for path, spec in expected.items():
     found = _spec(arrays[path])
     if tuple(found.shape) != tuple(spec.shape):

@@ -24,7 +24,7 @@ from convert.safetensors_io import CheckpointError
 # exports carry scales a plain cast would ignore.
 FLOAT_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.float64), np.dtype(np.float32),
                                       np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-_LISTED = 20  # keys shown by `key_listing` before "... (N in all)"
+_LISTED = 20  # keys shown by `key_listing` before " ..."
 
 
 class TensorSource(Protocol):
@@ -81,15 +81,16 @@ def torch_key(path: str) -> str:
 
 
 def key_listing(keys: list[str]) -> str:
-  """`['a', 'b']`; past 20 keys `['a', ..., ... (N in all)]`."""
-  shown = ", ".join(repr(k) for k in keys[:_LISTED])
-  more = f", ... ({len(keys)} in all)" if len(keys) > _LISTED else ""
-  return f"[{shown}{more}]"
+  """`['a', 'b'] (2)`: the keys, the first 20 only (then " ..."), and how many there are.
+
+  The one format of every key-mismatch error (converters and `convert.loading`).
+  """
+  more = " ..." if len(keys) > _LISTED else ""
+  return f"{keys[:_LISTED]}{more} ({len(keys)})"
 
 
 def check_key_sets(expected: Iterable[str], present: Iterable[str], *, name: str, what: str,
-                   ignored: Iterable[str] = (),
-                   listing: Callable[[list[str]], str] = key_listing) -> None:
+                   ignored: Iterable[str] = ()) -> None:
   """Raises a CheckpointError listing missing and unexpected keys, if there are any.
 
   Args:
@@ -98,14 +99,13 @@ def check_key_sets(expected: Iterable[str], present: Iterable[str], *, name: str
     name: the checkpoint, as errors name it (its path).
     what: what a mismatch means ("T5 encoder checkpoint does not match its config").
     ignored: present keys that are neither read nor unexpected (buffers, tied copies).
-    listing: how a list of keys is written (`key_listing` unless a caller's format differs).
   """
   expected, present = set(expected), set(present)
   missing = sorted(expected - present)
   unexpected = sorted(present - expected - set(ignored))
   if missing or unexpected:
-    raise CheckpointError(f"{name}: {what}: missing keys {listing(missing)}; unexpected keys "
-                          f"{listing(unexpected)}")
+    raise CheckpointError(f"{name}: {what}: missing keys {key_listing(missing)}; unexpected keys "
+                          f"{key_listing(unexpected)}")
 
 
 def read_tensor(source: TensorSource, key: str, entry: KeyEntry, *, name: str) -> np.ndarray:
@@ -136,8 +136,7 @@ def read_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *,
 
 def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *, name: str,
                     what: str = "checkpoint does not match the model",
-                    ignored: Iterable[str] = (),
-                    listing: Callable[[list[str]], str] = key_listing) -> dict[str, np.ndarray]:
+                    ignored: Iterable[str] = ()) -> dict[str, np.ndarray]:
   """Checks `source` against `table` and maps its tensors to our paths and layout.
 
   Args:
@@ -146,7 +145,6 @@ def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *, name
     name: how errors name the checkpoint (its path).
     what: what a key mismatch means, for its error message.
     ignored: checkpoint keys that are skipped without being unexpected.
-    listing: how key lists are written in the mismatch error.
 
   Returns:
     {our path: array}, in the checkpoint's dtype (kernels are transposed views).
@@ -155,7 +153,7 @@ def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *, name
     CheckpointError: missing or unexpected keys (listed), or a tensor whose shape or dtype does not
       match (naming the key, what was expected and what was found).
   """
-  check_key_sets(table, source.keys(), name=name, what=what, ignored=ignored, listing=listing)
+  check_key_sets(table, source.keys(), name=name, what=what, ignored=ignored)
   return read_tensors(source, table, name=name)
 
 
