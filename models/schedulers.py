@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Schedule:
 
   @property
   def num_steps(self) -> int:
+    """The number of denoising steps N (static: from the shape)."""
     return int(self.timesteps.shape[0])
 
 
@@ -58,6 +61,20 @@ def _config_fields(cls: type, cfg: dict, unsupported: tuple[str, ...]) -> dict[s
     raise ValueError(f"{cls.__name__}: scheduler options not supported: {bad}")
   names = {f.name for f in dataclasses.fields(cls)}
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
+
+
+def _check_choices(scheduler: Any, **allowed: tuple) -> None:
+  """Raises ValueError naming the scheduler and field when a field is not one of its choices."""
+  for name, choices in allowed.items():
+    value = getattr(scheduler, name)
+    if value not in choices:
+      raise ValueError(f"{type(scheduler).__name__}: {name} {value!r} is not supported "
+                       f"(one of {', '.join(map(repr, choices))})")
+
+
+def _check_num_steps(num_inference_steps: int) -> None:
+  if num_inference_steps < 1:
+    raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
 
 
 def _train_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
@@ -85,7 +102,8 @@ def _spaced_timesteps(spacing: str, num_steps: int, num_train: int, last_timeste
   """Discrete training timesteps for inference, highest first (diffusers' `timestep_spacing`).
 
   The DPM-Solver and Euler schedulers space "linspace" and "leading" slightly differently; `dpm`
-  selects the DPM-Solver variant.
+  selects the DPM-Solver variant. last_timestep: one past the highest timestep to use
+  (`num_train` unless DPM-Solver's `lambda_min_clipped` cuts the top off).
   """
   if spacing == "linspace":
     if dpm:
@@ -99,9 +117,22 @@ def _spaced_timesteps(spacing: str, num_steps: int, num_train: int, last_timeste
     return t + steps_offset
   if spacing == "trailing":
     ratio = num_train / num_steps
-    t = np.arange(last_timestep if dpm else num_train, 0, -ratio).round()
+    t = np.arange(last_timestep, 0, -ratio).round()
     return t.astype(np.int64 if dpm else np.float32) - 1
   raise ValueError(f"timestep_spacing {spacing!r} is not one of linspace, leading, trailing")
+
+
+def _train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """Noise level sigma = sqrt((1 - a) / a) of every training step (num_train,), float32."""
+  return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+
+
+def _append_final_sigma(sigmas: np.ndarray, train_sigmas: np.ndarray,
+                        final_sigmas_type: str) -> np.ndarray:
+  """`sigmas` with the level after the last step appended, float32: 0 ("zero") or the smallest
+  training sigma ("sigma_min")."""
+  last = float(train_sigmas[0]) if final_sigmas_type == "sigma_min" else 0.0
+  return np.append(sigmas, last).astype(np.float32)
 
 
 def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -146,9 +177,7 @@ class FlowMatchEulerScheduler:
         "invert_sigmas", "shift_terminal", "use_karras_sigmas",
         "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"))
     out = cls(**fields)
-    if out.time_shift_type not in ("exponential", "linear"):
-      raise ValueError(f"{cls.__name__}: time_shift_type {out.time_shift_type!r} is not "
-                       "exponential or linear")
+    _check_choices(out, time_shift_type=("exponential", "linear"))
     return out
 
   def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
@@ -157,8 +186,7 @@ class FlowMatchEulerScheduler:
     image_seq_len: the number of image tokens ((H/16) * (W/16) for FLUX); needed when
     `use_dynamic_shifting` is set.
     """
-    if num_inference_steps < 1:
-      raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    _check_num_steps(num_inference_steps)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).astype(np.float32)
     if self.use_dynamic_shifting:
       if image_seq_len is None:
@@ -174,12 +202,15 @@ class FlowMatchEulerScheduler:
     return Schedule(jnp.asarray(timesteps), jnp.asarray(np.append(sigmas, np.float32(0))))
 
   def init_noise_sigma(self, schedule: Schedule) -> float:
+    """Standard deviation of the initial noise: 1 (unit noise at the top of the schedule)."""
     return 1.0
 
   def init_state(self, sample: jax.Array) -> tuple:
+    """No state between steps: an empty tuple."""
     return ()
 
   def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    """The model sees the sample unscaled."""
     return sample
 
   def step(self, schedule: Schedule, state: tuple, i: jax.Array, model_output: jax.Array,
@@ -235,31 +266,22 @@ class DPMSolverMultistepScheduler:
         "use_lu_lambdas", "use_flow_sigmas", "variance_type",
         "rescale_betas_zero_snr", "use_dynamic_shifting"))
     out = cls(**fields)
-    if out.algorithm_type != "dpmsolver++":
-      raise ValueError(f"{cls.__name__}: algorithm_type {out.algorithm_type!r} is not supported "
-                       "(only dpmsolver++)")
-    if out.solver_order not in (1, 2):
-      raise ValueError(f"{cls.__name__}: solver_order {out.solver_order} is not supported (1 or 2)")
-    if out.solver_type not in ("midpoint", "heun"):
-      raise ValueError(f"{cls.__name__}: solver_type {out.solver_type!r} is not midpoint or heun")
-    if out.final_sigmas_type not in ("zero", "sigma_min"):
-      raise ValueError(f"{cls.__name__}: final_sigmas_type {out.final_sigmas_type!r} is not zero "
-                       "or sigma_min")
+    _check_choices(out, algorithm_type=("dpmsolver++",), solver_order=(1, 2),
+                   solver_type=("midpoint", "heun"), final_sigmas_type=FINAL_SIGMAS_TYPES,
+                   prediction_type=("epsilon", "v_prediction", "sample"))
     return out
 
   def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
     """Integer training timesteps (as float32) and the matching sigma = sqrt((1 - a) / a)."""
-    if num_inference_steps < 1:
-      raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    _check_num_steps(num_inference_steps)
     alphas_cumprod = _train_alphas_cumprod(self.num_train_timesteps, self.beta_start,
                                            self.beta_end, self.beta_schedule, self.trained_betas)
     lambdas = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
     clipped = int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
-    last_timestep = self.num_train_timesteps - clipped
     timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
-                                  self.num_train_timesteps, last_timestep, self.steps_offset,
-                                  dpm=True)
-    train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+                                  self.num_train_timesteps, self.num_train_timesteps - clipped,
+                                  self.steps_offset, dpm=True)
+    train_sigmas = _train_sigmas(alphas_cumprod)
     if self.use_karras_sigmas:
       sigmas = _karras(float(train_sigmas[0]), float(train_sigmas[-1]), num_inference_steps)
       timesteps = _sigma_to_t(sigmas, np.log(train_sigmas))
@@ -267,12 +289,12 @@ class DPMSolverMultistepScheduler:
         timesteps = timesteps.round()
     else:
       sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
-    last = float(train_sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0
-    sigmas = np.append(sigmas, last).astype(np.float32)
+    sigmas = _append_final_sigma(sigmas, train_sigmas, self.final_sigmas_type)
     return Schedule(jnp.asarray(timesteps.astype(np.int64).astype(np.float32)),
                     jnp.asarray(sigmas))
 
   def init_noise_sigma(self, schedule: Schedule) -> float:
+    """Standard deviation of the initial noise: 1 (unit noise at the top of the schedule)."""
     return 1.0
 
   def init_state(self, sample: jax.Array) -> jax.Array:
@@ -280,6 +302,7 @@ class DPMSolverMultistepScheduler:
     return jnp.zeros(sample.shape, jnp.float32)
 
   def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    """The model sees the sample unscaled."""
     return sample
 
   def step(self, schedule: Schedule, state: jax.Array, i: jax.Array, model_output: jax.Array,
@@ -355,24 +378,20 @@ class EulerDiscreteScheduler:
         "use_exponential_sigmas", "use_beta_sigmas",
         "rescale_betas_zero_snr"))
     out = cls(**fields)
-    if out.prediction_type not in ("epsilon", "v_prediction", "sample", "original_sample"):
-      raise ValueError(f"{cls.__name__}: prediction_type {out.prediction_type!r} is not epsilon, "
-                       "v_prediction or sample")
-    if out.interpolation_type not in ("linear", "log_linear"):
-      raise ValueError(f"{cls.__name__}: interpolation_type {out.interpolation_type!r} is not "
-                       "linear or log_linear")
+    _check_choices(out, prediction_type=("epsilon", "v_prediction", "sample", "original_sample"),
+                   interpolation_type=("linear", "log_linear"),
+                   final_sigmas_type=FINAL_SIGMAS_TYPES, timestep_type=("discrete", "continuous"))
     return out
 
   def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
     """Timesteps spaced as `timestep_spacing` says, sigmas interpolated from the training ones."""
-    if num_inference_steps < 1:
-      raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    alphas_cumprod = _train_alphas_cumprod(self.num_train_timesteps, self.beta_start,
-                                           self.beta_end, self.beta_schedule, self.trained_betas)
+    _check_num_steps(num_inference_steps)
+    train_sigmas = _train_sigmas(_train_alphas_cumprod(
+        self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
+        self.trained_betas))
     timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
                                   self.num_train_timesteps, self.num_train_timesteps,
                                   self.steps_offset, dpm=False)
-    train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
     if self.interpolation_type == "linear":
       sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
     else:
@@ -383,8 +402,7 @@ class EulerDiscreteScheduler:
       hi = self.sigma_max if self.sigma_max is not None else float(sigmas[0])
       sigmas = _karras(lo, hi, num_inference_steps)
       timesteps = _sigma_to_t(sigmas, np.log(train_sigmas))
-    last = float(train_sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0
-    sigmas = np.append(sigmas, last).astype(np.float32)
+    sigmas = _append_final_sigma(sigmas, train_sigmas, self.final_sigmas_type)
     if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
       timesteps = 0.25 * np.log(sigmas[:-1])
     return Schedule(jnp.asarray(timesteps.astype(np.float32)), jnp.asarray(sigmas))
@@ -395,6 +413,7 @@ class EulerDiscreteScheduler:
     return top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
 
   def init_state(self, sample: jax.Array) -> tuple:
+    """No state between steps: an empty tuple."""
     return ()
 
   def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:

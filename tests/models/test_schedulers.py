@@ -165,3 +165,12 @@ def test_unsupported_configs_are_rejected(cfg, match):
 def test_dynamic_shift_needs_image_seq_len():
   with pytest.raises(ValueError, match="image_seq_len"):
     schedulers.FlowMatchEulerScheduler(use_dynamic_shifting=True).schedule(4)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_unknown_final_sigmas_type_is_rejected_like_diffusers(name):
+  ref = getattr(diffusers, name)(final_sigmas_type="sigma_max")
+  with pytest.raises(ValueError, match="final_sigmas_type"):
+    ref.set_timesteps(4)
+  with pytest.raises(ValueError, match="final_sigmas_type"):
+    schedulers.scheduler_from_config(json.loads(ref.to_json_string()))
