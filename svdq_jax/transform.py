@@ -267,8 +267,9 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
       GPTQ (without them the low-rank refinement minimizes the weight error). At most 256 rows
       are used for scoring.
     config: the layer's QuantConfig (weight_format must not be None).
-    act_absmax: (K,) per-channel max |x| over all calibration tokens (default: from the samples).
-    act_min: the smallest calibration activation (default: from the samples); decides, with
+    act_absmax: (K,) per-channel max |x| over all calibration tokens (default: from all the
+      samples).
+    act_min: the smallest calibration activation (default: from all the samples); decides, with
       `config.shift_activations`, whether the input follows a GELU.
     act_shift: force the activation shift (0 or 0.171875) instead of deciding it from the data.
     name: the layer's path, used in error messages.
@@ -311,10 +312,6 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
       raise ValueError(f"{_layer(name)}: act_samples must be a float array (T, {k}) with T > 0, "
                        f"got {samples.dtype}{tuple(samples.shape)}")
     _check_finite("calibration activations", samples, name)
-    if samples.shape[0] > _MAX_SCORE_TOKENS:
-      picks = np.random.default_rng(config.seed).choice(samples.shape[0], _MAX_SCORE_TOKENS,
-                                                        replace=False)
-      samples = samples[np.sort(picks)]
   if act_absmax is None:
     act_absmax = jnp.max(jnp.abs(samples.astype(jnp.float32)), axis=0)
   act_absmax = jnp.asarray(act_absmax, jnp.float32)
@@ -336,6 +333,11 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     raise ValueError(f"{_layer(name)}: act_shift must be 0 or {qz.GELU_SHIFT} (INT4 activations "
                      f"only), got {act_shift} with act_format {config.act_format!r}")
 
+  # The spans and the shift decision above saw every row; scoring and GPTQ use at most 256.
+  if samples.shape[0] > _MAX_SCORE_TOKENS:
+    picks = np.random.default_rng(config.seed).choice(samples.shape[0], _MAX_SCORE_TOKENS,
+                                                      replace=False)
+    samples = samples[np.sort(picks)]
   out = _quantize_arrays(kernel, samples, act_absmax, config=config, shift=float(act_shift),
                          has_samples=act_samples is not None)
   qweight = out["codes"] if config.weight_format == "int8" else qz.pack_nibbles(out["codes"])

@@ -80,6 +80,20 @@ def test_gelu_inputs_get_the_unsigned_shift_and_its_bias():
                     act_shift=qz.GELU_SHIFT)
 
 
+def test_shift_is_decided_on_every_calibration_row_not_only_the_scored_ones():
+  """One value below GELU's minimum, in a row the 256-row scoring subsample leaves out, rules
+  the unsigned shift out (it would clip that input to the shift)."""
+  rng = np.random.default_rng(0)
+  x = np.abs(rng.normal(size=(300, 128))).astype(np.float32)
+  scored = set(np.random.default_rng(0).choice(300, 256, replace=False).tolist())
+  left_out = min(set(range(300)) - scored)
+  x[left_out, 5] = -1.0
+  config = QuantConfig.preset("svdquant-int4", smooth=None, svd_iters=0)
+  w = quantize_linear(jnp.asarray(rng.normal(size=(128, 64)), jnp.float32), None,
+                      jnp.asarray(x), config)
+  assert w.act_shift == 0.0 and w.bias is None
+
+
 def test_merge_lora_adds_exactly_the_lora_product(outliers):
   kernel, x = outliers
   base = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:TOKENS]),
