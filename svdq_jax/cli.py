@@ -20,6 +20,7 @@ EXIT_BAD_INPUT = 2
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
 DTYPES = ("auto", "float32", "bfloat16")
+COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
 
 
 class UsageError(Exception):
@@ -37,11 +38,13 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
   """Non-empty, stripped lines of a UTF-8 text file; lines starting with '#' are comments.
 
   Raises:
-    UsageError when the file is missing, not UTF-8 text, or holds no prompt.
+    UsageError when the file is missing, not a file, not UTF-8 text, or holds no prompt.
   """
   file = Path(path)
-  if not file.is_file():
+  if not file.exists():
     raise UsageError(f"prompt file {str(file)!r} does not exist")
+  if not file.is_file():
+    raise UsageError(f"prompt file {str(file)!r} is not a file")
   try:
     text = file.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
@@ -240,13 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs `svdq-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
   parser = build_parser()
   argv = list(sys.argv[1:] if argv is None else argv)
-  command = argv[0] if argv and not argv[0].startswith("-") else None
-  prog = f"svdq-jax {command}" if command else "svdq-jax"
+  prog = f"svdq-jax {argv[0]}" if argv and argv[0] in COMMANDS else "svdq-jax"
   try:
     args = parser.parse_args(argv)
     return args.run(args)
-  except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-    # CheckpointError (a ValueError) and config errors: the message names file, key and need.
+  except (UsageError, ValueError, OSError) as e:
+    # CheckpointError (a ValueError), config errors and unreadable or unwritable paths (OSError
+    # names the path): the message names file, key and need.
     print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
 

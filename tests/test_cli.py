@@ -40,7 +40,8 @@ def test_every_command_has_help(command, capsys):
 
 def test_no_or_unknown_command_is_bad_input(capsys):
   _assert_bad_input(*_run([], capsys)[::2], "required")
-  _assert_bad_input(*_run(["paint"], capsys)[::2], "paint")
+  status, _, err = _run(["paint"], capsys)
+  _assert_bad_input(status, err, "svdq-jax: error:", "paint")
 
 
 def test_sample_bad_inputs(tmp_path, capsys):
@@ -62,6 +63,12 @@ def test_sample_bad_inputs(tmp_path, capsys):
                           capsys)[::2], ".png")
 
 
+def test_unreadable_model_index_is_bad_input(tmp_path, capsys):
+  (tmp_path / "model_index.json").mkdir()
+  _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x"], capsys)[::2],
+                    "svdq-jax sample: error:", "model_index.json")
+
+
 def test_quantize_bad_inputs(tmp_path, capsys):
   src = tmp_path / "src"
   src.mkdir()
@@ -77,6 +84,8 @@ def test_quantize_bad_inputs(tmp_path, capsys):
                           capsys)[::2], "holds no prompt")
   _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--calib",
                            str(tmp_path / "missing.txt")], capsys)[::2], "does not exist")
+  _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--calib", str(src)],
+                          capsys)[::2], "is not a file")
   _assert_bad_input(*_run(["quantize", str(src), str(tmp_path / "dst"), "--preset", "int3"],
                           capsys)[::2], "int3")
 
