@@ -272,13 +272,13 @@ class CLIPTextModel(nnx.Module):
                       dtype: jnp.dtype | None = None) -> CLIPTextModel:
     """Loads a transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folder, or ours.
 
-    `dtype` (e.g. jnp.bfloat16) sets both the parameters' and the computation dtype; None keeps
-    float32 parameters.
+    `dtype` (e.g. `jnp.bfloat16`) is both the computation dtype and the dtype floating parameters
+    are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
+    keeps its stored dtypes).
     """
     from convert import clip as convert_clip  # noqa: PLC0415  (convert.clip imports this module)
 
-    def build(config: CLIPTextConfig) -> CLIPTextModel:
-      return cls(config, dtype=dtype, param_dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
-
-    return load_pretrained(path, build=build, config_from_json=convert_clip.config_from_json,
-                           convert_state=convert_clip.convert_state, dtype=dtype)
+    return load_pretrained(
+        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
+        config_from_json=convert_clip.config_from_json, convert_state=convert_clip.convert_state,
+        dtype=dtype)

@@ -399,8 +399,9 @@ class FluxTransformer(nnx.Module):
                       ) -> FluxTransformer:
     """Loads a diffusers `FluxTransformer2DModel` folder (or a svdq-jax checkpoint of one).
 
-    `dtype` casts the parameters and sets the computation dtype (None: float32 parameters, and
-    computation in the input's dtype).
+    `dtype` (e.g. `jnp.bfloat16`) is both the computation dtype and the dtype floating parameters
+    are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
+    keeps its stored dtypes).
     """
     from convert import flux as flux_convert  # noqa: PLC0415  (convert.flux imports this module)
     from convert.loading import load_pretrained  # noqa: PLC0415

@@ -297,12 +297,14 @@ class PixArtSigmaTransformer(nnx.Module):
                       dtype: jnp.dtype | None = None) -> PixArtSigmaTransformer:
     """Loads a diffusers `PixArtTransformer2DModel` folder (or one of ours) without torch.
 
-    `dtype` casts the parameters (e.g. `jnp.bfloat16`); default: float32.
+    `dtype` (e.g. `jnp.bfloat16`) is both the computation dtype and the dtype floating parameters
+    are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
+    keeps its stored dtypes).
     """
     from convert import pixart as convert_pixart  # noqa: PLC0415  (convert imports this module)
     from convert.loading import load_pretrained  # noqa: PLC0415
 
     return load_pretrained(
-        path, build=lambda config: cls(config, rngs=nnx.Rngs(0)),
+        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
         config_from_json=convert_pixart.config_from_json,
         convert_state=convert_pixart.convert_state, dtype=dtype)

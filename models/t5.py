@@ -298,13 +298,13 @@ class T5Encoder(nnx.Module):
   def from_pretrained(cls, path: str | os.PathLike, dtype: jnp.dtype | None = None) -> T5Encoder:
     """Loads a transformers `T5EncoderModel` folder (config.json + safetensors) or one of ours.
 
-    `dtype` (e.g. jnp.bfloat16) sets both the parameters' and the computation dtype; None keeps
-    float32 parameters.
+    `dtype` (e.g. `jnp.bfloat16`) is both the computation dtype and the dtype floating parameters
+    are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
+    keeps its stored dtypes).
     """
     from convert import t5 as convert_t5  # noqa: PLC0415  (convert.t5 imports this module)
 
-    def build(config: T5Config) -> T5Encoder:
-      return cls(config, dtype=dtype, param_dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
-
-    return load_pretrained(path, build=build, config_from_json=convert_t5.config_from_json,
-                           convert_state=convert_t5.convert_state, dtype=dtype)
+    return load_pretrained(
+        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
+        config_from_json=convert_t5.config_from_json, convert_state=convert_t5.convert_state,
+        dtype=dtype)

@@ -143,6 +143,10 @@ def test_jit_and_bfloat16(tmp_path, np_rng):
   assert out16.dtype == jnp.bfloat16 and out16.shape == (2, 8, 8, 8)
   err16 = _rel_err(out16.astype(jnp.float32), ref)
   assert err16 < 3e-2, err16  # bf16 keeps 8 bits; measured 8e-3 here
+  # dtype is the computation dtype too (as for every model's from_pretrained): float32 inputs are
+  # computed, and returned, in bfloat16.
+  shape_only = jax.eval_shape(lambda *a: bf16(*a), x, captions, t, mask)
+  assert shape_only.dtype == jnp.bfloat16
 
 
 def test_presets_and_eval_shape():

@@ -96,6 +96,9 @@ def test_jit_bfloat16_and_sampling(tmp_path, np_rng):
   err16 = _rel_err(out.astype(jnp.float32), ref)
   # bf16 keeps 8 bits through ~15 convs: measured 3.8e-2 (torch's bf16 VAE: 2.5e-2 on such a model)
   assert err16 < 1e-1, err16
+  # dtype is the computation dtype too (as for every model's from_pretrained): float32 input is
+  # computed, and returned, in bfloat16.
+  assert jax.eval_shape(lambda a: bf16(a), jnp.asarray(x)).dtype == jnp.bfloat16
 
   dist = nnx.jit(lambda m, a: m.encode(a))(model, jnp.asarray(x))
   draws = jax.vmap(dist.sample)(jax.random.split(jax.random.key(0), 256))
