@@ -129,10 +129,12 @@ def w4a4_gemm_kernel(
         total = carry
         for i, acc_ref in enumerate(acc_refs):
           # Group i is done once at most the later groups' wgmmas are pending; the rescale of
-          # group i overlaps them. Groups are added in order, as the reference does.
-          plgpu.wgmma_wait(per_step - 1 - i)
+          # group i overlaps them. Groups are added in order, as the reference does. (`acc_ref[...]`
+          # would wait for all of them: it is wgmma_accumulator_load with wait_n=0.) The last
+          # load waits for every wgmma, so a_s and b_s are free for the next step.
+          group_sum = plgpu.wgmma_accumulator_load(acc_ref, wait_n=per_step - 1 - i)
           scale = a_scales[i][0][:, None] * w_scales[i][0][None, :]
-          total = total + group_sum_to_f32(acc_ref[...]) * scale
+          total = total + group_sum_to_f32(group_sum) * scale
         return total
 
       return pl.run_scoped(

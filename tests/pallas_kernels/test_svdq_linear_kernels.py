@@ -3,6 +3,7 @@ CPU (natively on a Hopper GPU), and lowered for an abstract H100 (deviceless) to
 swizzle and shared-memory errors that the interpreter does not check."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +265,17 @@ def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_
                            out_dtype=out_dtype, config=config),
       *ops.values())
   assert "mosaic_gpu" in text
+
+
+def test_gemm_rescales_each_group_while_later_wgmmas_run(np_rng):
+  """The interpreter cannot see this: reading a group accumulator with `acc[...]` waits for all
+  pending wgmmas, so group g must be loaded with wait_n = (groups after g) to overlap them."""
+  ops = _gemm_operands(np_rng, 64, 256, 128, 16, False)
+  jaxpr = str(jax.make_jaxpr(
+      lambda *a: w4a4_gemm(*a, config=GemmConfig(64, 128, groups_per_step=4),
+                           interpret=INTERPRET))(*ops.values()))
+  waits = set(re.findall(r"wgmma_accumulator_deref_p\[wait_n=(\d+)\]", jaxpr))
+  assert {"3", "2", "1", "0"} <= waits
 
 
 @pytest.mark.parametrize(
