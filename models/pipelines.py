@@ -434,8 +434,11 @@ class PixArtSigmaPipeline:
     guided = guidance_scale > 1.0
     batch = len(prompts) * num_images_per_prompt
     embeds, mask = self.encode_prompt(prompts, max_sequence_length=max_sequence_length)
-    neg_embeds, neg_mask = self.encode_prompt([negative_prompt or ""] * len(prompts),
-                                              max_sequence_length=max_sequence_length)
+    if guided:
+      neg_embeds, neg_mask = self.encode_prompt([negative_prompt or ""] * len(prompts),
+                                                max_sequence_length=max_sequence_length)
+    else:  # the step ignores them; no second T5 run
+      neg_embeds, neg_mask = embeds, mask
     repeat = functools.partial(jnp.repeat, repeats=num_images_per_prompt, axis=0)
     embeds, mask, neg_embeds, neg_mask = map(repeat, (embeds, mask, neg_embeds, neg_mask))
     channels = self.transformer.config.in_channels

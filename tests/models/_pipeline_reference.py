@@ -57,6 +57,32 @@ def _t5_tokenizer() -> transformers.T5Tokenizer:
   return transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+def _tiny_t5(vocab_size: int) -> transformers.T5EncoderModel:
+  """A two-layer T5 encoder of width 32 (eval mode), pad 0, eos 1 as `_t5_tokenizer`."""
+  return transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+      eos_token_id=1)).eval()
+
+
+def _tiny_vae(**config) -> AutoencoderKL:
+  """A two-level 4-latent-channel AutoencoderKL (downsampling by 2); `config` adds options."""
+  return AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+      latent_channels=4, norm_num_groups=4, sample_size=HEIGHT, **config)
+
+
+def _perturb(modules: tuple[torch.nn.Module, ...], scale: float, seed: int) -> None:
+  """Adds scale * N(0, 1) noise to every parameter, so that no norm weight is exactly one."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in modules:
+      for p in module.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
 def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, heads: int = 2, seed: int = 0
                              ) -> FluxPipeline:
   """The tiny FluxPipeline (float32, eval mode), dev-like (guidance) or schnell-like.
@@ -70,32 +96,21 @@ def build_tiny_flux_pipeline(*, guidance_embeds: bool = True, heads: int = 2, se
       num_attention_heads=4, max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu",
       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
       pad_token_id=tokenizer.pad_token_id)
-  t5_config = transformers.T5Config(
-      vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-      relative_attention_num_buckets=8, relative_attention_max_distance=16,
-      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   transformer = FluxTransformer2DModel(
       patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
       num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32,
       guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
-  vae = AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-      latent_channels=4, norm_num_groups=4, sample_size=HEIGHT, scaling_factor=1.5,
-      shift_factor=0.06, use_quant_conv=False, use_post_quant_conv=False)
+  vae = _tiny_vae(scaling_factor=1.5, shift_factor=0.06, use_quant_conv=False,
+                  use_post_quant_conv=False)
   scheduler = FlowMatchEulerDiscreteScheduler(
       shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15,
       base_image_seq_len=256, max_image_seq_len=4096)
   pipe = FluxPipeline(
       scheduler=scheduler, vae=vae.eval(),
       text_encoder=transformers.CLIPTextModel(clip_config).eval(), tokenizer=tokenizer,
-      text_encoder_2=transformers.T5EncoderModel(t5_config).eval(), tokenizer_2=tokenizer_2,
+      text_encoder_2=_tiny_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2,
       transformer=transformer.eval())
-  with torch.no_grad():  # small perturbations so that no norm weight is exactly one
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in (transformer, vae):
-      for p in module.parameters():
-        p.add_(0.02 * torch.randn(p.shape, generator=generator))
+  _perturb((transformer, vae), 0.02, seed + 1)
   return pipe
 
 
@@ -110,25 +125,14 @@ def save_tiny_pixart_pipeline(folder: Path, *, seed: int = 0) -> PixArtSigmaPipe
   """A tiny PixArtSigmaPipeline (T5, 4-channel VAE, DPM-Solver++), saved to `folder`."""
   torch.manual_seed(seed)
   tokenizer = _t5_tokenizer()
-  t5_config = transformers.T5Config(
-      vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-      relative_attention_num_buckets=8, relative_attention_max_distance=16,
-      feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   transformer = PixArtTransformer2DModel(
       num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
       cross_attention_dim=16, sample_size=16, patch_size=2, norm_type="ada_norm_single",
       caption_channels=32, use_additional_conditions=False)
-  vae = AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-      latent_channels=4, norm_num_groups=4, sample_size=HEIGHT)
-  with torch.no_grad():
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in (transformer, vae):
-      for p in module.parameters():
-        p.add_(0.05 * torch.randn(p.shape, generator=generator))
+  vae = _tiny_vae()
+  _perturb((transformer, vae), 0.05, seed + 1)
   pipe = PixArtSigmaPipeline(
-      tokenizer=tokenizer, text_encoder=transformers.T5EncoderModel(t5_config).eval(),
+      tokenizer=tokenizer, text_encoder=_tiny_t5(len(tokenizer)),
       vae=vae.eval(), transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler())
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
