@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from convert import registry
 from convert.checkpoint import HEADER_KEY, atomic_folder, check_against_model, write_into
-from convert.loading import read_config
+from convert.loading import config_of_folder, read_config
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from svdq_jax import is_quantized
 
@@ -101,11 +101,7 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
   entry = registry.find_entry(model, where=str(src)) if model else registry.detect(
       raw, where=str(folder / "config.json"))
   converter = entry.converter_module()
-  try:
-    config = converter.config_from_json(raw)
-  except ValueError as e:  # CheckpointError included: make sure the message names the file
-    where = folder / "config.json"
-    raise CheckpointError(str(e) if str(where) in str(e) else f"{where}: {e}") from e
+  config = config_of_folder(folder, raw, converter.config_from_json)
   reader = _CountingReader(src)
   with tqdm(desc=f"{entry.name} {folder.name}", total=len(reader), unit="tensor",
             disable=not progress, leave=False) as bar:

@@ -116,6 +116,17 @@ def read_config(folder: str | os.PathLike) -> dict:
     raise CheckpointError(f"{path}: cannot parse config.json: {e}") from e
 
 
+def config_of_folder(folder: str | os.PathLike, raw: dict,
+                     config_from_json: Callable[[dict], Any]) -> Any:
+  """`config_from_json(raw)` for the config.json `raw` of `folder`; a bad config is a
+  CheckpointError naming that file (the converters' messages name only the field)."""
+  try:
+    return config_from_json(raw)
+  except ValueError as e:  # CheckpointError included
+    where = str(Path(folder) / "config.json")
+    raise CheckpointError(str(e) if where in str(e) else f"{where}: {e}") from e
+
+
 def load_pretrained(path: str | os.PathLike, *, build: Callable[[Any], nnx.Module],
                     config_from_json: Callable[[dict], Any],
                     convert_state: Callable[[CheckpointReader, Any], Mapping[str, np.ndarray]],
@@ -141,7 +152,7 @@ def load_pretrained(path: str | os.PathLike, *, build: Callable[[Any], nnx.Modul
                             f"({stored.model}), but this loader reads {wanted[0].name!r} "
                             f"({wanted[0].model})")
     return load_checkpoint(path, dtype=dtype)
-  config = config_from_json(raw)
+  config = config_of_folder(path, raw, config_from_json)
   model = nnx.eval_shape(lambda: build(config))
   with CheckpointReader(path) as reader:
     arrays = dict(convert_state(reader, config))

@@ -3,6 +3,7 @@
 
 import gc
 import json
+import re
 import time
 
 import jax
@@ -222,4 +223,15 @@ def test_load_pretrained_of_another_family(tiny, tmp_path):
   with pytest.raises(CheckpointError, match=r"a svdq-jax checkpoint of a 'tiny' model \(.*TinyNet"
                      r"\), but this loader reads 't5' \(models.t5:T5Encoder\)"):
     load_pretrained(tmp_path / "c", build=None, config_from_json=convert.t5.config_from_json,
+                    convert_state=convert.t5.convert_state)
+
+
+def test_load_pretrained_bad_config_names_the_file(tmp_path):
+  """A config the converter rejects is an error naming the folder's config.json, as in convert."""
+  import convert.t5
+
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'config.json'}: T5 converter: "
+                                                      "model_type 'bert' is not 't5'")):
+    load_pretrained(tmp_path, build=None, config_from_json=convert.t5.config_from_json,
                     convert_state=convert.t5.convert_state)
