@@ -128,6 +128,8 @@ def data_parallel(fn: Callable[..., Any], *, devices: int | Sequence[jax.Device]
     placed = [shard_batch(next(it), mesh) if ax == 0 else replicate(arg, mesh)
               for arg, ax in zip(args, axes, strict=True)]
     out = compiled(axes)(*placed)
+    if size % count == 0:  # no padding to cut (and no slice that would gather the shards)
+      return out
     return jax.tree.map(lambda x: x[:size], out)
 
   run.mesh = mesh
