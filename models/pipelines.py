@@ -140,6 +140,8 @@ def _denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedul
     return run(state, schedule, latents, *conditions)
   from tqdm.auto import tqdm  # noqa: PLC0415
 
+  if count > 1:  # placed once here, so the per-step calls find the weights already replicated
+    state, schedule = sharding.replicate((state, schedule), run.mesh)
   with tqdm(total=num_steps, desc="denoising", unit="step") as bar:
     for i in range(num_steps):
       carry = jax.block_until_ready(run(state, schedule, jnp.int32(i), carry, *conditions))
