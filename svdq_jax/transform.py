@@ -83,13 +83,22 @@ def _storage_lora(w_smoothed: jax.Array, smooth: jax.Array, rank: int, key: jax.
   return lora_down, lora_up, product
 
 
+def _rtn(residual: jax.Array, config: QuantConfig) -> qz.Quantized:
+  """Round-to-nearest quantization of the residual (K, N): codes (N, K), scales (N, K // group)
+  in their storage dtype, the NVFP4 tensor scale (1 for the other formats)."""
+  fmt = config.weight_format
+  return qz.quantize(residual.T, fmt, config.effective_group(residual.shape[0]),
+                     scale_dtype=qz.WEIGHT_SCALE_DTYPE[fmt])
+
+
+def _residual_values(q: qz.Quantized, config: QuantConfig) -> jax.Array:
+  """The float32 values (K, N) of a quantized residual (`_rtn` or `gptq` output)."""
+  return qz.dequantize(q, config.weight_format, config.effective_group(q.codes.shape[1])).T
+
+
 def _weight_fake_quant(residual: jax.Array, config: QuantConfig) -> jax.Array:
   """The residual (K, N) after 4-bit round to nearest, float32."""
-  fmt = config.weight_format
-  group = config.effective_group(residual.shape[0])
-  tensor_scale = None if fmt == "nvfp4" else 1.0
-  return qz.fake_quantize(residual.T, fmt, group, scale_dtype=qz.WEIGHT_SCALE_DTYPE[fmt],
-                          tensor_scale=tensor_scale).T
+  return _residual_values(_rtn(residual, config), config)
 
 
 def _act_fake_quant(xs: jax.Array, config: QuantConfig, shift: float) -> jax.Array:
@@ -134,14 +143,13 @@ def smooth_candidates(span_x: jax.Array, span_w: jax.Array, alphas: tuple[float,
   return jnp.clip(jnp.stack(rows), 1e-5, 1e5)
 
 
-def gptq(residual: jax.Array, xs: jax.Array, config: QuantConfig
-         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def gptq(residual: jax.Array, xs: jax.Array, config: QuantConfig) -> qz.Quantized:
   """GPTQ (Frantar et al. 2022) of residual (K, N) for inputs xs (T, K), group by group along K.
 
   A group's scales are taken from the partially updated weights when the group is reached; the
   quantization error of each row is spread over the rows not yet quantized through the Cholesky
   factor of the inverse Hessian (damped by 1% of its mean diagonal).
-  Returns codes (N, K), scales (N, K // group) in storage dtype, tensor scale ().
+  Returns codes (N, K), scales (N, K // group) in storage dtype, tensor scale () (as `_rtn`).
   """
   fmt = config.weight_format
   k, n = residual.shape
@@ -185,22 +193,14 @@ def gptq(residual: jax.Array, xs: jax.Array, config: QuantConfig
   _, codes, scales = jax.lax.fori_loop(
       0, k // group, quantize_group,
       (weights, jnp.zeros((k, n), code_dtype), jnp.zeros((k // group, n), jnp.float32)))
-  return codes.T, scales.T.astype(scale_dtype), tensor_scale
-
-
-def _rtn(residual: jax.Array, config: QuantConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-  fmt = config.weight_format
-  q = qz.quantize(residual.T, fmt, config.effective_group(residual.shape[0]),
-                  scale_dtype=qz.WEIGHT_SCALE_DTYPE[fmt],
-                  tensor_scale=None if fmt == "nvfp4" else 1.0)
-  return q.codes, q.scales, q.tensor_scale
+  return qz.Quantized(codes.T, scales.T.astype(scale_dtype), tensor_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "shift", "has_samples"))
 def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: float,
                      has_samples: bool):
-  """The jitted transform: returns a dict of the SVDQLinear arrays (codes unpacked) and the
-  chosen candidate's output error."""
+  """The jitted transform: a dict of the SVDQLinear arrays (codes unpacked, (N, K)) and, for
+  shifted inputs, the shift compensation `shift_bias` (N,)."""
   w = kernel.astype(jnp.float32)
   x = samples.astype(jnp.float32)
   y_ref = x @ w
@@ -223,7 +223,6 @@ def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: flo
     return _output_error(x, y_ref, w_smoothed, smooth, lora, config, shift, has_samples)
 
   lora = _storage_lora(w_smoothed, smooth, config.rank, key)
-  error = error_of(lora)
   if config.rank and config.svd_iters:
     def refine(carry):
       step, lora, error, _ = carry
@@ -234,23 +233,20 @@ def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: flo
       lora = jax.tree.map(lambda new, old: jnp.where(better, new, old), new_lora, lora)
       return step + 1, lora, jnp.minimum(new_error, error), better
 
-    _, lora, error, _ = jax.lax.while_loop(
+    _, lora, _, _ = jax.lax.while_loop(
         lambda carry: (carry[0] < config.svd_iters) & carry[3], refine,
-        (0, lora, error, jnp.bool_(True)))
+        (0, lora, error_of(lora), jnp.bool_(True)))
   lora_down, lora_up, lora_product = lora
   residual = w_smoothed - lora_product
   if config.residual == "gptq" and has_samples:
-    codes, scales, tensor_scale = gptq(residual, (x + shift) / smooth, config)
+    quantized = gptq(residual, (x + shift) / smooth, config)
   else:
-    codes, scales, tensor_scale = _rtn(residual, config)
-  out = {"codes": codes, "wscales": scales.T, "wtscale": tensor_scale, "smooth": smooth,
-         "lora_down": lora_down, "lora_up": lora_up, "error": error}
+    quantized = _rtn(residual, config)
+  out = {"codes": quantized.codes, "wscales": quantized.scales.T,
+         "wtscale": quantized.tensor_scale, "smooth": smooth, "lora_down": lora_down,
+         "lora_up": lora_up}
   if shift:
-    group = config.effective_group(w.shape[0])
-    grouped = codes.reshape(codes.shape[0], -1, group)
-    residual_q = qz.decode(grouped, scales.astype(jnp.float32)[..., None], config.weight_format,
-                           tensor_scale).reshape(codes.shape).T
-    out["shift_bias"] = -((shift / smooth) @ residual_q)
+    out["shift_bias"] = -((shift / smooth) @ _residual_values(quantized, config))
   return out
 
 
