@@ -37,6 +37,11 @@ class QuantizeConfig:
 class GemmConfig:
   """Tiles of kernel 2 (the W4A4 GEMM with the low-rank, bias and GELU epilogue).
 
+  Kernel 2 runs one warpgroup (128 threads) per CTA, which holds the f32 carry and the group
+  accumulators in registers: keep `gemm_accumulator_registers` within REGISTERS_PER_THREAD (the
+  default 64 x 128 tile with two groups per step needs 192), or the tile spills to local memory.
+  Larger tiles lower (ptxas, which would spill, is not run by the deviceless check) but are slow.
+
   Attributes:
     block_m: output rows per CTA (multiple of 64).
     block_n: output columns per CTA (multiple of 64, at most 256: one wgmma N).
@@ -50,7 +55,7 @@ class GemmConfig:
       (integer add, reinterpret, float subtract) instead of the slower conversion instruction.
   """
 
-  block_m: int = 128
+  block_m: int = 64
   block_n: int = 128
   max_concurrent_steps: int = 2
   groups_per_step: int = 2
@@ -68,6 +73,21 @@ class GemmConfig:
       raise ValueError(f"GemmConfig.groups_per_step must be 1, 2 or 4, got {self.groups_per_step}")
     if self.carrier not in ("s8", "e4m3"):
       raise ValueError(f"GemmConfig.carrier must be 's8' or 'e4m3', got {self.carrier!r}")
+
+
+REGISTERS_PER_THREAD = 255
+"""32-bit registers one thread may use on sm_90 (CUDA's per-thread limit)."""
+
+ACCUMULATOR_REGISTER_BUDGET = 192
+"""Registers per thread kernel 2's accumulators may take, leaving the rest of
+REGISTERS_PER_THREAD for scales, widened tiles and addresses."""
+
+
+def gemm_accumulator_registers(config: GemmConfig) -> int:
+  """32-bit registers per thread that kernel 2's main loop keeps live in accumulators: the f32
+  carry and one group accumulator per group of a step, each (block_m, block_n) spread over the
+  128 threads of the CTA's single warpgroup."""
+  return (1 + config.groups_per_step) * config.block_m * config.block_n // 128
 
 
 H100_SMEM_BYTES = 232_448
@@ -101,23 +121,19 @@ def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
   """Chooses block sizes for an (m, k) x (k, n) product (m tokens after flattening batch dims)
   with a rank-`rank` low-rank branch.
 
-  Heuristic, not yet tuned on a GPU: small token counts use 64-row tiles and split K in kernel 1 so
-  that enough CTAs run; large ones use 128x256 output tiles (two s8 wgmma of m64n256 per group)
-  and a deeper pipeline. N tiles are narrowed when N is not a multiple of the wide tile, to limit
-  the zero padding the wrapper adds.
+  Heuristic, not yet tuned on a GPU: small token counts split K in kernel 1 so that enough CTAs
+  run; large ones get a deeper pipeline. Output tiles are 64 x 128, the largest whose accumulators
+  fit ACCUMULATOR_REGISTER_BUDGET with two groups per step on kernel 2's single warpgroup (64 x 64
+  when N is not a multiple of 128, to limit the zero padding the wrapper adds).
   """
   groups = k // GROUP_SIZE
-  block_m = 64 if m <= 512 else 128
+  block_m = 64
   row_blocks = _round_up(m, block_m) // block_m
   k_splits = 1
   # Split K in kernel 1 while fewer CTAs than H100 SMs (132) run and each keeps >= 8 groups.
   while row_blocks * k_splits < 132 and groups % (2 * k_splits) == 0 and groups >= 16 * k_splits:
     k_splits *= 2
-  block_n = 256 if m > 512 else 128
-  if n % block_n and n % 128 == 0:
-    block_n = 128
-  elif n % block_n and n % 128:
-    block_n = 64
+  block_n = 128 if n % 128 == 0 else 64
   gemm = GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=4 if m > 512 else 2)
   # Leave headroom for barriers and alignment below the hard limit.
   epilogue_rank = 2 * -(-rank // 16) * 16  # the hi/lo bf16 split doubles the low-rank operand

@@ -27,7 +27,12 @@ from pallas_kernels.svdq_linear import (
     w4a4_gemm,
     w4a4_gemm_reference,
 )
-from pallas_kernels.svdq_linear.config import H100_SMEM_BYTES, gemm_smem_bytes
+from pallas_kernels.svdq_linear.config import (
+    ACCUMULATOR_REGISTER_BUDGET,
+    H100_SMEM_BYTES,
+    gemm_accumulator_registers,
+    gemm_smem_bytes,
+)
 
 H100 = jax.sharding.AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
@@ -323,6 +328,9 @@ def test_select_config_gives_valid_tiles_for_flux_shapes():
       assert (k // 64) % config.quantize.k_splits == 0
       assert n % config.gemm.block_n == 0
       assert gemm_smem_bytes(config.gemm) <= H100_SMEM_BYTES
+      # One warpgroup holds the carry and the group accumulators: within CUDA's 255 registers
+      # per thread, with room left for everything else (else the tile spills on the GPU).
+      assert gemm_accumulator_registers(config.gemm) <= ACCUMULATOR_REGISTER_BUDGET < 255
 
 
 def test_bad_inputs_raise_clear_errors(np_rng):
