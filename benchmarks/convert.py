@@ -30,10 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from convert.safetensors_io import CheckpointReader, save_file  # noqa: E402
 
 _GIB = 1024**3
-_DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers",
-                     "num_single_layers", "attention_head_dim", "num_attention_heads",
-                     "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
-                     "axes_dims_rope")
 
 
 def write_synthetic_flux(folder: Path, num_layers: int, num_single_layers: int) -> None:
@@ -42,14 +38,14 @@ def write_synthetic_flux(folder: Path, num_layers: int, num_single_layers: int) 
   One shard per block (plus one for the embedders and the output layers) keeps this process at
   about one block of memory.
   """
-  from convert.flux import key_table  # noqa: PLC0415
+  from convert.flux import CONFIG_FIELDS, key_table  # noqa: PLC0415
   from models.flux import FluxConfig  # noqa: PLC0415
 
   config = dataclasses.replace(FluxConfig.dev(), num_layers=num_layers,
                                num_single_layers=num_single_layers)
   folder.mkdir(parents=True)
   diffusers_config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"}
-  diffusers_config.update({k: getattr(config, k) for k in _DIFFUSERS_FIELDS})
+  diffusers_config.update({k: getattr(config, k) for k in CONFIG_FIELDS})
   diffusers_config["axes_dims_rope"] = list(config.axes_dims_rope)
   (folder / "config.json").write_text(json.dumps(diffusers_config, indent=2))
   shards: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -84,6 +80,7 @@ def _measure(stage: str, src: str, dst: str) -> None:
   """
   import jax  # noqa: PLC0415
   import orbax.checkpoint  # noqa: F401, PLC0415
+  from flax import nnx  # noqa: PLC0415
 
   import convert.flux  # noqa: F401, PLC0415
   from convert.api import convert  # noqa: PLC0415
@@ -94,18 +91,12 @@ def _measure(stage: str, src: str, dst: str) -> None:
   if stage == "convert":
     convert(src, dst, progress=False)
   else:
-    jax.block_until_ready(jax.tree.leaves(nnx_state(load_checkpoint(dst))))
+    jax.block_until_ready(jax.tree.leaves(nnx.state(load_checkpoint(dst))))
   seconds = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
   print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "baseline_rss": before.ru_maxrss * 1024,
                     "peak_rss": after.ru_maxrss * 1024, "load": os.getloadavg()[0]}))
-
-
-def nnx_state(model: object) -> object:
-  from flax import nnx  # noqa: PLC0415
-
-  return nnx.state(model)
 
 
 def _stage_rows(name: str, stats: dict, size: int, largest: int) -> list[tuple[str, str]]:

@@ -22,9 +22,10 @@ from models.flux import FluxConfig
 MODEL_TYPES: tuple[str, ...] = ("FluxTransformer2DModel",)
 
 # diffusers config.json fields we read; everything else not starting with "_" is rejected.
-_CONFIG_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
-                  "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-                  "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+CONFIG_FIELDS: tuple[str, ...] = (
+    "patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
+    "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
+    "guidance_embeds", "axes_dims_rope")
 
 
 def _linear(name: str, in_features: int, out_features: int) -> dict[str, KeyEntry]:
@@ -124,11 +125,11 @@ def config_from_json(cfg: dict[str, Any]) -> FluxConfig:
   if class_name not in MODEL_TYPES:
     raise CheckpointError(f"config.json: _class_name {class_name!r} is not a FLUX transformer "
                           f"(expected one of {MODEL_TYPES})")
-  unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _CONFIG_FIELDS)
+  unknown = sorted(k for k in cfg if not k.startswith("_") and k not in CONFIG_FIELDS)
   if unknown:
     raise CheckpointError(f"config.json: unsupported FluxTransformer2DModel fields {unknown} "
-                          f"(known: {sorted(_CONFIG_FIELDS)})")
-  values = {k: cfg[k] for k in _CONFIG_FIELDS if k in cfg}
+                          f"(known: {sorted(CONFIG_FIELDS)})")
+  values = {k: cfg[k] for k in CONFIG_FIELDS if k in cfg}
   if "axes_dims_rope" in values:
     values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
   try:
