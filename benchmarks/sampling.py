@@ -77,7 +77,7 @@ def _inputs(config, image_tokens: int, text_tokens: int, batch: int, dtype):
 
 
 def _build(config, preset: str, dtype):
-  import jax.numpy as jnp  # noqa: PLC0415
+  """A random-init FluxTransformer of `config`, quantized data-free unless preset is 'float'."""
   from flax import nnx  # noqa: PLC0415
 
   from models.flux import FluxTransformer  # noqa: PLC0415
@@ -88,8 +88,22 @@ def _build(config, preset: str, dtype):
 
     quant = QuantConfig.preset(preset, smooth=None)
     quantize_model(model, None, quant, progress=True)
-  del jnp
   return model
+
+
+def _setup(args: argparse.Namespace, steps: int):
+  """(config, image tokens, text tokens, dtype, scheduler, schedule) for `args.shapes`; the dtype
+  is bfloat16 on a GPU, float32 elsewhere."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from models import schedulers  # noqa: PLC0415
+
+  config, image_tokens, text_tokens = _config(args.shapes)
+  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  scheduler = schedulers.FlowMatchEulerScheduler(use_dynamic_shifting=True, shift=3.0)
+  schedule = scheduler.schedule(steps, image_seq_len=image_tokens)
+  return config, image_tokens, text_tokens, dtype, scheduler, schedule
 
 
 def _time(fn, args, steps: int, repeats: int) -> tuple[float, float]:
@@ -106,17 +120,15 @@ def _time(fn, args, steps: int, repeats: int) -> tuple[float, float]:
 
 
 def run_table(args: argparse.Namespace) -> None:
+  """Prints the first-result and per-step times per (weights, device count)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from models import schedulers, sharding  # noqa: PLC0415
+  from models import sharding  # noqa: PLC0415
   from models.pipelines import flux_step_fn, fused_loop  # noqa: PLC0415
 
-  config, image_tokens, text_tokens = _config(args.shapes)
-  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-  scheduler = schedulers.FlowMatchEulerScheduler(use_dynamic_shifting=True, shift=3.0)
-  schedule = scheduler.schedule(args.steps, image_seq_len=image_tokens)
+  config, image_tokens, text_tokens, dtype, scheduler, schedule = _setup(args, args.steps)
   print(f"# {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
         f"shapes={args.shapes}, {image_tokens}+{text_tokens} tokens, {args.steps} steps, "
         f"{jnp.dtype(dtype).name}, batch {args.batch}/device")
@@ -151,14 +163,10 @@ def run_progress_overhead(args: argparse.Namespace) -> None:
   from flax import nnx  # noqa: PLC0415
   from tqdm.auto import tqdm  # noqa: PLC0415
 
-  from models import schedulers  # noqa: PLC0415
   from models.pipelines import flux_step_fn, fused_loop  # noqa: PLC0415
 
-  config, image_tokens, text_tokens = _config(args.shapes)
-  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-  scheduler = schedulers.FlowMatchEulerScheduler(use_dynamic_shifting=True, shift=3.0)
   steps = max(args.steps, 8)
-  schedule = scheduler.schedule(steps, image_seq_len=image_tokens)
+  config, image_tokens, text_tokens, dtype, scheduler, schedule = _setup(args, steps)
   model = _build(config, "float", dtype)
   state = nnx.state(model)
   x = _inputs(config, image_tokens, text_tokens, args.batch, dtype)
