@@ -118,7 +118,13 @@ class QuantConfig(DictConfig):
 
   @property
   def quantizes_activations(self) -> bool:
+    """True unless weight-only (W4A16 / W8A16): activations are quantized per token."""
     return self.act_format is not None
+
+  @property
+  def needs_calibration_data(self) -> bool:
+    """True when quantization needs calibration activations (the smoothing search or GPTQ)."""
+    return self.smooth is not None or self.residual == "gptq"
 
   def effective_group(self, in_features: int) -> int:
     """The group size along K for a layer with `in_features` inputs."""

@@ -38,6 +38,8 @@ class LayerSpec:
 def shape_specs(shapes: Sequence[tuple[int, int]]) -> list[LayerSpec]:
   """One spec per (K, N), labelled "KxN"; layers with K > N (down-projections) get GELU inputs."""
   return [LayerSpec(f"{k}x{n}", k, n, gelu_input=k > n) for k, n in shapes]
+
+
 ALL_PRESETS = ("bf16", "w8a8", "nf4-w4a16", "w4a4", "smoothquant-w4a4", "svdquant-int4",
                "svdquant-nvfp4")
 
@@ -49,7 +51,7 @@ def outlier_layer(seed: int, in_features: int, out_features: int, tokens: int,
 
   Recipe (float32):
     weights = N(0, 1/K) noise + a rank-16 component with singular values 8, 8·0.8, 8·0.8², ...
-      (times 1/sqrt(K)), then 2% of the input rows (channels) scaled by 6 (weight outliers);
+      (times sqrt(N / K)), then 2% of the input rows (channels) scaled by 6 (weight outliers);
     activations = N(0, 1) per element times a per-token scale in [0.5, 1.5], then 1% of the
       channels (`outlier_channels`) scaled by 20 to 60 (channel-wise outliers) and the others
       times 1; with `gelu_input` the activations are passed through GELU (tanh), as the input of

@@ -49,10 +49,6 @@ def layer_config(path: str, config: QuantConfig) -> QuantConfig | None:
   return config
 
 
-def _needs_data(config: QuantConfig) -> bool:
-  return config.smooth is not None or config.residual == "gptq"
-
-
 def abstract_svdq_linear(kernel: jax.ShapeDtypeStruct, config: QuantConfig, *,
                          shifted: bool = False) -> SVDQLinear:
   """An SVDQLinear of ShapeDtypeStructs for a kernel shape (memory accounting, eval_shape)."""
@@ -106,8 +102,8 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
     layer_stats = None if stats is None else stats.get(path)
     if isinstance(leaf, jax.ShapeDtypeStruct):
       return abstract_svdq_linear(leaf, layer)
-    if layer_stats is None and (stats is not None and layer.act_format is not None
-                                or _needs_data(layer)):
+    if layer_stats is None and (stats is not None and layer.quantizes_activations
+                                or layer.needs_calibration_data):
       raise ValueError(f"quantize_params: layer {path!r} has no calibration statistics "
                        f"(stats has {len(stats or {})} layers); calibrate with the same model "
                        "or add the layer to config.skip")

@@ -56,6 +56,7 @@ class SVDQLinear:
 
   @property
   def rank(self) -> int:
+    """Rank r of the low-rank branch (columns of lora_down; 0 without a branch)."""
     return self.lora_down.shape[1]
 
   @property

@@ -295,9 +295,8 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     if bias.shape != (n,):
       raise ValueError(f"{_layer(name)}: bias has shape {tuple(bias.shape)}, needs ({n},)")
     _check_finite("bias", bias, name)
-  needs_data = config.smooth is not None or config.residual == "gptq"
   if act_samples is None:
-    if needs_data:
+    if config.needs_calibration_data:
       raise ValueError(f"{_layer(name)}: smoothing/GPTQ need calibration activations "
                        f"(act_samples (T, {k})), got None")
     samples = jnp.zeros((1, k), jnp.float32)
@@ -348,7 +347,8 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
                     act_shift=float(act_shift))
 
 
-def merge_lora(w, lora_down: jax.Array, lora_up: jax.Array, scale: float = 1.0):
+def merge_lora(w: SVDQLinear | jax.Array, lora_down: jax.Array, lora_up: jax.Array,
+               scale: float = 1.0) -> SVDQLinear | jax.Array:
   """Adds a LoRA (x @ lora_down @ lora_up * scale) to a layer without re-quantizing it.
 
   For an SVDQLinear the LoRA joins the low-rank branch (ranks concatenated, `scale` folded into
@@ -361,6 +361,9 @@ def merge_lora(w, lora_down: jax.Array, lora_up: jax.Array, scale: float = 1.0):
     lora_down: (K, r) (diffusers' lora_A transposed).
     lora_up: (r, N) (lora_B transposed).
     scale: the LoRA strength (alpha / r times the user's weight).
+
+  Returns:
+    The SVDQLinear with rank r_old + r, or the kernel (K, N) in its own dtype.
   """
   k, n = w.shape
   lora_down = jnp.asarray(lora_down)
