@@ -108,7 +108,10 @@ class Tokenizer:
     backend.no_padding()
     backend.no_truncation()
     pad = _special(config, "pad_token")
-    pad_id = backend.token_to_id(pad) if pad is not None else None
+    if pad is None:
+      raise TokenizerError(f"{config_path}: no pad_token (the file is missing or does not set "
+                           "it); padding to a fixed length needs one")
+    pad_id = backend.token_to_id(pad)
     if pad_id is None:
       raise TokenizerError(f"{folder}: pad token {pad!r} from tokenizer_config.json is not in the "
                            "vocabulary")

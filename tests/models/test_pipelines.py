@@ -133,6 +133,14 @@ def test_tokenizer_folder_errors(tmp_path):
   (tmp_path / "spiece.model").write_bytes(b"\x00")
   with pytest.raises(TokenizerError, match="save_pretrained"):
     Tokenizer.from_pretrained(tmp_path)
+  import tokenizers
+
+  no_config = tmp_path / "no_config"
+  no_config.mkdir()
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, "<unk>"))
+  backend.save(str(no_config / "tokenizer.json"))
+  with pytest.raises(TokenizerError, match="tokenizer_config.json: no pad_token"):
+    Tokenizer.from_pretrained(no_config)
 
 
 @pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
