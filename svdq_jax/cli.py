@@ -91,12 +91,8 @@ def _dtype(name: str):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-  try:
-    from svdq_jax import demo  # noqa: PLC0415
-  except ModuleNotFoundError as e:
-    if e.name != "svdq_jax.demo":
-      raise
-    raise UsageError("the demo (svdq_jax/demo.py) is not part of this build yet") from None
+  from svdq_jax import demo  # noqa: PLC0415
+
   print("svdq-jax demo: running svdq_jax.demo.main(), the embedded default", file=sys.stderr)
   return int(demo.main() or 0)
 
