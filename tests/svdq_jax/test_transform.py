@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from svdq_jax import QuantConfig, merge_lora, quantize_linear, svdq_dot
 from svdq_jax import quantizers as qz
 from svdq_jax.evaluation import evaluate_preset, outlier_layer
 from svdq_jax.metrics import relative_error
+from svdq_jax.transform import gptq
 
 K, N, TOKENS = 256, 128, 128
 
@@ -63,6 +65,39 @@ def test_gptq_lowers_the_output_error_of_rtn():
                         dataclasses.replace(config, residual=residual))
     errors[residual] = relative_error(svdq_dot(jnp.asarray(x[512:]), w), reference)
   assert errors["gptq"] < 0.9 * errors["rtn"]
+
+
+def _numpy_gptq(kernel: np.ndarray, x: np.ndarray, group: int) -> np.ndarray:
+  """GPTQ as in Frantar et al. 2022 (Algorithm 1, lazy batches of one group), float64 numpy,
+  symmetric INT4 with bf16 group scales from the updated weights: codes (N, K)."""
+  weights = kernel.T.astype(np.float64)
+  k = weights.shape[1]
+  hessian = x.T.astype(np.float64) @ x / x.shape[0]
+  hessian += 0.01 * np.mean(np.diag(hessian)) * np.eye(k)
+  upper = np.linalg.cholesky(np.linalg.inv(hessian)).T
+  codes = np.zeros(weights.shape, np.int64)
+  for start in range(0, k, group):
+    block = weights[:, start:start + group].copy()
+    errors = np.zeros_like(block)
+    scale = (np.abs(block).max(1) / 7).astype(ml_dtypes.bfloat16).astype(np.float64)
+    for j in range(group):
+      codes[:, start + j] = np.clip(np.round(block[:, j] / scale), -8, 7)
+      errors[:, j] = (block[:, j] - codes[:, start + j] * scale) / upper[start + j, start + j]
+      block[:, j:] -= np.outer(errors[:, j], upper[start + j, start + j:start + group])
+    weights[:, start + group:] -= errors @ upper[start:start + group, start + group:]
+  return codes
+
+
+def test_gptq_codes_match_a_float64_numpy_gptq():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(512, 128)) * rng.uniform(0.2, 3, size=128)
+  x = (x @ (np.eye(128) + 0.3 * rng.normal(size=(128, 128)) / np.sqrt(128))).astype(np.float32)
+  kernel = (rng.normal(size=(128, 32)) / np.sqrt(128)).astype(np.float32)
+  got = gptq(jnp.asarray(kernel), jnp.asarray(x), QuantConfig.preset("w4a4", residual="gptq"))
+  expected = _numpy_gptq(kernel, x, 64)
+  codes = np.asarray(got.codes, np.int64)
+  # float32 against float64: a code may flip at a rounding tie, by one step at most.
+  assert np.mean(codes == expected) >= 0.99 and np.abs(codes - expected).max() <= 1
 
 
 def test_gelu_inputs_get_the_unsigned_shift_and_its_bias():
