@@ -18,8 +18,12 @@ from models.layers import (
   Attention,
   Conv2d,
   FeedForward,
+  GroupNorm,
+  LayerNorm,
   MLPEmbedder,
+  RMSNorm,
   attention,
+  timestep_embedding,
 )
 from svdq_jax.config_base import DictConfig
 
@@ -179,6 +183,53 @@ def test_conv2d_with_converted_oihw_weight_matches_torch():
     expected = module(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
   got = ours(jnp.asarray(x.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim, shift, scale", [(256, 0.0, 1.0), (33, 1.0, 2.0)])
+def test_timestep_embedding_matches_diffusers(dim, shift, scale):
+  """Odd widths (zero-padded), a frequency shift and a scale, as diffusers' own function."""
+  from diffusers.models.embeddings import get_timestep_embedding  # noqa: PLC0415
+
+  t = np.array([0.0, 1.5, 999.0], np.float32)
+  expected = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True,
+                                    downscale_freq_shift=shift, scale=scale).numpy()
+  got = timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos=True,
+                           downscale_freq_shift=shift, scale=scale)
+  assert got.shape == (3, dim) and got.dtype == jnp.float32
+  # Angles reach 999 * scale rad in float32 on both sides, rounded differently (ulp(1998) is
+  # 1.2e-4); measured 4.4e-5.
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1.2e-4)
+
+
+def test_norms_match_torch_on_bfloat16_input():
+  """LayerNorm / RMSNorm / GroupNorm with learned affine parameters, computed in float32 and
+  returned in the input's dtype, against torch's float32 norms on the same bf16 values."""
+  from diffusers.models.normalization import RMSNorm as TorchRMSNorm  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  x = torch.randn(2, 4, 4, 8).to(torch.bfloat16)
+  torch_norms = {
+      "layer": torch.nn.LayerNorm(8, eps=1e-5),
+      "rms": TorchRMSNorm(8, eps=1e-6),
+      "group": torch.nn.GroupNorm(4, 8, eps=1e-6),
+  }
+  ours = {"layer": LayerNorm(8, eps=1e-5), "rms": RMSNorm(8, eps=1e-6),
+          "group": GroupNorm(4, 8, eps=1e-6)}
+  for name, module in torch_norms.items():
+    with torch.no_grad():
+      for p in module.parameters():
+        p.copy_(1 + 0.5 * torch.randn(p.shape))
+      ours[name].scale.set_value(jnp.asarray(module.weight.numpy()))
+      if getattr(module, "bias", None) is not None:
+        ours[name].bias.set_value(jnp.asarray(module.bias.numpy()))
+      x_torch = x.float().permute(0, 3, 1, 2) if name == "group" else x.float()
+      expected = module(x_torch)
+      expected = (expected.permute(0, 2, 3, 1) if name == "group" else expected).numpy()
+    got = ours[name](jnp.asarray(x.float().numpy(), jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16, name
+    # One bf16 rounding of the output: relative 2**-8.
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=2**-8, atol=1e-6,
+                               err_msg=name)
 
 
 @dataclasses.dataclass(frozen=True)
