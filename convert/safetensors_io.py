@@ -145,12 +145,13 @@ class CheckpointReader:
         raise CheckpointError(f"{self.path}: several safetensors indexes "
                               f"{[p.name for p in indexes]}; pass the one to read")
       index = indexes[0] if indexes else None
-      files = _index_files(index)[0] if index else _weight_files(self.path)
     elif self.path.name.endswith(".index.json"):
       index = self.path
-      files = _index_files(index)[0]
+    weight_map: dict[str, str] = {}
+    if index is not None:
+      files, weight_map = _index_files(index)
     else:
-      files = [self.path]
+      files = _weight_files(self.path) if self.path.is_dir() else [self.path]
     for file in files:
       entries, metadata = _read_header(file)
       self.metadata.update(metadata)
@@ -159,11 +160,11 @@ class CheckpointReader:
           raise CheckpointError(f"{file}: key {key!r} also appears in {self._entries[key].file}")
         self._entries[key] = entry
     if index is not None:
-      self._check_index(index)
+      self._check_index(index, weight_map)
     self.files: tuple[Path, ...] = tuple(files)
 
-  def _check_index(self, index: Path) -> None:
-    weight_map = _index_files(index)[1]
+  def _check_index(self, index: Path, weight_map: dict[str, str]) -> None:
+    """Every key the index lists must be in the shard it names."""
     wrong = [k for k, f in weight_map.items()
              if k not in self._entries or self._entries[k].file.name != Path(f).name]
     if wrong:
@@ -171,6 +172,7 @@ class CheckpointReader:
                             f"{sorted(wrong)[:20]} ({len(wrong)})")
 
   def keys(self) -> list[str]:
+    """Every tensor name, over all files."""
     return list(self._entries)
 
   def __contains__(self, key: str) -> bool:
@@ -189,9 +191,11 @@ class CheckpointReader:
       raise CheckpointError(f"{self.path}: missing key {key!r}") from None
 
   def shape(self, key: str) -> tuple[int, ...]:
+    """The stored shape of tensor `key` (from the header; nothing is read)."""
     return self._entry(key).shape
 
   def dtype(self, key: str) -> np.dtype:
+    """The stored dtype of tensor `key` (bf16 / fp8 as `ml_dtypes` dtypes)."""
     return self._entry(key).dtype
 
   def nbytes(self, key: str | None = None) -> int:
