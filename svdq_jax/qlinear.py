@@ -280,8 +280,8 @@ def _auto_uses_pallas(w: SVDQLinear) -> bool:
   if not _is_int4_w4a4(w):
     if w.config.act_format is not None:
       _notice_once(f"no-kernel-{w.config.weight_format}",
-                   f"svdq_dot: no GPU kernel for {w.config.weight_format} W4A4 on this GPU; "
-                   "using the XLA reference")
+                   f"svdq_dot: no GPU kernel for {w.config.weight_format} weights with "
+                   f"{w.config.act_format} activations; using the XLA reference")
     return False
   try:
     module = importlib.import_module(PALLAS_MODULE)

@@ -40,8 +40,8 @@ def _is_concrete(x) -> bool:
 
 
 def _check_finite(what: str, x, name: str | None) -> None:
-  if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
-    bad = int(jnp.sum(~jnp.isfinite(jnp.asarray(x))))
+  bad = int(jnp.sum(~jnp.isfinite(jnp.asarray(x)))) if _is_concrete(x) else 0
+  if bad:
     raise ValueError(f"{_layer(name)}: {what} has {bad} NaN or inf values; it needs finite values")
 
 
@@ -261,7 +261,8 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     bias: (N,) or None; folded into the result's `bias` (with the shift compensation).
     act_samples: (T, K) calibration activations of this layer's input; needed for smoothing and
       GPTQ (without them the low-rank refinement minimizes the weight error). At most 256 rows
-      are used for scoring.
+      (a seeded random subset) are used for scoring and GPTQ; the spans and the shift decision
+      use all of them.
     config: the layer's QuantConfig (weight_format must not be None).
     act_absmax: (K,) per-channel max |x| over all calibration tokens (default: from all the
       samples).
