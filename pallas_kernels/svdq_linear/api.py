@@ -1,7 +1,7 @@
 """Public wrappers of the fused SVDQuant linear: shape checks, padding, batch dims, dispatch.
 
 The kernels need tile-aligned operands; the wrappers pad ragged token counts (M), K up to the K
-split of kernel 1, N up to the output tile and the rank up to 16 with zeros, which contribute
+split of kernel 1, N up to the output tile and the rank (`padded_rank`) with zeros, which contribute
 nothing (a zero activation group has scale 0 and codes 0; zero weight rows give zero columns that
 are sliced off), then slice the result back.
 """
@@ -18,9 +18,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.svdq_linear.config import (
     GROUP_SIZE,
+    MAX_RANK,
     GemmConfig,
     QuantizeConfig,
     SVDQLinearConfig,
+    padded_rank,
     select_config,
 )
 from pallas_kernels.svdq_linear.gemm_sm90 import w4a4_gemm_kernel
@@ -60,7 +62,10 @@ def _padded_quantize(x2, smooth, lora_down, act_shift, cfg: QuantizeConfig, m_pa
   """Kernel 1 on zero-padded operands; returns int4 codes, transposed scales, f32 low-rank act."""
   k = x2.shape[1]
   rank = lora_down.shape[1]
-  r_pad = _round_up(rank, 16)
+  if rank > MAX_RANK:
+    raise ValueError(f"svdq_linear kernels: lora_down {lora_down.shape} has rank {rank}, the "
+                     f"fused x @ lora_down supports at most {MAX_RANK}")
+  r_pad = padded_rank(rank)
   codes, ascales_t, lora_parts = quantize_activations_kernel(
       _pad_to(x2.astype(jnp.bfloat16), (m_pad, k_pad)),
       jnp.pad(smooth.astype(jnp.float32), (0, k_pad - k), constant_values=1.0),
@@ -80,7 +85,7 @@ def _padded_gemm(codes, ascales_t, qweight, wscales, lora_act, lora_up, bias, *,
   m_pad, k_pad = codes.shape
   n, k_half = qweight.shape
   n_pad = _round_up(n, cfg.block_n)
-  r_pad = _round_up(lora_act.shape[1], 16)
+  r_pad = padded_rank(lora_act.shape[1])
   groups_pad = k_pad // GROUP_SIZE
   qweight4 = lax.bitcast_convert_type(_pad_to(qweight, (n_pad, k_pad // 2)), jnp.int4)
   bias = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)

@@ -75,6 +75,19 @@ class GemmConfig:
       raise ValueError(f"GemmConfig.carrier must be 's8' or 'e4m3', got {self.carrier!r}")
 
 
+MAX_RANK = 256
+"""Largest low-rank width: kernel 1's x @ lora_down is one wgmma of N = rank (at most 256).
+Kernel 2 keeps the stacked hi/lo operand in SMEM: with 64 x 128 tiles ranks above 192 exceed the
+H100's shared memory (the lowering says so)."""
+
+
+def padded_rank(rank: int) -> int:
+  """The rank the kernels run with: 16 (up to 16) or the next multiple of 32. Kernel 2's stacked
+  hi/lo low-rank operand (block, 2 * rank) bf16 then spans 64 bytes or a multiple of 128, which
+  its SMEM swizzle needs (rank 48 would give 192 bytes, which does not lower)."""
+  return 0 if rank == 0 else 16 if rank <= 16 else -(-rank // 32) * 32
+
+
 REGISTERS_PER_THREAD = 255
 """32-bit registers one thread may use on sm_90 (CUDA's per-thread limit)."""
 
@@ -136,7 +149,7 @@ def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
   block_n = 128 if n % 128 == 0 else 64
   gemm = GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=4 if m > 512 else 2)
   # Leave headroom for barriers and alignment below the hard limit.
-  epilogue_rank = 2 * -(-rank // 16) * 16  # the hi/lo bf16 split doubles the low-rank operand
+  epilogue_rank = 2 * padded_rank(rank)  # the hi/lo bf16 split doubles the low-rank operand
   while (gemm_smem_bytes(gemm, epilogue_rank) > H100_SMEM_BYTES - 8192
          and gemm.max_concurrent_steps > 2):
     gemm = dataclasses.replace(gemm, max_concurrent_steps=gemm.max_concurrent_steps - 1)

@@ -295,6 +295,18 @@ def test_svdq_linear_lowers_for_flux_shapes(m, k, n, rank):
   assert text.count("mosaic_gpu") >= 2
 
 
+@pytest.mark.parametrize("rank", [40, 48])
+def test_svdq_linear_lowers_with_ranks_off_the_swizzle_widths(rank):
+  """The stacked hi/lo low-rank operand (block, 2 * rank) bf16 must span 64 bytes or a multiple of
+  128 for its SMEM swizzle; the wrapper pads the rank so that it does."""
+  m, k, n = 256, 512, 256
+  shapes = [((m, k), jnp.bfloat16), ((n, k // 2), jnp.uint8), ((k // 64, n), jnp.bfloat16),
+            ((k,), jnp.float32), ((k, rank), jnp.bfloat16), ((rank, n), jnp.bfloat16),
+            ((n,), jnp.float32)]
+  text = _lower_for_h100(svdq_linear, *[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+  assert text.count("mosaic_gpu") >= 2
+
+
 def test_svdq_linear_lowers_inside_shard_map_on_two_h100s():
   mesh = jax.sharding.AbstractMesh((2,), ("data",), abstract_device=H100)
   k, n, rank = 256, 256, 32
@@ -335,6 +347,9 @@ def test_select_config_gives_valid_tiles_for_flux_shapes():
 
 def test_bad_inputs_raise_clear_errors(np_rng):
   ops = _linear_operands(np_rng, (8,), 128, 64, 16)
+  wide = _linear_operands(np_rng, (8,), 128, 64, 264)
+  with pytest.raises(ValueError, match="rank 264.*at most 256"):
+    svdq_linear(**wide, interpret=INTERPRET)
   with pytest.raises(ValueError, match="group_size 64"):
     svdq_linear(**ops, group_size=16, interpret=INTERPRET)
   with pytest.raises(ValueError, match="wscales has shape"):
