@@ -214,12 +214,12 @@ def read_header(path: str | os.PathLike) -> dict:
   return header
 
 
-def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
+def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str, Any]:
   """The flat parameters of our checkpoint: numpy arrays in their stored dtypes, and an
-  SVDQLinear for each quantized kernel."""
+  SVDQLinear for each quantized kernel. `header`: its `read_header`, when the caller has it."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  header = read_header(path)
+  header = read_header(path) if header is None else header
   params = Path(path).absolute() / PARAMS_DIR
   try:
     with _checkpointer() as checkpointer:
@@ -262,9 +262,12 @@ def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None) -> 
   """
   header = read_header(path)
   entry = registry.find_entry(header["model_type"], where=str(path))
-  config = entry.config_class().from_dict(header["config"])
+  try:
+    config = entry.config_class().from_dict(header["config"])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: invalid {entry.name!r} config in config.json: {e}") from e
   model = entry.abstract_model(config, dtype=dtype)
-  arrays = read_arrays(path)
+  arrays = read_arrays(path, header)
   return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True,
                    consume=True)
 

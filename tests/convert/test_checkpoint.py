@@ -235,3 +235,14 @@ def test_load_pretrained_bad_config_names_the_file(tmp_path):
                                                       "model_type 'bert' is not 't5'")):
     load_pretrained(tmp_path, build=None, config_from_json=convert.t5.config_from_json,
                     convert_state=convert.t5.convert_state)
+
+
+def test_load_checkpoint_bad_stored_config_names_the_folder(tiny, tmp_path):
+  save_checkpoint(_model(), tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  path = tmp_path / "c" / "config.json"
+  raw = json.loads(path.read_text())
+  raw[checkpoint.HEADER_KEY]["config"]["depth"] = 3
+  path.write_text(json.dumps(raw))
+  with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'c'}: invalid 'tiny' config "
+                                                      "in config.json: ") + ".*'depth'"):
+    load_checkpoint(tmp_path / "c")
