@@ -54,14 +54,14 @@ PNG_SOFTWARE = "svdq-jax"
 # Small shared pieces.
 
 
-def _jit_module(module: nnx.Module, method: str = "__call__", **jit_kwargs) -> Callable[..., Any]:
+def _jit_module(module: nnx.Module, method: str = "__call__") -> Callable[..., Any]:
   """`module.method` jitted with the parameters as an argument (not baked in as constants)."""
   graphdef, state = nnx.split(module)
 
   def call(state, *args, **kwargs):
     return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
 
-  jitted = jax.jit(call, **jit_kwargs)
+  jitted = jax.jit(call)
   return lambda *args, **kwargs: jitted(state, *args, **kwargs)
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -134,8 +133,3 @@ def data_parallel(fn: Callable[..., Any], *, devices: int | Sequence[jax.Device]
 
   run.mesh = mesh
   return run
-
-
-def gather(tree: Any) -> Any:
-  """The arrays of `tree` as host numpy arrays (from any sharding)."""
-  return jax.tree.map(np.asarray, tree)
