@@ -88,6 +88,8 @@ class Recorder:
       self.unknown_calls += 1
       return
     rows = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    if rows.shape[0] == 0:  # e.g. an empty text sequence: nothing to add to the statistics
+      return
     if not np.all(np.isfinite(rows)):
       raise ValueError(f"calibrate: layer {path!r} received NaN or inf activations; "
                        "calibration needs finite inputs")

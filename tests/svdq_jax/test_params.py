@@ -151,6 +151,18 @@ def test_plain_dict_params_and_abstract_shapes():
   assert bf16["mlp"]["up"]["kernel"].dtype == jnp.bfloat16
 
 
+def test_calibrate_ignores_calls_without_tokens():
+  rng = np.random.default_rng(0)
+  params = {"fc": {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)}}
+  x = rng.normal(size=(5, 8)).astype(np.float32)
+  stats = calibrate(lambda rows: svdq_dot(jnp.asarray(rows), params["fc"]["kernel"]),
+                    [x[:0], x, x[:0]], model=params, progress=False)
+  fc = stats["fc/kernel"]
+  assert fc.num_tokens == 5
+  np.testing.assert_array_equal(fc.absmax, np.abs(x).max(0))
+  np.testing.assert_array_equal(fc.minimum, x.min(0))
+
+
 def test_calibration_and_selection_errors(calibrated):
   model, stats = calibrated
   with pytest.raises(ValueError, match="under jax.jit"):
