@@ -66,6 +66,8 @@ FLOW_CONFIGS = [
     dict(shift=1.0, use_dynamic_shifting=False),
     # SD3: static shift.
     dict(shift=3.0),
+    # Resolution-dependent shift, linear in mu.
+    dict(use_dynamic_shifting=True, time_shift_type="linear"),
 ]
 
 
@@ -121,6 +123,9 @@ EULER_CONFIGS = [
          prediction_type="v_prediction", use_karras_sigmas=True),
     dict(prediction_type="v_prediction", timestep_spacing="trailing"),
     dict(prediction_type="epsilon", timestep_spacing="linspace", final_sigmas_type="sigma_min"),
+    # Log-linear sigmas (one more than the steps, as diffusers makes them); EDM-style timesteps.
+    dict(interpolation_type="log_linear"),
+    dict(prediction_type="v_prediction", timestep_type="continuous"),
 ]
 
 
