@@ -71,12 +71,8 @@ class SVDQLinear:
 
   def dequantize_residual(self) -> jax.Array:
     """The dequantized 4-bit residual in the smoothed domain, (K, N) float32."""
-    codes = self.weight_codes()
-    n, k = codes.shape
-    grouped = codes.reshape(n, k // self.group_size, self.group_size)
-    scales = self.wscales.astype(jnp.float32).T[..., None]
-    values = qz.decode(grouped, scales, self.config.weight_format, self.wtscale)
-    return values.reshape(n, k).T
+    codes = qz.Quantized(self.weight_codes(), self.wscales.T, self.wtscale)
+    return qz.dequantize(codes, self.config.weight_format, self.group_size).T
 
   def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """The effective kernel (K, N): residual / smooth + lora_down @ lora_up, in `dtype`.
