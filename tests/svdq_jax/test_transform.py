@@ -13,7 +13,7 @@ from svdq_jax import QuantConfig, merge_lora, quantize_linear, svdq_dot
 from svdq_jax import quantizers as qz
 from svdq_jax.evaluation import evaluate_preset, outlier_layer
 from svdq_jax.metrics import relative_error
-from svdq_jax.transform import gptq
+from svdq_jax.transform import gptq, smooth_candidates
 
 K, N, TOKENS = 256, 128, 128
 
@@ -113,6 +113,20 @@ def test_gelu_inputs_get_the_unsigned_shift_and_its_bias():
     quantize_linear(jnp.asarray(kernel), None, jnp.asarray(x[:64]),
                     QuantConfig.preset("svdquant-nvfp4", rank=0, svd_iters=0, smooth=None),
                     act_shift=qz.GELU_SHIFT)
+
+
+def test_smooth_candidates_follow_deepcompressor_spans():
+  """λ = span_x^α / span_w^β for (0, 0), (α, 0) and (α, 1 − α), zero spans counted as 1
+  (DeepCompressor calib/smooth.py, get_alpha_beta_pairs), in float64 numpy."""
+  rng = np.random.default_rng(0)
+  span_x, span_w = rng.uniform(0.01, 50, size=(2, 16))
+  span_x[3], span_w[7] = 0.0, 0.0
+  alphas = (0.25, 0.5)
+  sx, sw = np.where(span_x > 0, span_x, 1.0), np.where(span_w > 0, span_w, 1.0)
+  expected = [np.ones(16)] + [sx ** a for a in alphas] + [sx ** a / sw ** (1 - a) for a in alphas]
+  got = smooth_candidates(jnp.asarray(span_x, jnp.float32), jnp.asarray(span_w, jnp.float32),
+                          alphas)
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.stack(expected), rtol=1e-5)
 
 
 def test_shift_is_decided_on_every_calibration_row_not_only_the_scored_ones():
