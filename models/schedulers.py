@@ -77,26 +77,6 @@ def _check_num_steps(num_inference_steps: int) -> None:
     raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
 
 
-def _train_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
-                          beta_schedule: str, trained_betas: tuple | None) -> np.ndarray:
-  """Cumulative product of (1 - beta) over training steps, float32 as diffusers computes it."""
-  if trained_betas is not None:
-    betas = np.asarray(trained_betas, np.float32)
-  elif beta_schedule == "linear":
-    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
-  elif beta_schedule == "scaled_linear":
-    betas = np.square(np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
-                                  dtype=np.float32))
-  elif beta_schedule == "squaredcos_cap_v2":
-    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-    betas = np.array([min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(
-        i / num_train_timesteps), 0.999) for i in range(num_train_timesteps)], np.float32)
-  else:
-    raise ValueError(f"beta_schedule {beta_schedule!r} is not one of linear, scaled_linear, "
-                     "squaredcos_cap_v2")
-  return np.cumprod(1.0 - betas, dtype=np.float32)
-
-
 def _spaced_timesteps(spacing: str, num_steps: int, num_train: int, last_timestep: int,
                       steps_offset: int, *, dpm: bool) -> np.ndarray:
   """Discrete training timesteps for inference, highest first (diffusers' `timestep_spacing`).
@@ -221,6 +201,38 @@ class FlowMatchEulerScheduler:
     return prev.astype(model_output.dtype), state
 
 
+@dataclass(frozen=True)
+class _TrainingBetas:
+  """The training noise schedule of the variance-preserving (DDPM-family) schedulers, with the
+  diffusers config names; DPM-Solver and Euler extend it."""
+
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.0001
+  beta_end: float = 0.02
+  beta_schedule: str = "linear"
+  trained_betas: tuple | None = None
+
+  def _alphas_cumprod(self) -> np.ndarray:
+    """Cumulative product of (1 - beta) over training steps (num_train,), float32 as diffusers
+    computes it."""
+    steps, schedule = self.num_train_timesteps, self.beta_schedule
+    if self.trained_betas is not None:
+      betas = np.asarray(self.trained_betas, np.float32)
+    elif schedule == "linear":
+      betas = np.linspace(self.beta_start, self.beta_end, steps, dtype=np.float32)
+    elif schedule == "scaled_linear":
+      betas = np.square(np.linspace(self.beta_start**0.5, self.beta_end**0.5, steps,
+                                    dtype=np.float32))
+    elif schedule == "squaredcos_cap_v2":
+      alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+      betas = np.array([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
+                        for i in range(steps)], np.float32)
+    else:
+      raise ValueError(f"{type(self).__name__}: beta_schedule {schedule!r} is not one of linear, "
+                       "scaled_linear, squaredcos_cap_v2")
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
 def _x0_prediction(prediction_type: str, model_output: jax.Array, sample: jax.Array,
                    alpha: jax.Array, sigma: jax.Array) -> jax.Array:
   """The data prediction x0 from a model output, for variance-preserving noise levels."""
@@ -234,18 +246,13 @@ def _x0_prediction(prediction_type: str, model_output: jax.Array, sample: jax.Ar
 
 
 @dataclass(frozen=True)
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(_TrainingBetas):
   """DPM-Solver++ (Lu et al. 2022) of order 1 or 2 over the data prediction, deterministic.
 
   The state carries the previous step's x0 prediction (for the second-order multistep update).
   """
 
   class_name: ClassVar[str] = "DPMSolverMultistepScheduler"
-  num_train_timesteps: int = 1000
-  beta_start: float = 0.0001
-  beta_end: float = 0.02
-  beta_schedule: str = "linear"
-  trained_betas: tuple | None = None
   solver_order: int = 2
   prediction_type: str = "epsilon"
   algorithm_type: str = "dpmsolver++"
@@ -274,8 +281,7 @@ class DPMSolverMultistepScheduler:
   def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
     """Integer training timesteps (as float32) and the matching sigma = sqrt((1 - a) / a)."""
     _check_num_steps(num_inference_steps)
-    alphas_cumprod = _train_alphas_cumprod(self.num_train_timesteps, self.beta_start,
-                                           self.beta_end, self.beta_schedule, self.trained_betas)
+    alphas_cumprod = self._alphas_cumprod()
     lambdas = 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
     clipped = int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
     timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
@@ -348,7 +354,7 @@ class DPMSolverMultistepScheduler:
 
 
 @dataclass(frozen=True)
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(_TrainingBetas):
   """Deterministic Euler over Karras-style sigmas (k-diffusion), for epsilon and v models.
 
   The model input is scaled by 1 / sqrt(sigma^2 + 1) (`scale_model_input`); the initial noise by
@@ -356,11 +362,6 @@ class EulerDiscreteScheduler:
   """
 
   class_name: ClassVar[str] = "EulerDiscreteScheduler"
-  num_train_timesteps: int = 1000
-  beta_start: float = 0.0001
-  beta_end: float = 0.02
-  beta_schedule: str = "linear"
-  trained_betas: tuple | None = None
   prediction_type: str = "epsilon"
   interpolation_type: str = "linear"
   use_karras_sigmas: bool = False
@@ -386,9 +387,7 @@ class EulerDiscreteScheduler:
   def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
     """Timesteps spaced as `timestep_spacing` says, sigmas interpolated from the training ones."""
     _check_num_steps(num_inference_steps)
-    train_sigmas = _train_sigmas(_train_alphas_cumprod(
-        self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule,
-        self.trained_betas))
+    train_sigmas = _train_sigmas(self._alphas_cumprod())
     timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
                                   self.num_train_timesteps, self.num_train_timesteps,
                                   self.steps_offset, dpm=False)
