@@ -23,6 +23,7 @@ from pallas_kernels.svdq_linear.config import (
     QuantizeConfig,
     SVDQLinearConfig,
     padded_rank,
+    round_up,
     select_config,
 )
 from pallas_kernels.svdq_linear.gemm_sm90 import w4a4_gemm_kernel
@@ -39,10 +40,6 @@ def is_supported(device: jax.Device | None = None) -> bool:
     return False
   capability = str(getattr(device, "compute_capability", ""))
   return capability.startswith("9.")
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
 
 
 def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -84,7 +81,7 @@ def _padded_gemm(codes, ascales_t, qweight, wscales, lora_act, lora_up, bias, *,
   """
   m_pad, k_pad = codes.shape
   n, k_half = qweight.shape
-  n_pad = _round_up(n, cfg.block_n)
+  n_pad = round_up(n, cfg.block_n)
   r_pad = padded_rank(lora_act.shape[1])
   groups_pad = k_pad // GROUP_SIZE
   qweight4 = lax.bitcast_convert_type(_pad_to(qweight, (n_pad, k_pad // 2)), jnp.int4)
@@ -180,8 +177,8 @@ def svdq_linear(
   x2 = x.reshape(-1, k)
   m = x2.shape[0]
   cfg = config or select_config(m, k, n, lora_down.shape[1])
-  m_pad = _round_up(max(m, 1), math.lcm(cfg.quantize.block_m, cfg.gemm.block_m))
-  k_pad = _round_up(k, GROUP_SIZE * math.lcm(cfg.quantize.k_splits, cfg.gemm.groups_per_step))
+  m_pad = round_up(max(m, 1), math.lcm(cfg.quantize.block_m, cfg.gemm.block_m))
+  k_pad = round_up(k, GROUP_SIZE * math.lcm(cfg.quantize.k_splits, cfg.gemm.groups_per_step))
   codes, ascales_t, lora_act = _padded_quantize(
       x2, smooth, lora_down, act_shift, cfg.quantize, m_pad, k_pad, interpret)
   out = _padded_gemm(
@@ -211,8 +208,8 @@ def quantize_activations(
         f"quantize_activations: x {x.shape} needs K % 64 == 0, smooth ({k},), lora_down ({k}, r); "
         f"got smooth {smooth.shape}, lora_down {lora_down.shape}")
   cfg = config or select_config(m, k, 64).quantize
-  m_pad = _round_up(max(m, 1), cfg.block_m)
-  k_pad = _round_up(k, GROUP_SIZE * cfg.k_splits)
+  m_pad = round_up(max(m, 1), cfg.block_m)
+  k_pad = round_up(k, GROUP_SIZE * cfg.k_splits)
   codes, ascales_t, lora_act = _padded_quantize(
       x, smooth, lora_down, act_shift, cfg, m_pad, k_pad, interpret)
   packed = lax.bitcast_convert_type(codes.reshape(m_pad, -1, 2), jnp.uint8)
@@ -254,8 +251,8 @@ def w4a4_gemm(
         f"{qweight.shape}, wscales {wscales.shape}, lora_act {lora_act.shape}, lora_up "
         f"{lora_up.shape}")
   cfg = config or select_config(m, k, n, lora_act.shape[1]).gemm
-  m_pad = _round_up(max(m, 1), cfg.block_m)
-  k_pad = _round_up(k, GROUP_SIZE * cfg.groups_per_step)
+  m_pad = round_up(max(m, 1), cfg.block_m)
+  k_pad = round_up(k, GROUP_SIZE * cfg.groups_per_step)
   codes4 = lax.bitcast_convert_type(
       _pad_to(codes, (m_pad, k_pad // 2)), code_dtype(act_shift != 0.0)).reshape(m_pad, k_pad)
   out = _padded_gemm(

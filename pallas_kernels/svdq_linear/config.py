@@ -75,6 +75,11 @@ class GemmConfig:
       raise ValueError(f"GemmConfig.carrier must be 's8' or 'e4m3', got {self.carrier!r}")
 
 
+def round_up(value: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= `value` (the zero padding of the wrappers)."""
+  return -(-value // multiple) * multiple
+
+
 MAX_RANK = 256
 """Largest low-rank width: kernel 1's x @ lora_down is one wgmma of N = rank (at most 256).
 Kernel 2 keeps the stacked hi/lo operand in SMEM: with 64 x 128 tiles ranks above 192 exceed the
@@ -85,7 +90,7 @@ def padded_rank(rank: int) -> int:
   """The rank the kernels run with: 16 (up to 16) or the next multiple of 32. Kernel 2's stacked
   hi/lo low-rank operand (block, 2 * rank) bf16 then spans 64 bytes or a multiple of 128, which
   its SMEM swizzle needs (rank 48 would give 192 bytes, which does not lower)."""
-  return 0 if rank == 0 else 16 if rank <= 16 else -(-rank // 32) * 32
+  return 0 if rank == 0 else 16 if rank <= 16 else round_up(rank, 32)
 
 
 REGISTERS_PER_THREAD = 255
@@ -126,10 +131,6 @@ class SVDQLinearConfig:
   gemm: GemmConfig = GemmConfig()
 
 
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
-
-
 def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
   """Chooses block sizes for an (m, k) x (k, n) product (m tokens after flattening batch dims)
   with a rank-`rank` low-rank branch.
@@ -141,7 +142,7 @@ def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
   """
   groups = k // GROUP_SIZE
   block_m = 64
-  row_blocks = _round_up(m, block_m) // block_m
+  row_blocks = round_up(m, block_m) // block_m
   k_splits = 1
   # Split K in kernel 1 while fewer CTAs than H100 SMs (132) run and each keeps >= 8 groups.
   while row_blocks * k_splits < 132 and groups % (2 * k_splits) == 0 and groups >= 16 * k_splits:
