@@ -17,11 +17,12 @@ Run on an H100/H200 with `python benchmarks/kernels.py [--output benchmarks/resu
 
 All rows of a line use the same (M, K, N) and bf16 activations. Each figure is the median over
 `--iters` samples of the time per call, a sample being `--calls` back-to-back calls followed by one
-`block_until_ready` (after three warm-up calls that compile and autotune), so that host dispatch
-overlaps device work instead of adding its latency to every call. The weights are re-read on every
-call, so layers whose weights fit in the 50 MB L2 (3072 x 3072: 18.9 MB bf16, 4.7 MB INT4) are
-measured L2-warm, for every row alike. TFLOP/s counts 2*M*K*N (the low-rank flops are not
-counted); `speedup` is bf16 time / fused time, `vs W4A16` is W4A16 time / fused time.
+`block_until_ready` (after `--warmup` untimed calls that compile and autotune), so that host
+dispatch overlaps device work instead of adding its latency to every call. The weights are
+re-read on every call, so layers whose weights fit in the 50 MB L2 (3072 x 3072: 18.9 MB bf16,
+4.7 MB INT4) are measured L2-warm, for every row alike. TFLOP/s counts 2*M*K*N (the low-rank
+flops are not counted); `speedup` is bf16 time / fused time, `vs W4A16` is W4A16 time / fused
+time.
 
 The fused output is checked against the jnp reference before it is timed; a relative error above
 REL_TOL marks the line WRONG and makes the script exit 1. On a machine without a supported GPU the
@@ -56,16 +57,15 @@ LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
 RANK = 32
 REL_TOL = 1e-2
 """Bound on max |fused - reference| / max |reference| (bf16 output rounding is about 4e-3)."""
-WARMUP_CALLS = 3
 
 
-def time_us(fn, *args, iters: int, calls: int, **kwargs) -> float:
+def time_us(fn, *args, iters: int, calls: int, warmup: int, **kwargs) -> float:
   """Median device time per call of `fn(*args, **kwargs)` in microseconds.
 
-  WARMUP_CALLS calls first (compilation, autotuning), then `iters` samples of `calls` back-to-back
+  `warmup` calls first (compilation, autotuning), then `iters` samples of `calls` back-to-back
   calls with a single `block_until_ready` at the end of each.
   """
-  for _ in range(WARMUP_CALLS):
+  for _ in range(warmup):
     jax.block_until_ready(fn(*args, **kwargs))
   samples = []
   for _ in range(iters):
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--iters", type=int, default=20, help="timed samples per figure (median)")
   parser.add_argument("--calls", type=int, default=10, help="back-to-back calls per sample")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the samples")
   parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
   parser.add_argument("--output", help="also write the table to this file")
   parser.add_argument("--interpret", action="store_true",
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   layers = LAYERS
   if args.interpret:
-    args.tokens, layers, args.iters, args.calls = [64], ((128, 128),), 1, 1
+    args.tokens, layers, args.iters, args.calls, args.warmup = [64], ((128, 128),), 1, 1, 1
   elif not is_supported():
     devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
     print(f"benchmarks/kernels.py: needs a Hopper (sm_90) GPU with the Mosaic GPU backend; found "
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
       w_bf16 = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.bfloat16)
       rel_err = check_against_reference(layer, args.interpret)
       all_correct &= rel_err <= REL_TOL
-      timed = functools.partial(time_us, iters=args.iters, calls=args.calls)
+      timed = functools.partial(time_us, iters=args.iters, calls=args.calls, warmup=args.warmup)
       xq = jnp.asarray(np.random.default_rng(2).integers(-8, 8, (m, k)), jnp.int8)
       wq = jnp.asarray(np.random.default_rng(3).integers(-8, 8, (n, k)), jnp.int8)
       t = dict(
