@@ -23,11 +23,14 @@ from svdq_jax.evaluation import (
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
+  """Parses "3072x3072,12288x3072" into [(3072, 3072), (12288, 3072)] (K = in, N = out)."""
   try:
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(
-        f"shapes must look like 3072x3072,12288x3072; got {text!r}") from e
+    shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+  except ValueError:
+    shapes = []
+  if not shapes or any(len(shape) != 2 for shape in shapes):
+    raise argparse.ArgumentTypeError(f"shapes must look like 3072x3072,12288x3072; got {text!r}")
+  return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
