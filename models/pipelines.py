@@ -65,16 +65,33 @@ def _jit_module(module: nnx.Module, method: str = "__call__") -> Callable[..., A
   return lambda *args, **kwargs: jitted(state, *args, **kwargs)
 
 
+def _read_json(file: Path) -> dict:
+  """A JSON file's content; CheckpointError naming the file when it is missing or malformed."""
+  if not file.is_file():
+    raise CheckpointError(f"{file}: missing (or not a file)")
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file}: cannot parse: {e}") from e
+
+
 def _read_model_index(path: Path) -> dict:
   if not path.is_dir():
     raise CheckpointError(f"{path}: pipeline folder does not exist")
-  index = path / "model_index.json"
-  if not index.exists():
+  if not (path / "model_index.json").exists():
     raise CheckpointError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
+  return _read_json(path / "model_index.json")
+
+
+def _read_scheduler(path: Path) -> schedulers.Scheduler:
+  """The scheduler of a pipeline folder; errors name its scheduler_config.json."""
+  file = path / "scheduler" / "scheduler_config.json"
   try:
-    return json.loads(index.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{index}: cannot parse: {e}") from e
+    return schedulers.scheduler_from_config(_read_json(file))
+  except CheckpointError:
+    raise
+  except ValueError as e:
+    raise CheckpointError(f"{file}: {e}") from e
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:
@@ -245,8 +262,7 @@ class FluxPipeline:
     if index.get("_class_name") != "FluxPipeline":
       raise CheckpointError(f"{path}: model_index.json names {index.get('_class_name')!r}, "
                             "expected FluxPipeline")
-    scheduler = schedulers.scheduler_from_config(
-        json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
+    scheduler = _read_scheduler(path)
     if not isinstance(scheduler, schedulers.FlowMatchEulerScheduler):
       raise CheckpointError(f"{path}/scheduler: FluxPipeline needs a "
                             f"FlowMatchEulerDiscreteScheduler, got {scheduler.class_name}")
@@ -372,13 +388,12 @@ class PixArtSigmaPipeline:
     if index.get("_class_name") != "PixArtSigmaPipeline":
       raise CheckpointError(f"{path}: model_index.json names {index.get('_class_name')!r}, "
                             "expected PixArtSigmaPipeline")
+    scheduler = _read_scheduler(path)
     return cls(
         transformer=PixArtSigmaTransformer.from_pretrained(path / "transformer", dtype=dtype),
         vae=AutoencoderKL.from_pretrained(path / "vae", dtype=dtype),
         text_encoder=T5Encoder.from_pretrained(path / "text_encoder", dtype=dtype),
-        tokenizer=Tokenizer.from_pretrained(path / "tokenizer"),
-        scheduler=schedulers.scheduler_from_config(
-            json.loads((path / "scheduler" / "scheduler_config.json").read_text())))
+        tokenizer=Tokenizer.from_pretrained(path / "tokenizer"), scheduler=scheduler)
 
   def encode_prompt(self, prompts: Sequence[str], *, max_sequence_length: int = 300
                     ) -> tuple[jax.Array, jax.Array]:

@@ -152,9 +152,19 @@ def test_pipeline_folder_errors(tmp_path, tiny):
   (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableCascadePipeline"}))
   with pytest.raises(CheckpointError, match="not supported"):
     pipelines.load_pipeline(tmp_path)
-  _, _, ours = tiny
+  folder, _, ours = tiny
   with pytest.raises(ValueError, match="multiples of 4"):
     ours(PROMPTS, height=30, width=32)
+  copy = tmp_path / "copy"
+  (copy / "scheduler").mkdir(parents=True)
+  (copy / "model_index.json").write_text((folder / "model_index.json").read_text())
+  scheduler_config = copy / "scheduler" / "scheduler_config.json"
+  scheduler_config.write_text("{not json")
+  with pytest.raises(CheckpointError, match="scheduler_config.json: cannot parse"):
+    pipelines.load_pipeline(copy)
+  scheduler_config.write_text(json.dumps({"_class_name": "DDIMScheduler"}))
+  with pytest.raises(CheckpointError, match="scheduler_config.json: scheduler 'DDIMScheduler'"):
+    pipelines.load_pipeline(copy)
 
 
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
