@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,8 @@ class LayerResult:
 
 
 def evaluate_preset(kernel: np.ndarray, activations: np.ndarray, preset: str, *,
-                    calibration_tokens: int, label: str = "", **overrides) -> LayerResult:
+                    calibration_tokens: int, label: str = "", **overrides: Any
+                    ) -> LayerResult:
   """Quantizes `kernel` with `preset` on the first `calibration_tokens` rows and measures the
   relative output error on the remaining rows against the float64 product."""
   calib, test = activations[:calibration_tokens], activations[calibration_tokens:]

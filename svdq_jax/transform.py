@@ -109,9 +109,12 @@ def _act_fake_quant(xs: jax.Array, config: QuantConfig, shift: float) -> jax.Arr
                           scale_dtype=qz.ACT_SCALE_DTYPE[fmt], tensor_scale=1.0)
 
 
-def _output_error(x, y_ref, w_smoothed, smooth, lora, config, shift, has_samples):
-  """Mean squared layer-output error of the quantized layer (or weight error without data).
+def _output_error(x: jax.Array, y_ref: jax.Array, w_smoothed: jax.Array, smooth: jax.Array,
+                  lora: tuple[jax.Array, jax.Array, jax.Array], config: QuantConfig,
+                  shift: float, has_samples: bool) -> jax.Array:
+  """Mean squared layer-output error () of the quantized layer (or weight error without data).
 
+  x (T, K) and y_ref = x @ W (T, N) float32; w_smoothed (K, N) = diag(smooth) @ W.
   lora: (lora_down, lora_up, their product in the smoothed domain) from `_storage_lora`; the
   branch's output is computed from the factors, as at inference.
   """
