@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert import registry
 from convert.mapping import key_listing
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from svdq_jax import is_quantized
@@ -127,33 +128,41 @@ def config_of_folder(folder: str | os.PathLike, raw: dict,
     raise CheckpointError(str(e) if where in str(e) else f"{where}: {e}") from e
 
 
-def load_pretrained(path: str | os.PathLike, *, build: Callable[[Any], nnx.Module],
-                    config_from_json: Callable[[dict], Any],
-                    convert_state: Callable[[CheckpointReader, Any], Mapping[str, np.ndarray]],
+def load_pretrained(path: str | os.PathLike, model_type: str,
                     dtype: jnp.dtype | None = None) -> nnx.Module:
   """Loads a model from a diffusers/transformers component folder or from a svdq-jax checkpoint.
 
-  `build(config)` constructs the model (it is run under `nnx.eval_shape`, so no memory is spent
-  on random init); `config_from_json` maps the folder's config.json to our config;
-  `convert_state(reader, config)` maps the checkpoint's tensors to flat "/"-joined paths of ours.
-  A folder whose config.json carries the key "svdq_jax" is one of ours and is read by
-  `convert.checkpoint.load_checkpoint` instead (a CheckpointError when it holds another model
-  family than the one `config_from_json` belongs to).
+  What every model's `from_pretrained` does. The folder's config.json is mapped to our config by
+  the family's converter (`convert.<family>.config_from_json`), the model is built under
+  `nnx.eval_shape` (nothing is spent on random init) and filled by `convert_state`, tensor by
+  tensor. A folder whose config.json carries the key "svdq_jax" is one of ours and is read by
+  `convert.checkpoint.load_checkpoint` instead.
+
+  Args:
+    path: the component folder.
+    model_type: the family, a `convert.registry` name ("flux", "pixart", "vae", "t5", "clip").
+    dtype: the computation dtype and the dtype floating parameters are cast to; None: float32
+      parameters (a checkpoint of ours keeps its stored dtypes) and computation in the input's
+      dtype.
+
+  Raises:
+    CheckpointError naming the folder: a bad config.json, a checkpoint of ours of another family,
+    or tensors that do not fit the config.
   """
+  entry = registry.find_entry(model_type)
   raw = read_config(path)
   if "svdq_jax" in raw:
-    from convert import registry  # noqa: PLC0415  (ours: orbax format)
-    from convert.checkpoint import load_checkpoint, read_header  # noqa: PLC0415
+    from convert.checkpoint import load_checkpoint, read_header  # noqa: PLC0415  (orbax)
 
     stored = registry.find_entry(read_header(path)["model_type"], where=str(path))
-    wanted = [e for e in registry.ENTRIES if e.converter == config_from_json.__module__]
-    if wanted and wanted[0] != stored:
+    if stored != entry:
       raise CheckpointError(f"{path}: a svdq-jax checkpoint of a {stored.name!r} model "
-                            f"({stored.model}), but this loader reads {wanted[0].name!r} "
-                            f"({wanted[0].model})")
+                            f"({stored.model}), but this loader reads {entry.name!r} "
+                            f"({entry.model})")
     return load_checkpoint(path, dtype=dtype)
-  config = config_of_folder(path, raw, config_from_json)
-  model = nnx.eval_shape(lambda: build(config))
+  converter = entry.converter_module()
+  config = config_of_folder(path, raw, converter.config_from_json)
+  model = entry.abstract_model(config, dtype=dtype)
   with CheckpointReader(path) as reader:
-    arrays = dict(convert_state(reader, config))
+    arrays = dict(converter.convert_state(reader, config))
     return load_into(model, arrays, source=str(path), dtype=dtype, consume=True)

@@ -276,9 +276,4 @@ class CLIPTextModel(nnx.Module):
     are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
     keeps its stored dtypes).
     """
-    from convert import clip as convert_clip  # noqa: PLC0415  (convert.clip imports this module)
-
-    return load_pretrained(
-        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        config_from_json=convert_clip.config_from_json, convert_state=convert_clip.convert_state,
-        dtype=dtype)
+    return load_pretrained(path, "clip", dtype=dtype)

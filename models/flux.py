@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.loading import load_pretrained
 from models.layers import (
   FeedForward,
   LayerNorm,
@@ -403,13 +404,7 @@ class FluxTransformer(nnx.Module):
     are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
     keeps its stored dtypes).
     """
-    from convert import flux as flux_convert  # noqa: PLC0415  (convert.flux imports this module)
-    from convert.loading import load_pretrained  # noqa: PLC0415
-
-    return load_pretrained(
-        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        config_from_json=flux_convert.config_from_json,
-        convert_state=flux_convert.convert_state, dtype=dtype)
+    return load_pretrained(path, "flux", dtype=dtype)
 
   def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array,
                pooled_projections: jax.Array, timestep: jax.Array, img_ids: jax.Array,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.loading import load_pretrained
 from models.layers import (
   Attention,
   Conv2d,
@@ -301,10 +302,4 @@ class PixArtSigmaTransformer(nnx.Module):
     are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
     keeps its stored dtypes).
     """
-    from convert import pixart as convert_pixart  # noqa: PLC0415  (convert imports this module)
-    from convert.loading import load_pretrained  # noqa: PLC0415
-
-    return load_pretrained(
-        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        config_from_json=convert_pixart.config_from_json,
-        convert_state=convert_pixart.convert_state, dtype=dtype)
+    return load_pretrained(path, "pixart", dtype=dtype)

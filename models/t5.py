@@ -302,9 +302,4 @@ class T5Encoder(nnx.Module):
     are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
     keeps its stored dtypes).
     """
-    from convert import t5 as convert_t5  # noqa: PLC0415  (convert.t5 imports this module)
-
-    return load_pretrained(
-        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        config_from_json=convert_t5.config_from_json, convert_state=convert_t5.convert_state,
-        dtype=dtype)
+    return load_pretrained(path, "t5", dtype=dtype)

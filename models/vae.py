@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from convert.loading import load_pretrained
 from models.layers import Attention, Conv2d, GroupNorm
 from svdq_jax.config_base import DictConfig
 
@@ -354,10 +355,4 @@ class AutoencoderKL(nnx.Module):
     are cast to; None: float32 parameters, computation in the input's dtype (a svdq-jax checkpoint
     keeps its stored dtypes).
     """
-    from convert import vae as convert_vae  # noqa: PLC0415  (convert imports this module)
-    from convert.loading import load_pretrained  # noqa: PLC0415
-
-    return load_pretrained(
-        path, build=lambda config: cls(config, dtype=dtype, rngs=nnx.Rngs(0)),
-        config_from_json=convert_vae.config_from_json, convert_state=convert_vae.convert_state,
-        dtype=dtype)
+    return load_pretrained(path, "vae", dtype=dtype)

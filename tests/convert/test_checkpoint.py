@@ -70,15 +70,16 @@ def test_load_dtype_casts_floats(tiny, tmp_path):
     np.testing.assert_array_equal(got[path], want[path].astype(ml_dtypes.bfloat16))
 
 
-def test_load_pretrained_delegates_to_ours(tiny, tmp_path):
+def test_load_pretrained_delegates_to_ours(tiny, tmp_path, monkeypatch):
   model = _model(seed=3)
   save_checkpoint(model, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
 
   def unused(*_):
     raise AssertionError("a checkpoint of ours must not go through the source converter")
 
-  loaded = load_pretrained(tmp_path / "c", build=unused, config_from_json=unused,
-                           convert_state=unused)
+  monkeypatch.setattr(_tiny, "config_from_json", unused)
+  monkeypatch.setattr(_tiny, "convert_state", unused)
+  loaded = load_pretrained(tmp_path / "c", "tiny")
   for path, want in _params(model).items():
     np.testing.assert_array_equal(_params(loaded)[path], want)
 
@@ -217,24 +218,18 @@ def test_damaged_parameters(tiny, tmp_path, damage):
 
 
 def test_load_pretrained_of_another_family(tiny, tmp_path):
-  import convert.t5
-
   save_checkpoint(_model(), tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
   with pytest.raises(CheckpointError, match=r"a svdq-jax checkpoint of a 'tiny' model \(.*TinyNet"
                      r"\), but this loader reads 't5' \(models.t5:T5Encoder\)"):
-    load_pretrained(tmp_path / "c", build=None, config_from_json=convert.t5.config_from_json,
-                    convert_state=convert.t5.convert_state)
+    load_pretrained(tmp_path / "c", "t5")
 
 
 def test_load_pretrained_bad_config_names_the_file(tmp_path):
   """A config the converter rejects is an error naming the folder's config.json, as in convert."""
-  import convert.t5
-
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'config.json'}: T5 converter: "
                                                       "model_type 'bert' is not 't5'")):
-    load_pretrained(tmp_path, build=None, config_from_json=convert.t5.config_from_json,
-                    convert_state=convert.t5.convert_state)
+    load_pretrained(tmp_path, "t5")
 
 
 def test_load_checkpoint_bad_stored_config_names_the_folder(tiny, tmp_path):
