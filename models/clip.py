@@ -76,6 +76,7 @@ class CLIPTextConfig(DictConfig):
 
   @property
   def head_dim(self) -> int:
+    """Width of one attention head: hidden_size / num_attention_heads."""
     return self.hidden_size // self.num_attention_heads
 
   @classmethod

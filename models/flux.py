@@ -203,6 +203,7 @@ class AdaLayerNormZero(nnx.Module):
     self.norm = LayerNorm(dim, eps=_NORM_EPS, elementwise_affine=False)
 
   def __call__(self, temb: jax.Array) -> list[jax.Array]:
+    """temb (B, D) -> `num_chunks` modulation vectors (B, D): shift, scale, gate, ..."""
     return jnp.split(self.linear(jax.nn.silu(temb)), self.num_chunks, axis=-1)
 
 
@@ -263,7 +264,8 @@ class FluxAttention(nnx.Module):
     return x.reshape(*x.shape[:-1], self.heads, self.head_dim)
 
   def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
-               rotary: tuple[jax.Array, jax.Array] | None = None):
+               rotary: tuple[jax.Array, jax.Array] | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention over hidden_states (B, S, D), or jointly over (text, image) for a double block.
 
     Args:

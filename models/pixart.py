@@ -271,7 +271,7 @@ class PixArtSigmaTransformer(nnx.Module):
         or encoder_hidden_states.shape[2] != expected_caption:
       raise ValueError(f"PixArtSigmaTransformer: encoder_hidden_states must be (B={b}, T, "
                        f"{expected_caption}), got {encoder_hidden_states.shape}")
-    dtype = self.dtype or hidden_states.dtype
+    dtype = self.dtype if self.dtype is not None else hidden_states.dtype
     x = self.pos_embed(hidden_states.astype(dtype).transpose(0, 2, 3, 1))
     timestep = jnp.broadcast_to(jnp.asarray(timestep).reshape(-1), (b,))
     modulation, embedded_timestep = self.adaln_single(timestep, dtype)

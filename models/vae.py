@@ -95,9 +95,11 @@ class LatentDistribution:
 
   @property
   def std(self) -> jax.Array:
+    """exp(logvar / 2), (B, latent, h, w)."""
     return jnp.exp(0.5 * self.logvar)
 
   def mode(self) -> jax.Array:
+    """The most likely latent: the mean."""
     return self.mean
 
   def sample(self, key: jax.Array) -> jax.Array:
@@ -300,7 +302,7 @@ class AutoencoderKL(nnx.Module):
 
   def _to_nhwc(self, x: jax.Array) -> jax.Array:
     """NCHW input in the computation dtype -> NHWC."""
-    return x.astype(self.dtype or x.dtype).transpose(0, 2, 3, 1)
+    return x.astype(self.dtype if self.dtype is not None else x.dtype).transpose(0, 2, 3, 1)
 
   def encode(self, sample: jax.Array) -> LatentDistribution:
     """Images (B, in_channels, H, W), usually in [-1, 1] -> posterior over (B, latent, H/f, W/f).
