@@ -12,8 +12,9 @@ from flax import nnx
 
 from convert import flux as convert_flux
 from convert.loading import state_paths
-from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
+from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.flux import FluxConfig, FluxTransformer
+from tests._checkpoints import rewrite_safetensors
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -105,19 +106,12 @@ def test_config_from_json_rejects(change, message):
     convert_flux.config_from_json(raw)
 
 
-def _rewrite(folder, edit) -> None:
-  """Reads the saved checkpoint with our reader, applies `edit(tensors)`, writes it back."""
-  path = folder / WEIGHTS
-  with CheckpointReader(path) as reader:
-    tensors = {k: np.array(reader.get(k)) for k in reader.keys()}
-  edit(tensors)
-  save_file(tensors, path, metadata={"format": "pt"})
 
 
 def test_missing_key_is_named(tmp_path):
   save_reference(tmp_path)
   key = "transformer_blocks.1.attn.norm_added_k.weight"
-  _rewrite(tmp_path, lambda t: t.pop(key))
+  rewrite_safetensors(tmp_path, lambda t: t.pop(key))
   with pytest.raises(CheckpointError, match=rf"missing keys \['{re.escape(key)}'\] \(1\)"):
     FluxTransformer.from_pretrained(tmp_path)
 
@@ -130,7 +124,7 @@ def test_unexpected_key_is_named(tmp_path):
   # A schnell config with a dev checkpoint: all guidance_embedder tensors are unexpected.
   config = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**config, "guidance_embeds": False}))
-  _rewrite(tmp_path, lambda t: t.update({key: np.zeros((32, 256), np.float32)}))
+  rewrite_safetensors(tmp_path, lambda t: t.update({key: np.zeros((32, 256), np.float32)}))
   with pytest.raises(CheckpointError,
                      match=re.escape(f"unexpected keys {guidance_keys} (4)")):
     FluxTransformer.from_pretrained(tmp_path)
@@ -139,7 +133,7 @@ def test_unexpected_key_is_named(tmp_path):
 def test_wrong_shape_is_named(tmp_path):
   save_reference(tmp_path)
   key = "single_transformer_blocks.0.proj_out.weight"
-  _rewrite(tmp_path, lambda t: t.update({key: np.zeros((32, 128), np.float32)}))
+  rewrite_safetensors(tmp_path, lambda t: t.update({key: np.zeros((32, 128), np.float32)}))
   with pytest.raises(CheckpointError,
                      match=re.escape(f"key '{key}' has shape (32, 128), expected (32, 160)")):
     FluxTransformer.from_pretrained(tmp_path)
@@ -148,7 +142,7 @@ def test_wrong_shape_is_named(tmp_path):
 def test_wrong_dtype_is_named(tmp_path):
   save_reference(tmp_path)
   key = "x_embedder.bias"
-  _rewrite(tmp_path, lambda t: t.update({key: np.zeros((32,), np.int32)}))
+  rewrite_safetensors(tmp_path, lambda t: t.update({key: np.zeros((32,), np.int32)}))
   with pytest.raises(CheckpointError, match=re.escape(f"key '{key}' has dtype int32")):
     FluxTransformer.from_pretrained(tmp_path)
 
@@ -157,6 +151,6 @@ def test_float8_checkpoint_is_rejected_by_name(tmp_path):
   """FP8 tensors (e.g. a quantized export) are not a float checkpoint this converter reads."""
   save_reference(tmp_path)
   key = "proj_out.weight"
-  _rewrite(tmp_path, lambda t: t.update({key: t[key].astype(ml_dtypes.float8_e4m3fn)}))
+  rewrite_safetensors(tmp_path, lambda t: t.update({key: t[key].astype(ml_dtypes.float8_e4m3fn)}))
   with pytest.raises(CheckpointError, match=re.escape(f"key '{key}' has dtype float8_e4m3fn")):
     FluxTransformer.from_pretrained(tmp_path)

@@ -20,6 +20,7 @@ from transformers import CLIPTextModelWithProjection as HFCLIPTextModelWithProje
 
 from convert.safetensors_io import CheckpointError
 from models.clip import CLIPTextConfig, CLIPTextModel
+from tests._checkpoints import rewrite_safetensors
 
 pytestmark = pytest.mark.parity
 
@@ -101,12 +102,6 @@ def assert_matches(ours, expected: dict[str, np.ndarray], tolerance: float) -> N
     assert rel_err(got[key], value) <= tolerance, (key, rel_err(got[key], value))
 
 
-def rewrite_checkpoint(folder, edit) -> None:
-  """Applies `edit(tensors: dict) -> None` to the folder's model.safetensors in place."""
-  path = folder / "model.safetensors"
-  tensors = safetensors.numpy.load_file(path)
-  edit(tensors)
-  safetensors.numpy.save_file(tensors, path)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
@@ -200,7 +195,7 @@ def copied_checkpoint(reference, tmp_path):
 def test_missing_key_is_named(copied_checkpoint):
   _, folder, prefix = copied_checkpoint
   key = f"{prefix}encoder.layers.1.mlp.fc2.bias"
-  rewrite_checkpoint(folder, lambda t: t.pop(key))
+  rewrite_safetensors(folder, lambda t: t.pop(key))
   with pytest.raises(CheckpointError, match=f"missing keys.*{key}"):
     CLIPTextModel.from_pretrained(folder)
 
@@ -208,7 +203,7 @@ def test_missing_key_is_named(copied_checkpoint):
 def test_unexpected_key_is_named(copied_checkpoint):
   _, folder, prefix = copied_checkpoint
   key = f"{prefix}encoder.layers.7.mlp.fc1.weight"
-  rewrite_checkpoint(folder, lambda t: t.update({key: np.zeros((4, 4), np.float32)}))
+  rewrite_safetensors(folder, lambda t: t.update({key: np.zeros((4, 4), np.float32)}))
   with pytest.raises(CheckpointError, match=f"unexpected keys.*{key}"):
     CLIPTextModel.from_pretrained(folder)
 
@@ -216,7 +211,7 @@ def test_unexpected_key_is_named(copied_checkpoint):
 def test_wrong_shape_names_key_expected_and_found(copied_checkpoint):
   _, folder, prefix = copied_checkpoint
   key = f"{prefix}embeddings.position_embedding.weight"
-  rewrite_checkpoint(folder, lambda t: t.update({key: np.ascontiguousarray(t[key][:10])}))
+  rewrite_safetensors(folder, lambda t: t.update({key: np.ascontiguousarray(t[key][:10])}))
   with pytest.raises(CheckpointError, match=rf"{key}.*shape \(10, \d+\), expected \(16, \d+\)"):
     CLIPTextModel.from_pretrained(folder)
 

@@ -15,8 +15,9 @@ import pytest
 from flax import nnx
 
 from convert import pixart as convert_pixart
-from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
+from convert.safetensors_io import CheckpointError
 from models.pixart import PixArtConfig, PixArtSigmaTransformer, sincos_pos_embed_2d
+from tests._checkpoints import rewrite_safetensors
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -188,34 +189,29 @@ def test_config_from_json_follows_diffusers_defaults(tmp_path):
                                      "norm_type": "layer_norm"})
 
 
-def _rewrite(folder, edit) -> None:
-  """Re-saves the folder's safetensors after `edit(dict of numpy tensors)`."""
-  path = folder / "diffusion_pytorch_model.safetensors"
-  with CheckpointReader(path) as reader:
-    tensors = {k: np.array(reader.get(k)) for k in reader.keys()}
-  edit(tensors)
-  save_file(tensors, path)
 
 
 def test_bad_checkpoints_name_the_key(tmp_path):
   _save_reference(tmp_path)
-  _rewrite(tmp_path, lambda t: t.pop("transformer_blocks.1.attn2.to_k.weight"))
+  rewrite_safetensors(tmp_path, lambda t: t.pop("transformer_blocks.1.attn2.to_k.weight"))
   with pytest.raises(CheckpointError, match=r"missing keys \['transformer_blocks.1.attn2.to_k"):
     PixArtSigmaTransformer.from_pretrained(tmp_path)
 
   _save_reference(tmp_path)
-  _rewrite(tmp_path, lambda t: t.update({"extra.weight": np.zeros(3, np.float32)}))
+  rewrite_safetensors(tmp_path, lambda t: t.update({"extra.weight": np.zeros(3, np.float32)}))
   with pytest.raises(CheckpointError, match=r"unexpected keys \['extra.weight'\]"):
     PixArtSigmaTransformer.from_pretrained(tmp_path)
 
   _save_reference(tmp_path)
-  _rewrite(tmp_path, lambda t: t.update({"proj_out.weight": np.zeros((32, 8), np.float32)}))
+  rewrite_safetensors(tmp_path,
+                      lambda t: t.update({"proj_out.weight": np.zeros((32, 8), np.float32)}))
   with pytest.raises(CheckpointError, match=r"'proj_out.weight' has shape \(32, 8\), expected "
                                             r"\(32, 16\)"):
     PixArtSigmaTransformer.from_pretrained(tmp_path)
 
   _save_reference(tmp_path)
-  _rewrite(tmp_path, lambda t: t.update({"scale_shift_table": np.zeros((2, 16), np.int32)}))
+  rewrite_safetensors(tmp_path,
+                      lambda t: t.update({"scale_shift_table": np.zeros((2, 16), np.int32)}))
   with pytest.raises(CheckpointError, match="'scale_shift_table' has dtype int32"):
     PixArtSigmaTransformer.from_pretrained(tmp_path)
 

@@ -19,6 +19,7 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from convert.safetensors_io import CheckpointError
 from models.t5 import T5Config, T5Encoder, relative_position_bucket
+from tests._checkpoints import rewrite_safetensors
 
 pytestmark = pytest.mark.parity
 
@@ -69,12 +70,6 @@ def reference_forward(model: T5EncoderModel, ids: np.ndarray, mask: np.ndarray |
   return out.last_hidden_state.double().numpy()
 
 
-def rewrite_checkpoint(folder, edit) -> None:
-  """Applies `edit(tensors: dict) -> None` to the folder's model.safetensors in place."""
-  path = folder / "model.safetensors"
-  tensors = safetensors.numpy.load_file(path)
-  edit(tensors)
-  safetensors.numpy.save_file(tensors, path)
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 16), (32, 64)])
@@ -164,14 +159,14 @@ def copied_checkpoint(reference, tmp_path):
 
 def test_missing_key_is_named(copied_checkpoint):
   key = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
-  rewrite_checkpoint(copied_checkpoint, lambda t: t.pop(key))
+  rewrite_safetensors(copied_checkpoint, lambda t: t.pop(key))
   with pytest.raises(CheckpointError, match=f"missing keys.*{key}"):
     T5Encoder.from_pretrained(copied_checkpoint)
 
 
 def test_unexpected_key_is_named(copied_checkpoint):
   key = "decoder.block.0.layer.0.SelfAttention.q.weight"
-  rewrite_checkpoint(copied_checkpoint,
+  rewrite_safetensors(copied_checkpoint,
                      lambda t: t.update({key: np.zeros((4, 4), np.float32)}))
   with pytest.raises(CheckpointError, match=f"unexpected keys.*{key}"):
     T5Encoder.from_pretrained(copied_checkpoint)
@@ -183,7 +178,7 @@ def test_wrong_shape_names_key_expected_and_found(copied_checkpoint):
   def widen_q(tensors):
     tensors[key] = np.ascontiguousarray(np.concatenate([tensors[key]] * 2, axis=1))
 
-  rewrite_checkpoint(copied_checkpoint, widen_q)
+  rewrite_safetensors(copied_checkpoint, widen_q)
   found = safetensors.numpy.load_file(copied_checkpoint / "model.safetensors")[key].shape
   with pytest.raises(CheckpointError, match=rf"{key}.*shape \({found[0]}, {found[1]}\), expected"):
     T5Encoder.from_pretrained(copied_checkpoint)
@@ -191,7 +186,7 @@ def test_wrong_shape_names_key_expected_and_found(copied_checkpoint):
 
 def test_integer_weight_is_a_dtype_error(copied_checkpoint):
   key = "encoder.final_layer_norm.weight"
-  rewrite_checkpoint(copied_checkpoint, lambda t: t.update({key: t[key].astype(np.int32)}))
+  rewrite_safetensors(copied_checkpoint, lambda t: t.update({key: t[key].astype(np.int32)}))
   with pytest.raises(CheckpointError, match=f"{key}.*dtype int32"):
     T5Encoder.from_pretrained(copied_checkpoint)
 

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from convert import vae as convert_vae
-from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
+from convert.safetensors_io import CheckpointError
 from models.vae import AutoencoderKL, LatentDistribution, VAEConfig
+from tests._checkpoints import rewrite_safetensors
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -120,12 +121,6 @@ def test_presets_and_eval_shape():
   assert out.shape == (1, 3, 1024, 1024)
 
 
-def _rewrite(folder, edit) -> None:
-  path = folder / "diffusion_pytorch_model.safetensors"
-  with CheckpointReader(path) as reader:
-    tensors = {k: np.array(reader.get(k)) for k in reader.keys()}
-  edit(tensors)
-  save_file(tensors, path)
 
 
 def test_legacy_attention_names_load(tmp_path, np_rng):
@@ -139,7 +134,7 @@ def test_legacy_attention_names_load(tmp_path, np_rng):
           tensors[f"{part}.mid_block.attentions.0.{old}.{leaf}"] = tensors.pop(
               f"{part}.mid_block.attentions.0.{new}.{leaf}")
 
-  _rewrite(tmp_path, to_legacy)
+  rewrite_safetensors(tmp_path, to_legacy)
   z = np_rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
   with torch.no_grad():
     ref = ref_model.decode(torch.from_numpy(z)).sample.numpy()
@@ -148,25 +143,27 @@ def test_legacy_attention_names_load(tmp_path, np_rng):
 
 def test_bad_checkpoints_name_the_key(tmp_path):
   _save_reference(tmp_path, SD_LIKE)
-  _rewrite(tmp_path, lambda t: t.pop("decoder.up_blocks.0.upsamplers.0.conv.weight"))
+  rewrite_safetensors(tmp_path, lambda t: t.pop("decoder.up_blocks.0.upsamplers.0.conv.weight"))
   with pytest.raises(CheckpointError,
                      match=r"missing keys \['decoder.up_blocks.0.upsamplers.0.conv.weight'\]"):
     AutoencoderKL.from_pretrained(tmp_path)
 
   _save_reference(tmp_path, SD_LIKE)
-  _rewrite(tmp_path, lambda t: t.update({"encoder.extra.bias": np.zeros(3, np.float32)}))
+  rewrite_safetensors(tmp_path, lambda t: t.update({"encoder.extra.bias": np.zeros(3, np.float32)}))
   with pytest.raises(CheckpointError, match=r"unexpected keys \['encoder.extra.bias'\]"):
     AutoencoderKL.from_pretrained(tmp_path)
 
   _save_reference(tmp_path, SD_LIKE)
-  _rewrite(tmp_path, lambda t: t.update({"quant_conv.weight": np.zeros((8, 8, 3, 3), np.float32)}))
+  rewrite_safetensors(
+      tmp_path, lambda t: t.update({"quant_conv.weight": np.zeros((8, 8, 3, 3), np.float32)}))
   with pytest.raises(CheckpointError, match=r"'quant_conv.weight' has shape \(8, 8, 3, 3\), "
                                             r"expected \(8, 8, 1, 1\)"):
     AutoencoderKL.from_pretrained(tmp_path)
 
   _save_reference(tmp_path, FLUX_LIKE)  # a FLUX-like checkpoint with quant_conv left in
-  _rewrite(tmp_path, lambda t: t.update({"quant_conv.weight": np.zeros((32, 32, 1, 1), np.float32),
-                                         "quant_conv.bias": np.zeros(32, np.float32)}))
+  rewrite_safetensors(
+      tmp_path, lambda t: t.update({"quant_conv.weight": np.zeros((32, 32, 1, 1), np.float32),
+                                    "quant_conv.bias": np.zeros(32, np.float32)}))
   with pytest.raises(CheckpointError, match=r"unexpected keys \['quant_conv.bias', "
                                             r"'quant_conv.weight'\]"):
     AutoencoderKL.from_pretrained(tmp_path)
