@@ -1,0 +1,37 @@
+"""The benchmark scripts start when run the way the README runs them (`python benchmarks/X.py`).
+
+Run as a script, benchmarks/ leads sys.path, where convert.py would shadow the `convert` package;
+these tests catch that and any other import-time breakage without running the long benchmarks.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+  return subprocess.run([sys.executable, *args], cwd=ROOT / "benchmarks", env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "memory.py"])
+def test_script_starts(script: str):
+  result = _run(script, "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "usage" in result.stdout.lower()
+
+
+def test_memory_script_meets_the_paper_ratio():
+  result = _run("memory.py")
+  assert result.returncode == 0, result.stderr[-2000:]
+  found = re.search(r"svdquant-int4: [\d.]+ GB -> [\d.]+ GB, ([\d.]+)x smaller", result.stdout)
+  assert found, result.stdout[-2000:]
+  assert float(found.group(1)) >= 3.5  # SVDQuant paper: 3.5x less memory for the transformer
