@@ -53,6 +53,11 @@ class GemmConfig:
       f32 group accumulator, exact because a 64-wide group sum stays within 13 bits).
     magic_int_to_float: (s8) convert each int32 group sum to f32 with the exact magic-number trick
       (integer add, reinterpret, float subtract) instead of the slower conversion instruction.
+    manual_barriers: compile without Pallas's automatic warpgroup barriers around every SMEM store
+      (`CompilerParams.unsafe_no_auto_barriers`); the carrier tiles are then double-buffered by
+      step parity and the scale tiles released one step late, so that each step's commit_smem
+      barrier is the only one it needs (gemm_sm90's docstring gives the argument). Needs
+      max_concurrent_steps >= 2. Untimed so far: the sweep of benchmarks/kernels.py measures it.
   """
 
   block_m: int = 64
@@ -61,6 +66,7 @@ class GemmConfig:
   groups_per_step: int = 2
   carrier: Carrier = "s8"
   magic_int_to_float: bool = True
+  manual_barriers: bool = False
 
   def __post_init__(self):
     if self.block_m <= 0 or self.block_m % 64:
@@ -73,6 +79,9 @@ class GemmConfig:
       raise ValueError(f"GemmConfig.groups_per_step must be 1, 2 or 4, got {self.groups_per_step}")
     if self.carrier not in ("s8", "e4m3"):
       raise ValueError(f"GemmConfig.carrier must be 's8' or 'e4m3', got {self.carrier!r}")
+    if self.manual_barriers and self.max_concurrent_steps < 2:
+      raise ValueError("GemmConfig.manual_barriers releases the scale tiles one step late and "
+                       f"needs max_concurrent_steps >= 2, got {self.max_concurrent_steps}")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -112,13 +121,19 @@ H100_SMEM_BYTES = 232_448
 """Shared memory one CTA may use on sm_90 (the Mosaic GPU lowering rejects more)."""
 
 
+def gemm_carrier_slots(config: GemmConfig) -> int:
+  """Copies of the widened carrier tiles kernel 2 keeps: 2 (by step parity) with manual barriers,
+  else 1 (Pallas's automatic barriers order each step's stores after the previous wgmmas)."""
+  return 2 if config.manual_barriers else 1
+
+
 def gemm_smem_bytes(config: GemmConfig, rank: int = 64, out_itemsize: int = 2) -> int:
   """Shared memory kernel 2 allocates for `config`: pipelined 4-bit tiles and scales, the widened
-  carrier tiles, the low-rank operands (`rank` = the kernel's K of the low-rank wgmma), the bias
-  and the output staging tile."""
+  carrier tiles (`gemm_carrier_slots` copies), the low-rank operands (`rank` = the kernel's K of
+  the low-rank wgmma), the bias and the output staging tile."""
   tm, tn, per_step = config.block_m, config.block_n, config.groups_per_step
   stage = per_step * ((tm + tn) * GROUP_SIZE // 2 + 4 * (tm + tn))
-  carrier_tiles = per_step * (tm + tn) * GROUP_SIZE
+  carrier_tiles = gemm_carrier_slots(config) * per_step * (tm + tn) * GROUP_SIZE
   epilogue = 2 * rank * (tm + tn) + 4 * tn + out_itemsize * tm * tn
   return config.max_concurrent_steps * stage + carrier_tiles + epilogue
 

@@ -9,6 +9,17 @@ for s8, f32 for e4m3; the group sum is an exact integer of at most 13 bits eithe
 groups per step all their wgmmas are issued before the first is awaited, so the CUDA-core rescale
 of group g (by ascale[m] * wscale[n], into a float32 register carry, in group order g = 0, 1, ...)
 overlaps the tensor-core work of the groups after it.
+
+Ordering of the carrier tiles. Every thread stores part of a_s/b_s, and the wgmmas of all four warps
+read them asynchronously (B is shared by the whole warpgroup); a thread's wgmma wait covers only its
+own view, so the next step must not store into a_s/b_s before every thread has waited. By default
+Pallas brackets each SMEM store with a warpgroup barrier (its automatic barriers), which orders
+those stores after all threads' waits of the previous step; the price is about eight bar.syncs per
+step. `GemmConfig.manual_barriers` compiles without them: the carrier tiles are then double-buffered
+by step parity, so a slot is rewritten two steps later, after the commit_smem barrier of the step in
+between (which every thread reaches only after its waits); and the scale tiles, read after that
+barrier, are released to the TMA refill one step late (`delay_release=1`) for the same reason. The
+4-bit tiles are read before the barrier and need nothing more.
 The epilogue adds the low-rank product (one bf16 wgmma into the same tile; the wrapper passes the
 f32 x @ lora_down as two bf16 terms, hi and lo, against a stacked lora_up), the bias, optionally a
 tanh-GELU, and stores the tile through SMEM with TMA. Every CTA writes its own output tile once;
@@ -23,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.svdq_linear.config import GROUP_SIZE, GemmConfig
+from pallas_kernels.svdq_linear.config import GROUP_SIZE, GemmConfig, gemm_carrier_slots
 from pallas_kernels.svdq_linear.quantize import interpret_params, smem_transforms
 
 _MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: f32 ulp 1, integers below 2**22 fit in the mantissa
@@ -94,6 +105,13 @@ def w4a4_gemm_kernel(
       return group_sum.astype(jnp.float32)
     biased = lax.bitcast_convert_type(group_sum + _MAGIC_BITS, jnp.float32)
     return biased - _MAGIC_FLOAT
+  slots = gemm_carrier_slots(config)
+
+  def carrier_slot(carrier_ref, step_index):
+    """The (per_step, rows, 64) carrier tiles step `step_index` writes: slot step % 2 when
+    double-buffered."""
+    return carrier_ref.at[lax.rem(step_index, slots) if slots > 1 else 0]
+
   carrier_bits = 8
   op_transforms = smem_transforms(GROUP_SIZE * carrier_bits // 8, carrier_bits)
   four_bit_transforms = smem_transforms(GROUP_SIZE // 2, 4)
@@ -115,23 +133,24 @@ def w4a4_gemm_kernel(
 
     def step(idx, *refs):
       """One pipeline step: `per_step` K groups, their wgmmas in flight together."""
-      del idx
       *tiles, carry = refs
       a4, b4, a_scales, w_scales = (tiles[i * per_step:(i + 1) * per_step] for i in range(4))
+      a_slot, b_slot = carrier_slot(a_s, idx[0]), carrier_slot(b_s, idx[0])
       for i in range(per_step):
-        a_s.at[i][...] = a4[i][...].astype(carrier)
-        b_s.at[i][...] = b4[i][...].astype(carrier)
+        a_slot.at[i][...] = a4[i][...].astype(carrier)
+        b_slot.at[i][...] = b4[i][...].astype(carrier)
       plgpu.commit_smem()
 
       def group_products(*acc_refs):
         for i, acc_ref in enumerate(acc_refs):
-          plgpu.wgmma(acc_ref, a_s.at[i], b_s.at[i].T)
+          plgpu.wgmma(acc_ref, a_slot.at[i], b_slot.at[i].T)
         total = carry
         for i, acc_ref in enumerate(acc_refs):
           # Group i is done once at most the later groups' wgmmas are pending; the rescale of
           # group i overlaps them. Groups are added in order, as the reference does. (`acc_ref[...]`
           # would wait for all of them: it is wgmma_accumulator_load with wait_n=0.) The last
-          # load waits for every wgmma, so a_s and b_s are free for the next step.
+          # load waits for this thread's share of every wgmma (see the module docstring for when
+          # the carrier slot may be rewritten).
           group_sum = plgpu.wgmma_accumulator_load(acc_ref, wait_n=per_step - 1 - i)
           scale = a_scales[i][0][:, None] * w_scales[i][0][None, :]
           total = total + group_sum_to_f32(group_sum) * scale
@@ -145,7 +164,8 @@ def w4a4_gemm_kernel(
           (rows_per_tile, GROUP_SIZE), lambda g: (tile_index, per_step * g + offset), **kwargs)
 
     def scale_spec(cols_per_tile, tile_index, offset):
-      return plgpu.BlockSpec((1, cols_per_tile), lambda g: (per_step * g + offset, tile_index))
+      return plgpu.BlockSpec((1, cols_per_tile), lambda g: (per_step * g + offset, tile_index),
+                             delay_release=1 if config.manual_barriers else 0)
 
     offsets = range(per_step)
     acc = plgpu.emit_pipeline(
@@ -180,8 +200,8 @@ def w4a4_gemm_kernel(
 
   out_itemsize = jnp.dtype(out_dtype).itemsize
   scratch_types = dict(
-      a_s=plgpu.SMEM((per_step, tm, GROUP_SIZE), carrier, transforms=op_transforms),
-      b_s=plgpu.SMEM((per_step, tn, GROUP_SIZE), carrier, transforms=op_transforms),
+      a_s=plgpu.SMEM((slots, per_step, tm, GROUP_SIZE), carrier, transforms=op_transforms),
+      b_s=plgpu.SMEM((slots, per_step, tn, GROUP_SIZE), carrier, transforms=op_transforms),
       bias_s=plgpu.SMEM((tn,), jnp.float32),
       out_s=plgpu.SMEM((tm, tn), out_dtype,
                        transforms=smem_transforms(tn * out_itemsize, 8 * out_itemsize)),
@@ -200,7 +220,7 @@ def w4a4_gemm_kernel(
       grid=(m // tm, n // tn),
       grid_names=("m", "n"),
       scratch_types=scratch_types,
-      compiler_params=plgpu.CompilerParams(),
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=config.manual_barriers),
       interpret=interpret_params(interpret),
   )
   return kernel(*operands, bias.astype(jnp.float32))

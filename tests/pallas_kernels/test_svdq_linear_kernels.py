@@ -126,10 +126,11 @@ def test_kernels_have_no_smem_races(np_rng):
                                    config=SMALL.quantize)
   jax.block_until_ready(quantized)
   assert not interpret_pallas_call.get_races().races_found
-  y = w4a4_gemm(*quantized[:2], ops["qweight"], ops["wscales"], quantized[2], ops["lora_up"],
-                ops["bias"], interpret=params, config=SMALL.gemm)
-  jax.block_until_ready(y)
-  assert not interpret_pallas_call.get_races().races_found
+  for config in (SMALL.gemm, GemmConfig(64, 128, manual_barriers=True)):
+    y = w4a4_gemm(*quantized[:2], ops["qweight"], ops["wscales"], quantized[2], ops["lora_up"],
+                  ops["bias"], interpret=params, config=config)
+    jax.block_until_ready(y)
+    assert not interpret_pallas_call.get_races().races_found, config
 
 
 # ---------------------------------------------------------------- kernel 2, interpreted
@@ -158,6 +159,8 @@ def _gemm_operands(rng, m, k, n, rank, unsigned):
          GemmConfig(128, 64, groups_per_step=1, carrier="e4m3")),
         (64, 256, 128, 16, True, True, jnp.bfloat16,
          GemmConfig(64, 128, 3, groups_per_step=4, carrier="e4m3")),
+        (64, 512, 128, 16, False, False, jnp.float32,
+         GemmConfig(64, 128, 3, groups_per_step=1, manual_barriers=True)),
     ],
 )
 def test_gemm_kernel_matches_reference(np_rng, m, k, n, rank, unsigned, apply_gelu, out_dtype,
@@ -252,24 +255,115 @@ def test_quantize_kernel_lowers_for_h100(np_rng, act_shift):
 
 
 @pytest.mark.parametrize(
-    "carrier,unsigned,apply_gelu,out_dtype,block_m,block_n",
+    "carrier,unsigned,apply_gelu,out_dtype,block_m,block_n,manual_barriers",
     [
-        ("s8", False, False, jnp.bfloat16, 128, 256),
-        ("s8", True, True, jnp.float32, 64, 128),
-        ("e4m3", False, True, jnp.bfloat16, 128, 128),
-        ("e4m3", True, False, jnp.float16, 64, 256),
+        ("s8", False, False, jnp.bfloat16, 128, 256, False),
+        ("s8", True, True, jnp.float32, 64, 128, False),
+        ("e4m3", False, True, jnp.bfloat16, 128, 128, False),
+        ("e4m3", True, False, jnp.float16, 64, 256, False),
+        ("s8", False, True, jnp.bfloat16, 64, 256, True),
+        ("e4m3", True, False, jnp.bfloat16, 128, 128, True),
     ],
 )
 def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_dtype, block_m,
-                                     block_n):
+                                     block_n, manual_barriers):
   ops = _gemm_operands(np_rng, 256, 512, 512, 32, unsigned)
-  config = GemmConfig(block_m, block_n, max_concurrent_steps=2, carrier=carrier)
+  config = GemmConfig(block_m, block_n, max_concurrent_steps=2, carrier=carrier,
+                      manual_barriers=manual_barriers)
   assert gemm_smem_bytes(config) <= H100_SMEM_BYTES
   text = _lower_for_h100(
       lambda *a: w4a4_gemm(*a, act_shift=SHIFT if unsigned else 0.0, apply_gelu=apply_gelu,
                            out_dtype=out_dtype, config=config),
       *ops.values())
   assert "mosaic_gpu" in text
+
+
+def _after_dialect_lowering(monkeypatch, fn, *args):
+  """`fn` lowered for an H100 down to the instructions Mosaic GPU hands to LLVM (after its dialect
+  lowering, which is where the automatic barriers are inserted), as text; one kernel only."""
+  from jax.experimental.mosaic.gpu import dialect_lowering  # noqa: PLC0415
+
+  modules = []
+  lower = dialect_lowering.lower_mgpu_dialect
+
+  def lower_and_keep(module, *lower_args, **lower_kwargs):
+    lower(module, *lower_args, **lower_kwargs)
+    modules.append(str(module))
+
+  monkeypatch.setattr(dialect_lowering, "lower_mgpu_dialect", lower_and_keep)
+  _lower_for_h100(fn, *args)
+  [text] = modules
+  return text
+
+
+def _gemm_main_loop_after_dialect_lowering(monkeypatch, config):
+  """Kernel 2's K loop body after dialect lowering, from its start to its last wgmma wait."""
+  ops = _gemm_operands(np.random.default_rng(0), 64, 512, 128, 16, False)
+  text = _after_dialect_lowering(
+      monkeypatch, lambda *a: w4a4_gemm(*a, config=config), *ops.values())
+  first_wgmma = text.index("wgmma.mma_async")
+  loop_start = text.rindex("scf.for", 0, first_wgmma)
+  return text[loop_start:text.index("wgmma.wait_group.sync.aligned 0;", first_wgmma)]
+
+
+SMEM_STORE = re.compile(r"llvm\.store .*!llvm\.ptr<3>")
+WARPGROUP_BARRIER = "bar.sync $0, 128;"
+
+
+def test_gemm_carrier_stores_wait_for_every_threads_wgmmas_with_auto_barriers(monkeypatch):
+  """Each step stores the widened tiles into a_s/b_s, which the previous step's wgmmas of all four
+  warps read; a thread's wgmma wait covers only its own share. With one carrier slot the next
+  step's stores are safe only behind a warpgroup barrier, which Pallas's automatic barriers put
+  before every SMEM store: the loop body must start with one before its first store (every thread
+  reaches it only after the previous iteration's `wait_group 0`). Checked on the instruction
+  order the lowering emits, not on a run: the interpreter cannot see intra-warpgroup timing."""
+  body = _gemm_main_loop_after_dialect_lowering(monkeypatch, GemmConfig(64, 128))
+  first_store = SMEM_STORE.search(body).start()
+  assert WARPGROUP_BARRIER in body[:first_store]
+
+
+def test_gemm_manual_barriers_double_buffer_the_carrier_tiles(monkeypatch):
+  """Without automatic barriers the step's commit_smem must be its only barrier, so a step's stores
+  may start while other warps still run the previous step's wgmmas: they must go to the other
+  carrier slot. Checks the instruction order (no barrier before the stores, one between the stores
+  and the wgmmas) and, in the kernel's jaxpr, that the carrier refs have two slots and every
+  store into them is indexed by (pipeline step) mod 2. Like the test above it inspects the
+  program, it cannot observe the race itself."""
+  config = GemmConfig(64, 128, manual_barriers=True)
+  body = _gemm_main_loop_after_dialect_lowering(monkeypatch, config)
+  stores = [match.start() for match in SMEM_STORE.finditer(body)]
+  first_wgmma = body.index("wgmma.mma_async")
+  assert stores and stores[-1] < first_wgmma
+  assert WARPGROUP_BARRIER not in body[:stores[0]]
+  assert body.count(WARPGROUP_BARRIER, stores[-1], first_wgmma) == 1
+  assert body.count(WARPGROUP_BARRIER) == 1
+
+  ops = _gemm_operands(np.random.default_rng(0), 64, 256, 128, 16, False)
+  jaxpr = str(jax.make_jaxpr(lambda *a: w4a4_gemm(*a, config=config, interpret=True))(
+      *ops.values()))
+  carrier_stores = re.findall(r":i8\[(?:64|128),64\], \w+(?:\{[^}]*\})*\[(\w+),:,:,:\]", jaxpr)
+  assert len(carrier_stores) == 2 * config.groups_per_step  # a and b tile of each group
+  for slot in carrier_stores:
+    assert re.search(rf"\b{slot}:i32\[\] = rem \w+ 2:i32\[\]", jaxpr), slot
+
+
+def test_quantize_kernel_refills_the_x_tile_after_every_threads_wgmma(monkeypatch, np_rng):
+  """Kernel 1's x tile is read by the x @ lora_down wgmma of all four warps and then refilled by a
+  TMA copy that one thread issues: each refill after the step's wgmma wait must come after a
+  warpgroup barrier (Pallas's automatic one before every TMA copy). Checked on the lowered
+  instruction order, as for kernel 2."""
+  ops = _linear_operands(np_rng, (64,), 512, 64, 32)
+  text = _after_dialect_lowering(
+      monkeypatch, functools.partial(quantize_activations, config=QuantizeConfig(64, 1, 2)),
+      ops["x"], ops["smooth"], ops["lora_down"])
+  wait = text.index("wgmma.wait_group.sync.aligned 0;", text.index("wgmma.mma_async"))
+  refills = [match.start() for match in re.finditer(r"cp\.async\.bulk\.tensor\.shared", text)
+             if match.start() > wait]
+  assert refills
+  previous = wait
+  for refill in refills:
+    assert WARPGROUP_BARRIER in text[previous:refill]
+    previous = refill
 
 
 def test_gemm_rescales_each_group_while_later_wgmmas_run(np_rng):
@@ -365,3 +459,5 @@ def test_bad_inputs_raise_clear_errors(np_rng):
     GemmConfig(carrier="int4")
   with pytest.raises(ValueError, match="groups_per_step"):
     GemmConfig(groups_per_step=3)
+  with pytest.raises(ValueError, match="manual_barriers.*max_concurrent_steps >= 2"):
+    GemmConfig(max_concurrent_steps=1, manual_barriers=True)
