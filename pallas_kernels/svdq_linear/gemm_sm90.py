@@ -34,7 +34,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.svdq_linear.config import GROUP_SIZE, GemmConfig, gemm_carrier_slots
+from pallas_kernels.svdq_linear.config import (
+    GROUP_SIZE,
+    H100_SMEM_BYTES,
+    GemmConfig,
+    gemm_carrier_slots,
+    gemm_smem_bytes,
+)
 from pallas_kernels.svdq_linear.quantize import interpret_params, smem_transforms
 
 _MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: f32 ulp 1, integers below 2**22 fit in the mantissa
@@ -94,6 +100,12 @@ def w4a4_gemm_kernel(
   if groups % per_step:
     raise ValueError(f"w4a4_gemm_kernel: K // 64 = {groups} groups, not a multiple of "
                      f"groups_per_step = {per_step}")
+  smem_bytes = gemm_smem_bytes(config, rank, jnp.dtype(out_dtype).itemsize)
+  if smem_bytes > H100_SMEM_BYTES:
+    raise ValueError(
+        f"w4a4_gemm_kernel: {config} with a low-rank K of {rank} (the stacked hi/lo operand) needs "
+        f"{smem_bytes} bytes of shared memory, more than the {H100_SMEM_BYTES} a Hopper CTA has; "
+        "use a lower rank, fewer groups_per_step or max_concurrent_steps, or a smaller tile")
   carrier, group_acc_dtype = _CARRIERS[config.carrier]
   magic = config.carrier == "s8" and config.magic_int_to_float
 

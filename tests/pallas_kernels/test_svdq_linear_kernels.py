@@ -32,6 +32,7 @@ from pallas_kernels.svdq_linear.config import (
     H100_SMEM_BYTES,
     gemm_accumulator_registers,
     gemm_smem_bytes,
+    padded_rank,
 )
 
 H100 = jax.sharding.AbstractDevice(
@@ -364,6 +365,39 @@ def test_quantize_kernel_refills_the_x_tile_after_every_threads_wgmma(monkeypatc
   for refill in refills:
     assert WARPGROUP_BARRIER in text[previous:refill]
     previous = refill
+
+
+@pytest.mark.parametrize("config,rank,out_dtype", [
+    (GemmConfig(64, 128, 4), 32, jnp.bfloat16),
+    (GemmConfig(64, 128, 2, manual_barriers=True), 64, jnp.float32),
+    (GemmConfig(128, 256, 2, groups_per_step=1), 16, jnp.bfloat16),
+    (GemmConfig(64, 128, 2, groups_per_step=1), 192, jnp.bfloat16),
+])
+def test_gemm_smem_bytes_matches_the_lowering(monkeypatch, config, rank, out_dtype):
+  """gemm_smem_bytes counts the scratch and pipeline buffers; the lowering adds barriers and
+  alignment padding (under 2 KiB), so it is a tight lower bound of the allocated size."""
+  ops = _gemm_operands(np.random.default_rng(0), 128, 1024, 256, rank, False)
+  text = _after_dialect_lowering(
+      monkeypatch, lambda *a: w4a4_gemm(*a, config=config, out_dtype=out_dtype), *ops.values())
+  [allocated] = re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", text)
+  counted = gemm_smem_bytes(config, 2 * padded_rank(rank), jnp.dtype(out_dtype).itemsize)
+  assert counted <= int(allocated) < counted + 2048
+
+
+def test_rank_beyond_kernel_2_shared_memory_is_a_clear_error():
+  """Rank 192 fits with the default tiles; 224 and 256 (kernel 1 takes up to 256) do not."""
+  m, k, n = 256, 512, 256
+
+  def lower(rank):
+    shapes = [((m, k), jnp.bfloat16), ((n, k // 2), jnp.uint8), ((k // 64, n), jnp.bfloat16),
+              ((k,), jnp.float32), ((k, rank), jnp.bfloat16), ((rank, n), jnp.bfloat16),
+              ((n,), jnp.float32)]
+    return _lower_for_h100(svdq_linear, *[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+
+  assert lower(192).count("mosaic_gpu") >= 2
+  for rank in (224, 256):
+    with pytest.raises(ValueError, match=r"w4a4_gemm_kernel: .* shared memory, more than the"):
+      lower(rank)
 
 
 def test_gemm_rescales_each_group_while_later_wgmmas_run(np_rng):
