@@ -1,9 +1,9 @@
 """`quantize_linear`: the SVDQuant transform of one linear layer, and `merge_lora`.
 
 For W (K, N) and calibration activations X (T, K) (DESIGN.md section 1):
-  1. smoothing: λ (K,) is chosen from candidates built from the per-channel activation and weight
-     spans, scored by the layer-output error with the low-rank branch and the 4-bit quantization
-     of weights and activations in the loop;
+  1. smoothing: λ (K,) is chosen from candidates built from the per-channel activation spans (of
+     x + 0.171875 for shifted inputs, see 4.) and weight spans, scored by the layer-output error
+     with the low-rank branch and the 4-bit quantization of weights and activations in the loop;
   2. low rank: L = SVD_r(diag(λ) W), refined as L = SVD_r(Ŵ − Q(Ŵ − L)) while the output error
      drops; the rank-r SVD is randomized (a subspace iteration, exact for small matrices);
   3. the residual Ŵ − L is quantized by round to nearest or GPTQ (on the smoothed inputs);
@@ -26,7 +26,7 @@ from svdq_jax.config import QuantConfig
 from svdq_jax.qlinear import SVDQLinear
 
 _OVERSAMPLE = 16
-_POWER_ITERS = 1
+POWER_ITERS = 1
 _MAX_SCORE_TOKENS = 256
 _GPTQ_DAMP = 0.01
 
@@ -45,19 +45,21 @@ def _check_finite(what: str, x, name: str | None) -> None:
     raise ValueError(f"{_layer(name)}: {what} has {bad} NaN or inf values; it needs finite values")
 
 
-def low_rank(w: jax.Array, rank: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def low_rank(w: jax.Array, rank: int, key: jax.Array, power_iters: int | None = POWER_ITERS
+             ) -> tuple[jax.Array, jax.Array]:
   """Rank-`rank` factors (K, r), (r, N) of w (K, N) in float32, singular values split evenly.
 
-  Randomized range finder with oversampling 16 and 1 power iteration (Halko et al. 2011); an
-  exact SVD when the matrix is small enough that the randomized one would not be cheaper.
+  Randomized range finder with oversampling 16 and `power_iters` power (subspace) iterations
+  (Halko et al. 2011); an exact SVD when `power_iters` is None or the matrix is small enough that
+  the randomized one would not be cheaper.
   """
   k, n = w.shape
-  if rank + _OVERSAMPLE >= min(k, n):
+  if power_iters is None or rank + _OVERSAMPLE >= min(k, n):
     u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   else:
     probe = jax.random.normal(key, (n, rank + _OVERSAMPLE), jnp.float32)
     basis, _ = jnp.linalg.qr(w @ probe)
-    for _ in range(_POWER_ITERS):
+    for _ in range(power_iters):
       co_basis, _ = jnp.linalg.qr(w.T @ basis)
       basis, _ = jnp.linalg.qr(w @ co_basis)
     u_small, s, vt = jnp.linalg.svd(basis.T @ w, full_matrices=False)
@@ -135,7 +137,8 @@ def smooth_candidates(span_x: jax.Array, span_w: jax.Array, alphas: tuple[float,
                       ) -> jax.Array:
   """(1 + 2 * len(alphas), K) smoothing factors: ones, span_x^a and span_x^a / span_w^(1 - a).
 
-  span_x (K,) per-channel max |X| over calibration tokens; span_w (K,) per-input-channel max |W|.
+  span_x (K,) per-channel max |x + shift| over calibration tokens (`_activation_spans`);
+  span_w (K,) per-input-channel max |W|.
   Zero spans count as 1; factors are clipped to [1e-5, 1e5].
   """
   sx = jnp.where(span_x > 0, span_x, 1.0)
@@ -253,6 +256,25 @@ def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: flo
   return out
 
 
+def _activation_spans(samples: jax.Array, act_absmax: jax.Array | None, shift: float
+                      ) -> jax.Array:
+  """Per-channel span (K,) float32 of what the quantized path sees, x + shift: the smoothing
+  search's span_x.
+
+  DeepCompressor shifts the input before it calibrates anything: `shift_input_activations`
+  (app/diffusion/nn/patch.py) wraps the down-projection in a `ShiftedLinear` (nn/patch/linear.py)
+  whose inner linear gets x + shift, and that inner linear is the one whose inputs are cached and
+  smoothed (app/diffusion/nn/struct.py, `down_proj = layer_2.linear`), so its AbsMax span
+  (calib/smooth.py `get_smooth_span`) is max |x + shift|. From the samples (T, K) that is computed
+  directly. From `act_absmax` = max |x| (K,) it is act_absmax + shift: exact in every channel whose
+  max |x| exceeds the shift (for inputs >= -shift that maximum is max x), an upper bound in the
+  others (channels that never leave [-shift, shift]).
+  """
+  if act_absmax is None:
+    return jnp.max(jnp.abs(samples.astype(jnp.float32) + shift), axis=0)
+  return act_absmax + shift
+
+
 def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.Array | None,
                     config: QuantConfig, *, act_absmax: jax.Array | None = None,
                     act_min: float | None = None, act_shift: float | None = None,
@@ -267,8 +289,9 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
       (a seeded random subset) are used for scoring and GPTQ; the spans and the shift decision
       use all of them.
     config: the layer's QuantConfig (weight_format must not be None).
-    act_absmax: (K,) per-channel max |x| over all calibration tokens (default: from all the
-      samples).
+    act_absmax: (K,) per-channel max |x| of the raw input over all calibration tokens (default:
+      from all the samples). With the shift the smoothing spans are taken on x + shift, as
+      DeepCompressor (`_activation_spans`).
     act_min: the smallest calibration activation (default: from all the samples); decides, with
       `config.shift_activations`, whether the input follows a GELU.
     act_shift: force the activation shift (0 or 0.171875) instead of deciding it from the data.
@@ -311,13 +334,12 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
       raise ValueError(f"{_layer(name)}: act_samples must be a float array (T, {k}) with T > 0, "
                        f"got {samples.dtype}{tuple(samples.shape)}")
     _check_finite("calibration activations", samples, name)
-  if act_absmax is None:
-    act_absmax = jnp.max(jnp.abs(samples.astype(jnp.float32)), axis=0)
-  act_absmax = jnp.asarray(act_absmax, jnp.float32)
-  if act_absmax.shape != (k,):
-    raise ValueError(f"{_layer(name)}: act_absmax has shape {tuple(act_absmax.shape)}, "
-                     f"needs ({k},)")
-  _check_finite("act_absmax", act_absmax, name)
+  if act_absmax is not None:
+    act_absmax = jnp.asarray(act_absmax, jnp.float32)
+    if act_absmax.shape != (k,):
+      raise ValueError(f"{_layer(name)}: act_absmax has shape {tuple(act_absmax.shape)}, "
+                       f"needs ({k},)")
+    _check_finite("act_absmax", act_absmax, name)
   if act_shift is None:
     act_shift = 0.0
     if config.shift_activations and config.act_format == "int4":
@@ -332,12 +354,13 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     raise ValueError(f"{_layer(name)}: act_shift must be 0 or {qz.GELU_SHIFT} (INT4 activations "
                      f"only), got {act_shift} with act_format {config.act_format!r}")
 
+  span_x = _activation_spans(samples, act_absmax, float(act_shift))
   # The spans and the shift decision above saw every row; scoring and GPTQ use at most 256.
   if samples.shape[0] > _MAX_SCORE_TOKENS:
     picks = np.random.default_rng(config.seed).choice(samples.shape[0], _MAX_SCORE_TOKENS,
                                                       replace=False)
     samples = samples[np.sort(picks)]
-  out = _quantize_arrays(kernel, samples, act_absmax, config=config, shift=float(act_shift),
+  out = _quantize_arrays(kernel, samples, span_x, config=config, shift=float(act_shift),
                          has_samples=act_samples is not None)
   qweight = out["codes"] if config.weight_format == "int8" else qz.pack_nibbles(out["codes"])
   folded = None

@@ -129,6 +129,31 @@ def test_smooth_candidates_follow_deepcompressor_spans():
   np.testing.assert_allclose(np.asarray(got, np.float64), np.stack(expected), rtol=1e-5)
 
 
+def test_shifted_inputs_take_their_smoothing_spans_on_x_plus_the_shift():
+  """DeepCompressor calibrates the inner linear of its ShiftedLinear, which gets x + 0.171875: the
+  AbsMax span is max |x + shift| (calib/smooth.py get_smooth_span) and λ = span_x^α / span_w^β
+  (get_smooth_scale); the candidates here are numpy float64 from that formula."""
+  kernel, x = outlier_layer(1, 128, 64, 64, gelu_input=True)
+  calib = x[:64]
+  alpha = 0.5
+  config = QuantConfig.preset("svdquant-int4", smooth=(alpha,), svd_iters=0)
+  span_w = np.abs(kernel.astype(np.float64)).max(axis=1)
+
+  def dc_candidates(span_x):
+    return [span_x ** alpha, span_x ** alpha / span_w ** (1 - alpha)]
+
+  shifted = dc_candidates(np.abs(calib.astype(np.float64) + qz.GELU_SHIFT).max(axis=0))
+  raw = dc_candidates(np.abs(calib.astype(np.float64)).max(axis=0))
+  from_samples = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(calib), config)
+  from_stats = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(calib), config,
+                               act_absmax=np.abs(calib).max(axis=0), act_min=float(calib.min()))
+  assert from_samples.act_shift == from_stats.act_shift == qz.GELU_SHIFT
+  for w in (from_samples, from_stats):
+    smooth = np.asarray(w.smooth, np.float64)
+    assert any(np.allclose(smooth, c, rtol=1e-5) for c in shifted), "λ is no shifted candidate"
+    assert not any(np.allclose(smooth, c, rtol=1e-2) for c in raw)
+
+
 def test_shift_is_decided_on_every_calibration_row_not_only_the_scored_ones():
   """One value below GELU's minimum, in a row the 256-row scoring subsample leaves out, rules
   the unsigned shift out (it would clip that input to the shift)."""
