@@ -28,11 +28,20 @@ The fused output is checked against the jnp reference before it is timed; a rela
 REL_TOL marks the line WRONG and makes the script exit 1. On a machine without a supported GPU the
 script says so and exits 0; it never prints invented numbers. `--interpret` runs one tiny
 shape through the Mosaic GPU interpreter on CPU to smoke-test the script (its times mean nothing).
+
+`--sweep` times the fused linear at M = 4096 (or `--tokens`) for every layer shape with kernel 2
+configurations that differ from `select_config`'s in one or two fields (`sweep_configs`: block_n,
+groups_per_step, carrier, magic_int_to_float, max_concurrent_steps, manual_barriers), each checked
+against the reference first. Configs whose accumulators exceed ACCUMULATOR_REGISTER_BUDGET are
+timed and marked `spills`; those over the H100's shared memory are listed as not run. `vs bf16` is
+the XLA bf16 dot's time over the config's (above 1 is faster), measured in the same run; `*` marks
+the fastest correct config of each shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -44,15 +53,26 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.svdq_linear import (
+    GemmConfig,
+    SVDQLinearConfig,
     is_supported,
     quantize_activations,
+    select_config,
     svdq_linear,
     svdq_linear_reference,
     unpack_int4,
     w4a4_gemm,
 )
+from pallas_kernels.svdq_linear.config import (
+    ACCUMULATOR_REGISTER_BUDGET,
+    H100_SMEM_BYTES,
+    gemm_accumulator_registers,
+    gemm_smem_bytes,
+    padded_rank,
+)
 
 TOKENS = (256, 1024, 4096)
+SWEEP_TOKENS = (4096,)
 LAYERS = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
 RANK = 32
 REL_TOL = 1e-2
@@ -119,16 +139,97 @@ def unfused(x, qweight, wscales, smooth, lora_down, lora_up, bias, interpret=Fal
   return (y + low_rank).astype(jnp.bfloat16)
 
 
-@functools.partial(jax.jit, static_argnames="interpret")
-def fused(x, qweight, wscales, smooth, lora_down, lora_up, bias, interpret=False):
-  return svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias, interpret=interpret)
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def fused(x, qweight, wscales, smooth, lora_down, lora_up, bias, interpret=False, config=None):
+  return svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias, interpret=interpret,
+                     config=config)
 
 
-def check_against_reference(layer: dict[str, jax.Array], interpret: bool) -> float:
-  """Max |fused - reference| / max |reference|: the kernels must be right before they are timed."""
-  got = np.asarray(fused(*layer.values(), interpret=interpret), np.float32)
-  want = np.asarray(svdq_linear_reference(**layer, out_dtype=jnp.float32))
+def check_against_reference(layer: dict[str, jax.Array], interpret: bool,
+                            config: SVDQLinearConfig | None = None,
+                            want: np.ndarray | None = None) -> float:
+  """Max |fused - reference| / max |reference|: the kernels must be right before they are timed.
+  `want` is the f32 reference output when already computed (the sweep reuses it per shape)."""
+  got = np.asarray(fused(*layer.values(), interpret=interpret, config=config), np.float32)
+  if want is None:
+    want = np.asarray(svdq_linear_reference(**layer, out_dtype=jnp.float32))
   return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def sweep_configs(base: GemmConfig) -> list[GemmConfig]:
+  """Kernel 2 configs around `base`: each field varied on its own, plus the block_n and
+  groups_per_step pairs that keep the accumulators within the register budget; duplicates of
+  `base` dropped, `base` first."""
+  variants = [
+      {},
+      {"block_n": 64}, {"block_n": 64, "groups_per_step": 4}, {"block_n": 256},
+      {"block_n": 256, "groups_per_step": 1},
+      {"groups_per_step": 1}, {"groups_per_step": 4},
+      {"carrier": "e4m3"}, {"magic_int_to_float": not base.magic_int_to_float},
+      *({"max_concurrent_steps": steps} for steps in (2, 3, 4)),
+      {"manual_barriers": True}, {"manual_barriers": True, "groups_per_step": 1},
+  ]
+  configs = []
+  for fields in variants:
+    config = dataclasses.replace(base, **fields)
+    if config not in configs:
+      configs.append(config)
+  return configs
+
+
+def describe(config: GemmConfig) -> str:
+  """The config fields the sweep varies, in table columns."""
+  return (f"{config.block_m:>3}x{config.block_n:<3} {config.groups_per_step:>3} "
+          f"{config.carrier:>4} {'on' if config.magic_int_to_float else 'off':>5} "
+          f"{config.max_concurrent_steps:>3} {'manual' if config.manual_barriers else 'auto':>6}")
+
+
+def run_sweep(args: argparse.Namespace, layers, timed) -> tuple[list[str], bool]:
+  """The `--sweep` table: per (M, K, N) the XLA bf16 dot, then each config of `sweep_configs`
+  (checked, then timed); returns the lines and whether every timed config was correct."""
+  lines = [f"{'M':>5} {'K':>6} {'N':>6} | {'tile':>7} {'gps':>3} {'carr':>4} {'magic':>5} "
+           f"{'mcs':>3} {'sync':>6} | {'regs':>4} {'smem KiB':>8} | {'us':>9} {'vs bf16':>7} "
+           f"{'rel.err':>8}"]
+  print(lines[0], flush=True)
+  all_correct = True
+  for m in args.tokens:
+    for k, n in layers:
+      layer = make_layer(m, k, n, RANK)
+      w_bf16 = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.bfloat16)
+      bf16_us = timed(bf16_dot, layer["x"], w_bf16, layer["bias"])
+      want = np.asarray(svdq_linear_reference(**layer, out_dtype=jnp.float32))
+      chosen = select_config(m, k, n, RANK)
+      if args.interpret:
+        configs = [chosen.gemm, GemmConfig(64, 128, 2, groups_per_step=1, manual_barriers=True)]
+      else:
+        configs = sweep_configs(chosen.gemm)
+      rows = []
+      for gemm in configs:
+        head = f"{m:>5} {k:>6} {n:>6} | {describe(gemm)} | "
+        regs = gemm_accumulator_registers(gemm)
+        smem = gemm_smem_bytes(gemm, 2 * padded_rank(RANK))
+        head += f"{regs:>4} {smem / 1024:>8.1f} | "
+        if smem > H100_SMEM_BYTES:
+          rows.append((None, head + "not run: over the H100's shared memory"))
+          continue
+        config = SVDQLinearConfig(quantize=chosen.quantize, gemm=gemm)
+        rel_err = check_against_reference(layer, args.interpret, config, want)
+        correct = rel_err <= REL_TOL
+        all_correct &= correct
+        us = timed(fused, *layer.values(), interpret=args.interpret, config=config)
+        notes = ("" if correct else " WRONG") + (
+            " spills" if regs > ACCUMULATOR_REGISTER_BUDGET else "")
+        rows.append((us if correct else None,
+                     head + f"{us:>9.1f} {bf16_us / us:>6.2f}x {rel_err:>8.1e}" + notes))
+        # Each row as it is measured, so that a run stopped by a time limit keeps them.
+        print(f"# sweep progress: {rows[-1][1]}", file=sys.stderr, flush=True)
+      correct_times = [(us, i) for i, (us, _) in enumerate(rows) if us is not None]
+      best = min(correct_times)[1] if correct_times else None
+      block = [f"{m:>5} {k:>6} {n:>6} | {'XLA bf16 dot':<33} | {'':>13} | {bf16_us:>9.1f}"]
+      block += [line + (" *" if i == best else "") for i, (_, line) in enumerate(rows)]
+      print("\n".join(block), flush=True)
+      lines += block
+  return lines, all_correct
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,14 +237,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--iters", type=int, default=20, help="timed samples per figure (median)")
   parser.add_argument("--calls", type=int, default=10, help="back-to-back calls per sample")
   parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the samples")
-  parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
+  parser.add_argument("--tokens", type=int, nargs="*",
+                      help=f"token counts M (default {TOKENS}, with --sweep {SWEEP_TOKENS})")
   parser.add_argument("--output", help="also write the table to this file")
+  parser.add_argument("--sweep", action="store_true",
+                      help="time kernel 2 config variants per layer shape instead")
   parser.add_argument("--interpret", action="store_true",
                       help="CPU smoke test: one tiny shape in the Mosaic GPU interpreter")
   args = parser.parse_args(argv)
   layers = LAYERS
+  if args.tokens is None:
+    args.tokens = list(SWEEP_TOKENS if args.sweep else TOKENS)
   if args.interpret:
-    args.tokens, layers, args.iters, args.calls, args.warmup = [64], ((128, 128),), 1, 1, 1
+    args.tokens, args.iters, args.calls, args.warmup = [64], 1, 1, 1
+    layers = ((256, 128),) if args.sweep else ((128, 128),)
   elif not is_supported():
     devices = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
     print(f"benchmarks/kernels.py: needs a Hopper (sm_90) GPU with the Mosaic GPU backend; found "
@@ -155,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
            f"median of {args.iters} samples of {args.calls} back-to-back calls"]
   if args.interpret:
     lines.append("# interpret mode on CPU: a smoke test, the times below are not kernel timings")
+  timed = functools.partial(time_us, iters=args.iters, calls=args.calls, warmup=args.warmup)
+  if args.sweep:
+    lines.append("# kernel 2 config sweep around select_config's choice (first row of a shape); "
+                 "* = fastest correct")
+    print("\n".join(lines), flush=True)
+    table, all_correct = run_sweep(args, layers, timed)
+    return finish(args, lines + table, all_correct)
   header = (f"{'M':>5} {'K':>6} {'N':>6} | {'bf16 dot':>9} {'int8 dot':>9} {'W4A16':>9} "
             f"{'unfused':>9} {'fused':>9} {'fused r0':>9} | {'bf16 TF/s':>9} {'fused TF/s':>10} "
             f"{'speedup':>7} {'vs W4A16':>8} {'lowrank%':>8} {'rel.err':>8}")
@@ -168,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
       w_bf16 = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.bfloat16)
       rel_err = check_against_reference(layer, args.interpret)
       all_correct &= rel_err <= REL_TOL
-      timed = functools.partial(time_us, iters=args.iters, calls=args.calls, warmup=args.warmup)
       xq = jnp.asarray(np.random.default_rng(2).integers(-8, 8, (m, k)), jnp.int8)
       wq = jnp.asarray(np.random.default_rng(3).integers(-8, 8, (n, k)), jnp.int8)
       t = dict(
@@ -188,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * share:>7.1f}% {rel_err:>8.1e}" + ("" if rel_err <= REL_TOL else " WRONG"))
       lines.append(line)
       print(line, flush=True)
+  return finish(args, lines, all_correct)
+
+
+def finish(args: argparse.Namespace, lines: list[str], all_correct: bool) -> int:
+  """Writes the table to --output if asked; the exit status: 1 when a checked line was WRONG."""
   if args.output:
     with open(args.output, "w") as f:
       f.write("\n".join(lines) + "\n")
