@@ -107,7 +107,11 @@ def test_gpu_session_dry_run_lists_every_part_without_running_it(tmp_path):
   fixed = sum(int(re.search(r"\(limit (\d+) s\)", parts[name])[1])
               for name in ("tests", "kernels", "sweep"))
   assert fixed + 60 <= 530
+  assert "the rest of 530 s, at least 90 s" in parts["sampling"]
   assert not (tmp_path / "out").exists()
+  alone = _run_session(tmp_path, "--dry-run", "sweep")
+  [sweep] = [line for line in alone.stdout.splitlines() if line.startswith("## ")]
+  assert "(limit: the rest of 530 s, at least 530 s)" in sweep
 
 
 def test_gpu_session_goes_on_after_a_failed_part_and_reports_it(tmp_path):
