@@ -92,7 +92,8 @@ def round_up(value: int, multiple: int) -> int:
 MAX_RANK = 256
 """Largest low-rank width: kernel 1's x @ lora_down is one wgmma of N = rank (at most 256).
 Kernel 2 keeps the stacked hi/lo operand in SMEM: with select_config's 64 x 128 tiles ranks above
-192 exceed the H100's shared memory, and kernel 2 raises a ValueError saying so (gemm_smem_bytes)."""
+192 exceed the H100's shared memory, and kernel 2 raises a ValueError saying so
+(gemm_smem_bytes)."""
 
 
 def padded_rank(rank: int) -> int:

@@ -14,8 +14,9 @@ Ordering of the carrier tiles. Every thread stores part of a_s/b_s, and the wgmm
 read them asynchronously (B is shared by the whole warpgroup); a thread's wgmma wait covers only its
 own view, so the next step must not store into a_s/b_s before every thread has waited. By default
 Pallas brackets each SMEM store with a warpgroup barrier (its automatic barriers), which orders
-those stores after all threads' waits of the previous step; the price is about eight bar.syncs per
-step. `GemmConfig.manual_barriers` compiles without them: the carrier tiles are then double-buffered
+those stores after all threads' waits of the previous step; the price is a bar.sync before and
+after every store and before every TMA refill, 17 per step with two groups per step.
+`GemmConfig.manual_barriers` compiles without them: the carrier tiles are then double-buffered
 by step parity, so a slot is rewritten two steps later, after the commit_smem barrier of the step in
 between (which every thread reaches only after its waits); and the scale tiles, read after that
 barrier, are released to the TMA refill one step late (`delay_release=1`) for the same reason. The
@@ -100,7 +101,8 @@ def w4a4_gemm_kernel(
   if groups % per_step:
     raise ValueError(f"w4a4_gemm_kernel: K // 64 = {groups} groups, not a multiple of "
                      f"groups_per_step = {per_step}")
-  smem_bytes = gemm_smem_bytes(config, rank, jnp.dtype(out_dtype).itemsize)
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  smem_bytes = gemm_smem_bytes(config, rank, out_itemsize)
   if smem_bytes > H100_SMEM_BYTES:
     raise ValueError(
         f"w4a4_gemm_kernel: {config} with a low-rank K of {rank} (the stacked hi/lo operand) needs "
@@ -210,7 +212,6 @@ def w4a4_gemm_kernel(
     plgpu.copy_smem_to_gmem(out_s, out_g.at[rows, cols])
     plgpu.wait_smem_to_gmem(0)
 
-  out_itemsize = jnp.dtype(out_dtype).itemsize
   scratch_types = dict(
       a_s=plgpu.SMEM((slots, per_step, tm, GROUP_SIZE), carrier, transforms=op_transforms),
       b_s=plgpu.SMEM((slots, per_step, tn, GROUP_SIZE), carrier, transforms=op_transforms),
