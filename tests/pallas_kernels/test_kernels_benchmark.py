@@ -122,7 +122,7 @@ def test_gpu_session_goes_on_after_a_failed_part_and_reports_it(tmp_path):
                   '  *sampling*) echo "sampling started"; exec sleep 60 ;;\n'
                   '  *) echo "ran $*" ;;\nesac\n')
   stub.chmod(0o755)
-  run = _run_session(tmp_path, python=str(stub), total_seconds=4)
+  run = _run_session(tmp_path, python=str(stub), total_seconds=2)
   assert run.returncode == 1, run.stderr
   results = _results_dir(run.stdout)
   summary = (results / "summary.txt").read_text().splitlines()
