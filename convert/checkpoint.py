@@ -19,11 +19,12 @@ to a temporary folder beside DST that is renamed to DST at the end, and removed 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ from svdq_jax import SVDQLinear, is_quantized
 FORMAT_VERSION = 1
 HEADER_KEY = "svdq_jax"
 PARAMS_DIR = "params"
+# Arrays read at once on restore. Peak RSS of restoring the 1.9 GiB benchmark checkpoint
+# (benchmarks/convert.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
+# 4: +0.16x, all at once (orbax's default): +0.27x; the time did not change measurably.
+RESTORE_WINDOW = 1
 
 
 def _fresh_sibling(dst: Path, kind: str) -> Path:
@@ -135,17 +140,43 @@ def write_checkpoint(arrays: Mapping[str, Any], dst: str | os.PathLike, *, model
   return Path(dst).absolute()
 
 
+@functools.cache
+def _windowed(handler_class: type) -> type:
+  """A subclass of an orbax TypeHandler class whose `deserialize` reads `RESTORE_WINDOW` arrays at
+  a time, in order (saving is unchanged).
+
+  orbax hands a handler all of a checkpoint's arrays in one call, and tensorstore then reads them
+  all at once; each read holds its file buffer until it is copied into the returned array, so a
+  full restore peaked at 1.2x to 1.3x the checkpoint size. Read in windows, the transient is the
+  buffers of one window (benchmarks/convert.py: about one largest tensor).
+  """
+
+  class Windowed(handler_class):
+    async def deserialize(self, infos: Sequence[Any], args: Sequence[Any] | None = None
+                          ) -> list[Any]:
+      restored: list[Any] = []
+      for start in range(0, len(infos), RESTORE_WINDOW):
+        window = slice(start, start + RESTORE_WINDOW)
+        restored.extend(await super().deserialize(infos[window],
+                                                  None if args is None else args[window]))
+      return restored
+
+  Windowed.__name__ = Windowed.__qualname__ = f"Windowed{handler_class.__name__}"
+  return Windowed
+
+
 def _checkpointer() -> Any:
   """An orbax PyTree checkpointer that writes arrays as they are: no zstd (3x faster writes on
   bf16 weights, which compress by only ~20%) and no defensive deep copy of numpy arrays (which
-  would double peak memory; our arrays are not mutated while being written)."""
+  would double peak memory; our arrays are not mutated while being written); arrays are restored
+  a window at a time (see `_windowed`)."""
   import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy; only needed for our format)
   from orbax.checkpoint import type_handlers  # noqa: PLC0415
 
   handlers = type_handlers.create_type_handler_registry(
-      (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (np.ndarray, _windowed(type_handlers.NumpyHandler)(deepcopy_host_arrays=False)),
       (np.number, type_handlers.ScalarHandler()),
-      (jax.Array, type_handlers.ArrayHandler()))
+      (jax.Array, _windowed(type_handlers.ArrayHandler)()))
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False,
                                                       type_handler_registry=handlers))
 
@@ -214,9 +245,38 @@ def read_header(path: str | os.PathLike) -> dict:
   return header
 
 
+def _restore_args() -> Callable[[Any], Any]:
+  """Maps a stored array's orbax metadata to how it is restored: a jax.Array on the host CPU
+  device, in its stored dtype.
+
+  Why jax.Arrays on the host: tensorstore returns numpy arrays in buffers of its own that are only
+  16-byte aligned, and jax adopts a host buffer without a copy only when it is 64-byte aligned, so
+  `load_into` copied nearly every restored numpy array (and the quantized fields, `jnp.asarray`
+  in `SVDQLinear.from_arrays`) once more. Restored as jax.Arrays, each array is copied once, inside
+  orbax's read window, into the buffer the model then keeps. On a GPU, `load_into` moves each
+  host array to the device and frees it. Without a CPU backend (JAX_PLATFORMS=cuda), or for a
+  dtype jax would narrow (64-bit without jax_enable_x64), the array is restored as numpy.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  try:
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  except RuntimeError:  # no CPU backend initialized
+    host = None
+
+  def args(metadata: Any) -> Any:
+    dtype = np.dtype(metadata.dtype)
+    if host is None or jax.dtypes.canonicalize_dtype(dtype) != dtype:
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+    return ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=dtype, sharding=host)
+
+  return args
+
+
 def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str, Any]:
-  """The flat parameters of our checkpoint: numpy arrays in their stored dtypes, and an
-  SVDQLinear for each quantized kernel. `header`: its `read_header`, when the caller has it."""
+  """The flat parameters of our checkpoint in their stored dtypes (host jax.Arrays, see
+  `_restore_args`), and an SVDQLinear for each quantized kernel. `header`: its `read_header`, when
+  the caller has it."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   header = read_header(path) if header is None else header
@@ -226,8 +286,7 @@ def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str
       metadata = checkpointer.metadata(params).item_metadata
       if metadata is None:
         raise CheckpointError(f"{params}: orbax metadata missing or unreadable")
-      restore_args = jax.tree.map(
-          lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), metadata.tree)
+      restore_args = jax.tree.map(_restore_args(), metadata.tree)
       tree = checkpointer.restore(params, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except CheckpointError:
     raise

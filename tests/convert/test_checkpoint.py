@@ -241,3 +241,62 @@ def test_load_checkpoint_bad_stored_config_names_the_folder(tiny, tmp_path):
   with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'c'}: invalid 'tiny' config "
                                                       "in config.json: ") + ".*'depth'"):
     load_checkpoint(tmp_path / "c")
+
+
+def test_restore_reads_one_window_at_a_time(tiny, tmp_path, monkeypatch):
+  """orbax hands the handler every array at once; ours passes them on RESTORE_WINDOW at a time, in
+  order, so tensorstore never holds the read buffers of the whole checkpoint."""
+  from orbax.checkpoint import type_handlers
+
+  model = _model(_tiny.TinyConfig(num_layers=3), seed=5)
+  save_checkpoint(model, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig(num_layers=3))
+  original = type_handlers.ArrayHandler.deserialize
+  windows = []
+
+  async def recording(self, infos, args=None):
+    windows.append([info.name for info in infos])
+    return await original(self, infos, args)
+
+  monkeypatch.setattr(type_handlers.ArrayHandler, "deserialize", recording)
+  loaded = load_checkpoint(tmp_path / "c")
+  want = _params(model)
+  assert max(len(w) for w in windows) == checkpoint.RESTORE_WINDOW == 1
+  assert sorted(name for w in windows for name in w) == sorted(p.replace("/", ".") for p in want)
+  for path, array in _params(loaded).items():
+    np.testing.assert_array_equal(array, want[path], err_msg=path)
+
+
+def test_restored_arrays_are_adopted_without_a_copy(tiny, tmp_path):
+  """read_arrays returns host jax.Arrays, which `load_into`'s jnp.asarray(np.asarray(a)) keeps as
+  they are (tensorstore's own numpy buffers are not aligned for jax, which copied them)."""
+  config = _tiny.TinyConfig(in_features=64, hidden_size=128)
+  save_checkpoint(_model(config), tmp_path / "c", model_type="tiny", config=config)
+  arrays = checkpoint.read_arrays(tmp_path / "c")
+  for path, array in arrays.items():
+    assert isinstance(array, jax.Array) and array.devices() == {jax.devices("cpu")[0]}, path
+    adopted = jnp.asarray(np.asarray(array), dtype=array.dtype)
+    assert adopted.unsafe_buffer_pointer() == array.unsafe_buffer_pointer(), path
+
+
+def test_restore_without_cpu_backend_or_with_64_bit_arrays_gives_numpy(tiny, tmp_path,
+                                                                       monkeypatch):
+  """Arrays jax would narrow (float64, int64 without x64) and every array when jax has no CPU
+  backend come back as numpy, bit-exact in their stored dtypes."""
+  rng = np.random.default_rng(6)
+  stored = {"a/wide": rng.standard_normal((3, 5)), "a/index": np.arange(7, dtype=np.int64) << 40,
+            "b/half": rng.standard_normal((4,)).astype(ml_dtypes.bfloat16)}
+  checkpoint.write_checkpoint(stored, tmp_path / "c", model_type="tiny",
+                              config=_tiny.TinyConfig())
+  got = checkpoint.read_arrays(tmp_path / "c")
+  assert [type(got[k]) for k in stored] == [np.ndarray, np.ndarray, type(jnp.zeros(1))]
+
+  def no_cpu(*args, **kwargs):
+    raise RuntimeError("Unknown backend cpu (injected)")
+
+  monkeypatch.setattr(checkpoint.jax, "local_devices", no_cpu)
+  got_without_cpu = checkpoint.read_arrays(tmp_path / "c")
+  for arrays in (got, got_without_cpu):
+    for key, want in stored.items():
+      assert np.asarray(arrays[key]).dtype == want.dtype, key
+      assert np.asarray(arrays[key]).tobytes() == want.tobytes(), key
+  assert {type(a) for a in got_without_cpu.values()} == {np.ndarray}
