@@ -60,6 +60,7 @@ from pallas_kernels.svdq_linear import (  # noqa: E402
     select_config,
     svdq_linear,
 )
+from svdq_jax.quantizers import GELU_SHIFT  # noqa: E402
 
 # The lowering must never initialize a CUDA backend: with the plugin installed and the stand-in
 # driver loaded, jax would otherwise try to open a GPU client on it.
@@ -67,13 +68,12 @@ jax.config.update("jax_platforms", "cpu")
 
 H100 = jax.sharding.AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-GELU_SHIFT = 0.171875
-"""The activation shift of the MLP down-projections (unsigned INT4 codes after a GELU)."""
 RANK = 32
 
 FLUX_LAYERS = (
     # (what, tokens M, K, N, act_shift): FLUX.1 at 1024 x 1024 (4096 image, 512 text tokens; the
-    # single blocks see both, 4608), the SVDQuant linears of the double and single blocks.
+    # single blocks see both, 4608), the SVDQuant linears of the double and single blocks; the MLP
+    # down-projections take unsigned INT4 codes of the GELU output shifted by GELU_SHIFT.
     ("double img q/k/v, out", 4096, 3072, 3072, 0.0),
     ("double img ff up", 4096, 3072, 12288, 0.0),
     ("double img ff down", 4096, 12288, 3072, GELU_SHIFT),
@@ -376,11 +376,11 @@ def ptxas_version() -> str:
 
 
 def kernel_revision() -> str:
-  """The commit the kernels' sources are at, with "+ uncommitted changes" when they differ."""
+  """The last commit that changed the kernels, with "+ uncommitted changes" when they differ."""
   root = Path(__file__).resolve().parents[1]
   git = ["git", "-C", str(root)]
-  commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
+  commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", "pallas_kernels"],
+                          capture_output=True, text=True).stdout.strip() or "unknown"
   dirty = subprocess.run([*git, "status", "--porcelain", "pallas_kernels"], capture_output=True,
                          text=True).stdout.strip()
   return commit + (" + uncommitted changes" if dirty else "")
