@@ -11,10 +11,11 @@ runs that same compiler on the same module, on a machine without a GPU:
    (jax_plugins/xla_cuda13/xla_cuda_plugin.so); its only device queries are the compute
    capability of the current context and, after compilation, the module load. A stand-in
    libcuda.so.1 (compiled here from FAKE_DRIVER_SOURCE with `cc`) answers them: one device of
-   compute capability 9.0 (so the target is sm_90a, as on an H100), and a module load that does
-   nothing except remember the dynamic shared memory the kernel asks for;
+   compute capability 9.0 (so the target is sm_90a, as on an H100), and a module load that only
+   keeps the cubin and the dynamic shared memory the kernel asks for;
 3. with MOSAIC_GPU_DUMP_PTXAS / MOSAIC_GPU_DUMP_PTX set, the plugin prints the output of its own
-   `ptxas -arch=sm_90a --warn-on-spills -v` and the PTX; the table is parsed from those.
+   `ptxas -arch=sm_90a --warn-on-spills -v` and the PTX; the table is parsed from those, plus the
+   local loads and stores in the cubin's SASS when nvdisasm is available.
 
 Nothing runs on a GPU: the numbers are ptxas's static resource counts. SMEM is the dynamic shared
 memory of the launch plus ptxas's static count. CTAs/SM is the occupancy those resources allow on
@@ -24,9 +25,10 @@ reserved per CTA, 2048 threads, 32 CTAs).
 Needs, besides this repository's venv: the jax CUDA plugin of the same version as jax
 (`pip install jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2`, no GPU needed, in this venv or
 another one passed with --plugin-site), a C compiler (`cc`), and ptxas on PATH (the plugin runs
-the first ptxas it finds; CUDA 13's nvidia-cuda-nvcc wheel ships one).
+the first ptxas it finds; CUDA 13's nvidia-cuda-nvcc wheel ships one); optionally nvdisasm (the
+nvidia-cuda-nvdisasm wheel).
 
-Usage: python benchmarks/kernel_resources.py [--plugin-site DIR] [--output FILE]
+Usage: python benchmarks/kernel_resources.py [--plugin-site DIR] [--nvdisasm PATH] [--output FILE]
 """
 
 from __future__ import annotations
@@ -89,10 +91,15 @@ SWEEP_SHAPE = (4096, 3072, 12288)
 
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 FAKE_DRIVER_SOURCE = r"""
-/* Stand-in for libcuda.so.1: one device of compute capability 9.0, module loads that do nothing.
-   Enough for Mosaic GPU's compiler (MosaicGpuCompile) to run to the end without a GPU. */
+/* Stand-in for libcuda.so.1: one device of compute capability 9.0, module loads that only keep a
+   copy of the cubin. Enough for Mosaic GPU's compiler (MosaicGpuCompile) to run without a GPU. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 typedef int CUresult;
 int last_dynamic_smem_bytes = -1;
+unsigned char *last_image = 0;
+uint64_t last_image_bytes = 0;
 static int handle;
 static const char *message = "stand-in CUDA driver (no GPU)";
 
@@ -109,7 +116,29 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, int device) {
 }
 CUresult cuGetErrorString(CUresult error, const char **text) { *text = message; return 0; }
 CUresult cuGetErrorName(CUresult error, const char **text) { *text = message; return 0; }
-CUresult cuModuleLoadData(void **module, const void *image) { *module = &handle; return 0; }
+/* The size of an ELF64 image: the end of its section or program header table, whichever is last. */
+static uint64_t elf_bytes(const unsigned char *elf) {
+  uint64_t phoff, shoff;
+  uint16_t phentsize, phnum, shentsize, shnum;
+  if (memcmp(elf, "\177ELF", 4) != 0 || elf[4] != 2) return 0;
+  memcpy(&phoff, elf + 0x20, 8);
+  memcpy(&shoff, elf + 0x28, 8);
+  memcpy(&phentsize, elf + 0x36, 2);
+  memcpy(&phnum, elf + 0x38, 2);
+  memcpy(&shentsize, elf + 0x3a, 2);
+  memcpy(&shnum, elf + 0x3c, 2);
+  uint64_t ph_end = phoff + (uint64_t)phentsize * phnum;
+  uint64_t sh_end = shoff + (uint64_t)shentsize * shnum;
+  return ph_end > sh_end ? ph_end : sh_end;
+}
+CUresult cuModuleLoadData(void **module, const void *image) {
+  free(last_image);
+  last_image_bytes = elf_bytes(image);
+  last_image = malloc(last_image_bytes ? last_image_bytes : 1);
+  memcpy(last_image, image, last_image_bytes);
+  *module = &handle;
+  return 0;
+}
 CUresult cuModuleGetFunction(void **function, void *module, const char *name) {
   *function = &handle;
   return 0;
@@ -155,6 +184,8 @@ class PtxasReport:
     dynamic_smem_bytes: shared memory the launch requests (Mosaic GPU allocates SMEM dynamically).
     threads: threads per CTA (the PTX's .maxntid).
     messages: ptxas's numbered notes and warnings (e.g. C7519: wgmma waits it had to insert).
+    local_loads, local_stores: LDL / STL instructions in the SASS (nvdisasm of the cubin), the
+      local-memory traffic behind the stack and spill bytes; None without nvdisasm.
   """
 
   status: str
@@ -166,6 +197,8 @@ class PtxasReport:
   dynamic_smem_bytes: int | None = None
   threads: int | None = None
   messages: tuple[str, ...] = ()
+  local_loads: int | None = None
+  local_stores: int | None = None
 
   @property
   def smem_bytes(self) -> int | None:
@@ -278,8 +311,10 @@ def captured_output() -> Iterator[list[str]]:
 class MosaicCompiler:
   """The CUDA plugin's Mosaic GPU compiler, loaded in this process over the stand-in driver."""
 
-  def __init__(self, plugin_site: Path | None, workdir: Path):
+  def __init__(self, plugin_site: Path | None, workdir: Path, nvdisasm: str | None):
     plugin_library, runtime_library = _plugin_paths(plugin_site)
+    self._workdir = workdir
+    self._nvdisasm = nvdisasm
     driver = workdir / "libcuda.so.1"
     source = workdir / "fake_libcuda.c"
     source.write_text(FAKE_DRIVER_SOURCE)
@@ -288,6 +323,8 @@ class MosaicCompiler:
     # Loaded globally under its soname first, so that the plugin's dlopen("libcuda.so.1") gets it.
     self._driver = ctypes.CDLL(str(driver), mode=ctypes.RTLD_GLOBAL)
     self._dynamic_smem = ctypes.c_int.in_dll(self._driver, "last_dynamic_smem_bytes")
+    self._image = ctypes.c_void_p.in_dll(self._driver, "last_image")
+    self._image_bytes = ctypes.c_uint64.in_dll(self._driver, "last_image_bytes")
     plugin = ctypes.CDLL(str(plugin_library))
     self._compile = plugin.MosaicGpuCompile
     self._compile.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -301,12 +338,22 @@ class MosaicCompiler:
     os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
 
   def compile(self, module: bytes) -> PtxasReport:
+    """Compiles one serialized Mosaic GPU module as the custom call would, and reports."""
     self._dynamic_smem.value = -1
+    self._image_bytes.value = 0
     with captured_output() as output:
       compiled = self._compile(module, len(module))
     if compiled:
       self._unload(compiled)
-    return parse_report(output[0], bool(compiled), self._dynamic_smem.value)
+    report = parse_report(output[0], bool(compiled), self._dynamic_smem.value)
+    if compiled and self._nvdisasm and self._image_bytes.value:
+      cubin = self._workdir / "kernel.cubin"
+      cubin.write_bytes(ctypes.string_at(self._image.value, self._image_bytes.value))
+      sass = subprocess.run([self._nvdisasm, "-c", str(cubin)], capture_output=True, text=True,
+                            check=True).stdout
+      report = dataclasses.replace(report, local_loads=len(re.findall(r"\bLDL\b", sass)),
+                                   local_stores=len(re.findall(r"\bSTL\b", sass)))
+    return report
 
 
 def _plugin_paths(plugin_site: Path | None) -> tuple[Path, Path]:
@@ -366,13 +413,11 @@ def parse_report(output: str, compiled: bool, dynamic_smem_bytes: int) -> PtxasR
       threads=_int(r"\.maxntid (\d+)", output), messages=tuple(sorted(messages)))
 
 
-def ptxas_version() -> str:
-  ptxas = shutil.which("ptxas")
-  if ptxas is None:
-    raise SystemExit("kernel_resources: no ptxas on PATH (the plugin runs the first one found)")
-  version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+def tool_version(tool: str) -> str:
+  """'path: release X, VY' of a CUDA command-line tool."""
+  version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
   found = re.search(r"release [^\n]*", version)
-  return f"{ptxas}: {found.group(0) if found else version.strip()}"
+  return f"{tool}: {found.group(0) if found else version.strip()}"
 
 
 def kernel_revision() -> str:
@@ -391,7 +436,8 @@ def _cell(value: int | None) -> str:
 
 
 COLUMNS = (f"{'layer':<22} {'M':>5} {'K':>6} {'N':>6}  {'kernel':<8} {'config':<36} "
-           f"{'regs':>4} {'stack':>5} {'spill st/ld':>11} {'SMEM':>7} {'CTA/SM':>6}  status  notes")
+           f"{'regs':>4} {'stack':>5} {'spill st/ld':>11} {'LDL/STL':>7} {'SMEM':>7} "
+           f"{'CTA/SM':>6}  status  notes")
 
 
 def _row_start(case: KernelCase, kernel: str, config: str) -> str:
@@ -439,8 +485,9 @@ def resource_rows(cases: list[KernelCase], compiler: MosaicCompiler,
         codes.append(_message_code(message))
         notes.setdefault(codes[-1], message)
       spills = f"{_cell(report.spill_store_bytes)}/{_cell(report.spill_load_bytes)}"
+      local = f"{_cell(report.local_loads)}/{_cell(report.local_stores)}"
       row = (_row_start(case, kernel, config) +
-             f"{_cell(report.registers):>4} {_cell(report.stack_bytes):>5} {spills:>11} "
+             f"{_cell(report.registers):>4} {_cell(report.stack_bytes):>5} {spills:>11} {local:>7} "
              f"{_cell(report.smem_bytes):>7} {_cell(report.ctas_per_sm()):>6}  {report.status}  "
              + ",".join(codes))
       rows.append(row.rstrip())
@@ -452,23 +499,31 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--plugin-site", type=Path,
                       help="site-packages holding jax-cuda13-plugin and jax-cuda13-pjrt "
                            "(default: this interpreter's)")
+  parser.add_argument("--nvdisasm", default=shutil.which("nvdisasm"),
+                      help="nvdisasm to count the SASS local loads and stores with (default: the "
+                           "one on PATH; without it the LDL/STL column is '-')")
   parser.add_argument("--output", type=Path, help="also write the table to this file")
   args = parser.parse_args(argv)
+  ptxas = shutil.which("ptxas")
+  if ptxas is None:
+    raise SystemExit("kernel_resources: no ptxas on PATH (the plugin runs the first one found)")
 
   lines = [
       "# ptxas output, no GPU run: the Mosaic GPU modules of svdq_linear, lowered for an abstract",
       f"# H100, compiled by jaxlib's CUDA plugin (MosaicGpuCompile, jax {jax.__version__}) over a "
       "stand-in driver",
-      f"# that reports sm_90 (target sm_90a); {ptxas_version()}",
-      "# regs: per thread; stack, spill st/ld: bytes per thread (local memory); SMEM: bytes per",
-      "# CTA, dynamic (launch) + static; CTA/SM: the H100 occupancy those allow.",
+      f"# that reports sm_90 (target sm_90a); {tool_version(ptxas)}",
+      "# SASS: " + (tool_version(args.nvdisasm) if args.nvdisasm else "no nvdisasm, not read"),
+      "# regs: per thread; stack, spill st/ld: bytes per thread (local memory); LDL/STL: local",
+      "# load/store instructions in the SASS; SMEM: bytes per CTA, dynamic (launch) + static;",
+      "# CTA/SM: the H100 occupancy those allow.",
       f"# quantize = kernel 1, gemm = kernel 2; rank {RANK}, bf16 activations and output.",
       f"# pallas_kernels/svdq_linear at {kernel_revision()}.",
   ]
   m, k, n = SWEEP_SHAPE
   notes: dict[str, str] = {}
   with tempfile.TemporaryDirectory(prefix="kernel_resources_") as workdir:
-    compiler = MosaicCompiler(args.plugin_site, Path(workdir))
+    compiler = MosaicCompiler(args.plugin_site, Path(workdir), args.nvdisasm)
     for title, cases in (
         ("FLUX.1 layers (1024 x 1024), configurations chosen by select_config", flux_cases()),
         (f"Alternatives at M={m} K={k} N={n} (the selected configuration, one field changed)",
