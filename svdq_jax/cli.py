@@ -1,70 +1,75 @@
 """The `svdq-jax` command line: demo, convert, quantize, sample, bench.
 
 Every subcommand checks its input before doing any work; bad input (a missing folder, a wrong model
-type, a bad prompt file, more devices than exist, an unknown preset) prints one line
-`svdq-jax <command>: error: <what>` on stderr and exits with status 2, never a traceback. Heavy
-modules (jax models, converters) are imported only by the subcommand that needs them, so `--help`
-answers at once.
+type, a bad prompt file, more devices than exist, an unknown preset, an image size the model cannot
+make) prints one line `svdq-jax <command>: error: <what>` on stderr and exits with status 2. Bad
+input is an `InputError`, a `CheckpointError` (a missing, corrupt or mismatched checkpoint file)
+or an OS error about a path the user named; any other exception is a bug and keeps its traceback
+(exit status 1). Heavy modules (jax models, converters) are imported only by the subcommand that
+needs them, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from svdq_jax.errors import InputError
 
 EXIT_BAD_INPUT = 2
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
 DTYPES = ("auto", "float32", "bfloat16")
 COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
-
-
-class UsageError(Exception):
-  """Bad input from the user: reported as one line on stderr, exit status 2."""
+# OS errors about a path the user named; other OS errors (a full disk, an I/O error) are not input.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
 
 
 class _Parser(argparse.ArgumentParser):
   """argparse with one-line errors (no usage dump) and exit status 2."""
 
   def error(self, message: str):
-    raise UsageError(message)
+    raise InputError(message)
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
   """Non-empty, stripped lines of a UTF-8 text file; lines starting with '#' are comments.
 
   Raises:
-    UsageError when the file is missing, not a file, not UTF-8 text, or holds no prompt.
+    InputError when the file is missing, not a file, not UTF-8 text, or holds no prompt.
   """
   file = Path(path)
   if not file.exists():
-    raise UsageError(f"prompt file {str(file)!r} does not exist")
+    raise InputError(f"prompt file {str(file)!r} does not exist")
   if not file.is_file():
-    raise UsageError(f"prompt file {str(file)!r} is not a file")
+    raise InputError(f"prompt file {str(file)!r} is not a file")
   try:
     text = file.read_text(encoding="utf-8")
   except UnicodeDecodeError as e:
-    raise UsageError(f"prompt file {str(file)!r} is not UTF-8 text ({e.reason} at byte "
+    raise InputError(f"prompt file {str(file)!r} is not UTF-8 text ({e.reason} at byte "
                      f"{e.start})") from e
   if "\x00" in text:
-    raise UsageError(f"prompt file {str(file)!r} is not a text file (it contains NUL bytes)")
+    raise InputError(f"prompt file {str(file)!r} is not a text file (it contains NUL bytes)")
   prompts = [line.strip() for line in text.splitlines()]
   prompts = [p for p in prompts if p and not p.startswith("#")]
   if not prompts:
-    raise UsageError(f"prompt file {str(file)!r} holds no prompt (one prompt per line expected)")
+    raise InputError(f"prompt file {str(file)!r} holds no prompt (one prompt per line expected)")
   return prompts
 
 
 def _existing_folder(path: str, what: str) -> Path:
   folder = Path(path)
   if not folder.exists():
-    raise UsageError(f"{what} {path!r} does not exist")
+    raise InputError(f"{what} {path!r} does not exist")
   if not folder.is_dir():
-    raise UsageError(f"{what} {path!r} is not a folder")
+    raise InputError(f"{what} {path!r} is not a folder")
   return folder
 
 
@@ -100,7 +105,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
   src = Path(args.src)
   if not src.exists():
-    raise UsageError(f"source {args.src!r} does not exist")
+    raise InputError(f"source {args.src!r} does not exist")
   from convert import api  # noqa: PLC0415
 
   api.convert(src, Path(args.dst), model=args.model)
@@ -114,16 +119,93 @@ def _check_preset(name: str) -> None:
   try:
     QuantConfig.preset(name)
   except (KeyError, ValueError) as e:
-    raise UsageError(str(e)) from None
+    raise InputError(str(e)) from None
+
+
+def _read_json_object(file: Path) -> dict:
+  """A JSON object file the user's folder must hold; InputError naming it otherwise."""
+  if not file.is_file():
+    raise InputError(f"{file}: missing (or not a file)")
+  try:
+    content = json.loads(file.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"{file}: not valid JSON ({e})") from e
+  if not isinstance(content, dict):
+    raise InputError(f"{file}: not a JSON object")
+  return content
+
+
+def _pipeline_name(folder: Path) -> str:
+  """The pipeline class a folder's model_index.json names, checked to be one we can load."""
+  from models.pipelines import PIPELINES  # noqa: PLC0415
+
+  if not (folder / "model_index.json").exists():
+    raise InputError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
+  name = _read_json_object(folder / "model_index.json").get("_class_name")
+  if name not in PIPELINES:
+    raise InputError(f"{folder}: pipeline {name!r} is not supported (supported: "
+                     f"{sorted(PIPELINES)})")
+  return name
+
+
+def _component_config(folder: Path, model_type: str) -> Any:
+  """The model config of one component folder (diffusers layout or ours), read from its
+  config.json alone: no weight is read."""
+  from convert import registry  # noqa: PLC0415
+  from convert.checkpoint import HEADER_KEY, read_header  # noqa: PLC0415
+  from convert.loading import config_of_folder, read_config  # noqa: PLC0415
+
+  entry = registry.find_entry(model_type)
+  raw = read_config(folder)
+  if HEADER_KEY not in raw:
+    return config_of_folder(folder, raw, entry.converter_module().config_from_json)
+  stored = read_header(folder)["config"]
+  try:
+    return entry.config_class().from_dict(stored)
+  except (TypeError, ValueError) as e:
+    raise InputError(f"{folder}: invalid {entry.name!r} config in config.json: {e}") from e
+
+
+def _image_multiple(folder: Path, pipeline: str) -> int:
+  """What height and width must be multiples of for the pipeline in `folder`: the VAE's
+  downsampling times the transformer's latent patch (FLUX packs 2x2 latents, PixArt patchifies by
+  its patch_size), as the pipelines check when called. 1 for a pipeline without a rule here (it
+  still checks the size itself, after loading)."""
+  if pipeline == "FluxPipeline":
+    return _component_config(folder / "vae", "vae").downsample_factor * 2
+  if pipeline == "PixArtSigmaPipeline":
+    patch = _component_config(folder / "transformer", "pixart").patch_size
+    return _component_config(folder / "vae", "vae").downsample_factor * patch
+  return 1
+
+
+def _check_image_size(folder: Path, pipeline: str, height: int, width: int) -> None:
+  multiple = _image_multiple(folder, pipeline)
+  if height % multiple or width % multiple:
+    raise InputError(f"--height and --width must be multiples of {multiple} for the "
+                     f"{pipeline} in {str(folder)!r}, got {height}x{width}")
+
+
+def _check_devices(count: int) -> None:
+  import jax  # noqa: PLC0415
+
+  available = jax.device_count()
+  if count > available:
+    raise InputError(f"--devices {count} asked, but only {available} "
+                     f"{jax.default_backend()} device(s) exist")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
   src = _existing_folder(args.src, "model folder")
+  dst = Path(args.dst)
+  if dst.exists() and not args.overwrite:
+    raise InputError(f"{args.dst!r} already exists (pass --overwrite to replace it)")
   prompts = read_prompt_file(args.calib)
   _check_preset(args.preset)
+  _check_image_size(src, _pipeline_name(src), args.height, args.width)
   from models import pipelines  # noqa: PLC0415
 
-  pipelines.quantize_pipeline(src, Path(args.dst), preset=args.preset, prompts=prompts,
+  pipelines.quantize_pipeline(src, dst, preset=args.preset, prompts=prompts,
                               num_inference_steps=args.steps, height=args.height,
                               width=args.width, seed=args.seed, overwrite=args.overwrite,
                               dtype=_dtype(args.dtype))
@@ -132,22 +214,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-  model = _existing_folder(args.model, "model folder")
   if args.lora is not None:
-    raise UsageError("--lora is not supported yet (LoRA merging lands with merge_lora)")
-  import jax  # noqa: PLC0415
-
-  available = jax.device_count()
-  if args.devices > available:
-    raise UsageError(f"--devices {args.devices} asked, but only {available} "
-                     f"{jax.default_backend()} device(s) exist")
-  prompts = args.prompt
+    raise InputError("--lora is not supported yet (LoRA merging lands with merge_lora)")
   if args.out.suffix.lower() != ".png":
-    raise UsageError(f"--out {str(args.out)!r} must end in .png")
+    raise InputError(f"--out {str(args.out)!r} must end in .png")
   if not args.out.parent.exists():
-    raise UsageError(f"output folder {str(args.out.parent)!r} does not exist")
+    raise InputError(f"output folder {str(args.out.parent)!r} does not exist")
+  _check_devices(args.devices)
+  model = _existing_folder(args.model, "model folder")
+  pipeline = _pipeline_name(model)
+  if pipeline == "FluxPipeline" and args.negative_prompt is not None:
+    raise InputError("--negative-prompt is not used by FLUX.1 (guidance-distilled; set "
+                     "--guidance instead)")
+  _check_image_size(model, pipeline, args.height, args.width)
   from models import pipelines  # noqa: PLC0415
 
+  prompts = args.prompt
   pipe = pipelines.load_pipeline(model, dtype=_dtype(args.dtype))
   images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height,
                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -164,7 +246,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
   script = Path(__file__).resolve().parents[1] / "benchmarks" / BENCH_SCRIPTS[args.suite]
   if not script.is_file():
-    raise UsageError(f"benchmark script {script} is not there (benchmarks/ ships with the source "
+    raise InputError(f"benchmark script {script} is not there (benchmarks/ ships with the source "
                      "checkout, not with an installed wheel)")
   return subprocess.call([sys.executable, str(script), *args.extra])
 
@@ -235,17 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _is_input_error(error: Exception) -> bool:
+  """Whether `error` is about the user's input (see the module docstring), not a bug."""
+  from convert.safetensors_io import CheckpointError  # noqa: PLC0415  (convert uses svdq_jax)
+
+  return isinstance(error, (InputError, CheckpointError, *PATH_ERRORS))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs `svdq-jax` with `argv` (default: sys.argv[1:]); returns the exit status."""
+  """Runs `svdq-jax` with `argv` (default: sys.argv[1:]); returns the exit status.
+
+  Bad input returns EXIT_BAD_INPUT after one line on stderr; any other exception propagates with
+  its traceback (the console script then exits with status 1).
+  """
   parser = build_parser()
   argv = list(sys.argv[1:] if argv is None else argv)
   prog = f"svdq-jax {argv[0]}" if argv and argv[0] in COMMANDS else "svdq-jax"
   try:
     args = parser.parse_args(argv)
     return args.run(args)
-  except (UsageError, ValueError, OSError) as e:
-    # CheckpointError (a ValueError), config errors and unreadable or unwritable paths (OSError
-    # names the path): the message names file, key and need.
+  except Exception as e:
+    if not _is_input_error(e):
+      raise
     print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
 

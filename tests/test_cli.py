@@ -1,4 +1,6 @@
-"""The `svdq-jax` command line: help, exit statuses and one-line errors, and a real `sample`."""
+"""The `svdq-jax` command line: help, exit statuses and one-line errors (input problems only; a
+bug keeps its traceback), argument checks that run before any model is loaded, and a real
+`sample`."""
 
 import json
 import os
@@ -8,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from convert.safetensors_io import CheckpointError
 from svdq_jax import cli
+from svdq_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
@@ -94,6 +98,154 @@ def test_convert_and_bench_bad_inputs(tmp_path, capsys):
   _assert_bad_input(*_run(["convert", str(tmp_path / "nope"), str(tmp_path / "dst")],
                           capsys)[::2], "does not exist")
   _assert_bad_input(*_run(["bench", "gpus"], capsys)[::2], "gpus")
+
+
+def _write_json(file: Path, content: dict) -> None:
+  file.parent.mkdir(parents=True, exist_ok=True)
+  file.write_text(json.dumps(content))
+
+
+def _configs_only_pipeline(folder: Path, pipeline: str, *, patch_size: int = 2) -> Path:
+  """A pipeline folder with model_index.json and the VAE's (and PixArt transformer's) config.json
+  but no weights: any attempt to load a model from it fails. The VAE downsamples 8x."""
+  _write_json(folder / "model_index.json", {"_class_name": pipeline})
+  _write_json(folder / "vae" / "config.json", {
+      "_class_name": "AutoencoderKL", "block_out_channels": [32, 64, 64, 64],
+      "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4})
+  if pipeline == "PixArtSigmaPipeline":
+    _write_json(folder / "transformer" / "config.json", {
+        "_class_name": "PixArtTransformer2DModel", "patch_size": patch_size, "sample_size": 128,
+        "use_additional_conditions": False, "caption_channels": 4096})
+  return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+  """Makes loading or quantizing a pipeline a test failure (checks must come before both)."""
+  from models import pipelines
+
+  def loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+  monkeypatch.setattr(pipelines, "load_pipeline", loaded)
+  monkeypatch.setattr(pipelines, "quantize_pipeline", loaded)
+
+
+def test_bad_image_size_fails_before_the_model_is_touched(tmp_path, capsys, no_model_load):
+  missing = str(tmp_path / "no-such-model")
+  _assert_bad_input(*_run(["sample", missing, "--prompt", "x", "--height", "0"], capsys)[::2],
+                    "--height must be >= 1, got 0")
+  _assert_bad_input(*_run(["sample", missing, "--prompt", "x", "--width=-16"], capsys)[::2],
+                    "--width must be >= 1, got -16")
+  _assert_bad_input(*_run(["quantize", missing, str(tmp_path / "q"), "--height", "0"],
+                          capsys)[::2], "--height must be >= 1")
+  flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
+  _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--height", "1000"], capsys)[::2],
+                    "multiples of 16", "FluxPipeline", "1000x1024")
+  _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--width", "24"], capsys)[::2],
+                    "multiples of 16", "1024x24")
+  _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "q"), "--height", "520"],
+                          capsys)[::2], "multiples of 16", "520x512")
+  pixart = str(_configs_only_pipeline(tmp_path / "pixart", "PixArtSigmaPipeline", patch_size=4))
+  _assert_bad_input(*_run(["sample", pixart, "--prompt", "x", "--height", "48", "--width", "64"],
+                          capsys)[::2], "multiples of 32", "PixArtSigmaPipeline", "48x64")
+
+
+def test_sizes_the_model_can_make_reach_the_load(tmp_path, capsys, monkeypatch):
+  """The size check passes what the pipelines accept (VAE factor 8 times FLUX's 2x2 packing, or
+  times PixArt's patch size), and only then is the pipeline loaded."""
+  from models import pipelines
+
+  loads = []
+
+  def load(path, dtype=None):
+    loads.append(Path(path).name)
+    raise InputError("stop after the load was reached")
+
+  monkeypatch.setattr(pipelines, "load_pipeline", load)
+  flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
+  pixart = str(_configs_only_pipeline(tmp_path / "pixart", "PixArtSigmaPipeline", patch_size=4))
+  for folder, height, width in ((flux, "1024", "528"), (pixart, "96", "64")):
+    _assert_bad_input(*_run(["sample", folder, "--prompt", "x", "--height", height, "--width",
+                             width], capsys)[::2], "stop after the load was reached")
+  assert loads == ["flux", "pixart"]
+
+
+def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys, no_model_load):
+  flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
+  _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--negative-prompt", "blurry"],
+                          capsys)[::2], "--negative-prompt", "FLUX.1")
+  (tmp_path / "done").mkdir()
+  _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "done")], capsys)[::2],
+                    "already exists", "--overwrite")
+  _write_json(tmp_path / "list" / "model_index.json", {"_class_name": "FluxPipeline"})
+  (tmp_path / "list" / "model_index.json").write_text("[1, 2]")
+  _assert_bad_input(*_run(["sample", str(tmp_path / "list"), "--prompt", "x"], capsys)[::2],
+                    "model_index.json: not a JSON object")
+  (tmp_path / "list" / "model_index.json").write_text("{broken")
+  _assert_bad_input(*_run(["sample", str(tmp_path / "list"), "--prompt", "x"], capsys)[::2],
+                    "model_index.json: not valid JSON")
+  _write_json(tmp_path / "bare" / "model_index.json", {"_class_name": "FluxPipeline"})
+  _assert_bad_input(*_run(["sample", str(tmp_path / "bare"), "--prompt", "x"], capsys)[::2],
+                    f"{tmp_path / 'bare' / 'vae'}: not a folder")
+
+
+@pytest.mark.parametrize("error", [
+    InputError("--model 'sd3' is not a model type"),
+    CheckpointError("w.safetensors: header of 12 bytes, the file has 8"),
+    FileNotFoundError(2, "No such file or directory", "w.safetensors"),
+    PermissionError(13, "Permission denied", "out/dst"),
+], ids=lambda e: type(e).__name__)
+def test_input_errors_are_one_line_with_status_2(tmp_path, capsys, monkeypatch, error):
+  from convert import api
+
+  def fail(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(api, "convert", fail)
+  (tmp_path / "src").mkdir()
+  status, _, err = _run(["convert", str(tmp_path / "src"), str(tmp_path / "dst")], capsys)
+  _assert_bad_input(status, err, "svdq-jax convert: error:", " ".join(str(error).split()))
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("operands could not be broadcast together with shapes (3,) (4,)"),
+    KeyError("transformer_blocks/0/attn/to_q/kernel"),
+    TypeError("unsupported operand"),
+    OSError(28, "No space left on device"),
+], ids=lambda e: type(e).__name__)
+def test_unexpected_errors_propagate(tmp_path, capsys, monkeypatch, error):
+  """A bug (or a full disk) is not bad input: main lets it through, traceback and all."""
+  from convert import api
+
+  def fail(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(api, "convert", fail)
+  (tmp_path / "src").mkdir()
+  with pytest.raises(type(error)) as raised:
+    cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+  assert raised.value is error
+  assert capsys.readouterr().err == ""
+
+
+def test_unexpected_error_exits_1_with_traceback_as_a_subprocess(tmp_path):
+  (tmp_path / "src").mkdir()
+  script = ("import sys\n"
+            "from convert import api\n"
+            "from svdq_jax import cli\n"
+            "def fail(*args, **kwargs):\n"
+            "  raise ValueError('injected bug')\n"
+            "api.convert = fail\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", script, "convert", str(tmp_path / "src"),
+                         str(tmp_path / "dst")], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.startswith("Traceback"), proc.stderr
+  assert proc.stderr.strip().endswith("ValueError: injected bug")
+  assert "svdq-jax convert: error:" not in proc.stderr
 
 
 def test_default_prompt_file_ships_and_parses():
