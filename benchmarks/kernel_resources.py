@@ -89,7 +89,6 @@ FLUX_LAYERS = (
 SWEEP_SHAPE = (4096, 3072, 12288)
 """The (M, K, N) of the configuration sweep: the double blocks' image MLP up-projection."""
 
-CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 FAKE_DRIVER_SOURCE = r"""
 /* Stand-in for libcuda.so.1: one device of compute capability 9.0, module loads that only keep a
    copy of the cubin. Enough for Mosaic GPU's compiler (MosaicGpuCompile) to run without a GPU. */
@@ -144,6 +143,7 @@ CUresult cuModuleGetFunction(void **function, void *module, const char *name) {
   return 0;
 }
 CUresult cuFuncSetAttribute(void *function, int attribute, int value) {
+  /* 8: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, what the launch will ask for */
   if (attribute == 8) last_dynamic_smem_bytes = value;
   return 0;
 }
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     compiler = MosaicCompiler(args.plugin_site, Path(workdir), args.nvdisasm)
     for title, cases in (
         ("FLUX.1 layers (1024 x 1024), configurations chosen by select_config", flux_cases()),
-        (f"Alternatives at M={m} K={k} N={n} (the selected configuration, one field changed)",
+        (f"Alternatives at M={m} K={k} N={n} (variants of the selected configuration)",
          sweep_cases())):
       lines += ["", f"## {title}", COLUMNS, "-" * len(COLUMNS)]
       lines += resource_rows(cases, compiler, notes)
