@@ -253,9 +253,10 @@ def _restore_args() -> Callable[[Any], Any]:
   16-byte aligned, and jax adopts a host buffer without a copy only when it is 64-byte aligned, so
   `load_into` copied nearly every restored numpy array (and the quantized fields, `jnp.asarray`
   in `SVDQLinear.from_arrays`) once more. Restored as jax.Arrays, each array is copied once, inside
-  orbax's read window, into the buffer the model then keeps. On a GPU, `load_into` moves each
-  host array to the device and frees it. Without a CPU backend (JAX_PLATFORMS=cuda), or for a
-  dtype jax would narrow (64-bit without jax_enable_x64), the array is restored as numpy.
+  orbax's read window, into the buffer the model then keeps. On a GPU, `load_into` and
+  `SVDQLinear.from_arrays` move each host array to the device, and it is freed. Without a CPU
+  backend (JAX_PLATFORMS=cuda), or for a dtype jax would narrow (64-bit without
+  jax_enable_x64), the array is restored as numpy.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -298,7 +299,10 @@ def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str
     arrays[name] = np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))
   for layer, layer_metadata in header.get("quantized", {}).items():
     prefix = layer + "/"
-    fields = {k[len(prefix):]: arrays.pop(k) for k in [k for k in arrays if k.startswith(prefix)]}
+    # As numpy views (no copy): the layer's jnp.asarray then puts them on the default device,
+    # uncommitted, like every other parameter (a host jax.Array would stay on the CPU).
+    fields = {k[len(prefix):]: np.asarray(arrays.pop(k))
+              for k in [k for k in arrays if k.startswith(prefix)]}
     if not fields:
       raise CheckpointError(f"{path}: quantized layer {layer!r} has no arrays in {params}")
     try:

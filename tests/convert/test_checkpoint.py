@@ -49,6 +49,7 @@ def test_round_trip_is_exact(tiny, tmp_path, param_dtype):
                     "config": config.to_dict(), "quantized": {}, "empty": {}}
   loaded = load_checkpoint(dst)
   assert isinstance(loaded, _tiny.TinyNet)
+  assert not any(leaf.committed for leaf in jax.tree.leaves(nnx.state(loaded)))
   want, got = _params(model), _params(loaded)
   assert sorted(got) == sorted(want)
   for path in want:
@@ -190,6 +191,9 @@ def test_quantized_round_trip_is_exact(tiny, tmp_path, preset):
     for field, array in want.arrays().items():
       assert np.asarray(got.arrays()[field]).dtype == np.asarray(array).dtype, (name, field)
       assert np.asarray(got.arrays()[field]).tobytes() == np.asarray(array).tobytes(), (name, field)
+  # like freshly built parameters: on the default device and free to move (a GPU run puts them
+  # there, not on the host CPU where they were restored)
+  assert not any(leaf.committed for leaf in jax.tree.leaves(nnx.state(loaded)))
   x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)), jnp.float32)
   forward = nnx.jit(lambda m, v: m(v))
   np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))
