@@ -121,6 +121,21 @@ def gemm_accumulator_registers(config: GemmConfig) -> int:
 H100_SMEM_BYTES = 232_448
 """Shared memory one CTA may use on sm_90 (the Mosaic GPU lowering rejects more)."""
 
+H100_SM_SMEM_BYTES = 233_472
+"""Shared memory of one H100 SM (228 KiB), shared by the CTAs resident on it."""
+
+SMEM_RESERVED_PER_CTA = 1024
+"""Shared memory the hardware reserves per resident CTA on sm_90."""
+
+SMEM_LOWERING_MARGIN = 2048
+"""Bytes the lowering allocates beyond gemm_smem_bytes (barriers and alignment: 552 measured by
+ptxas for the default kernel 2, benchmarks/results/kernel_resources_ptxas.txt), rounded up."""
+
+
+def ctas_per_sm_by_smem(smem_bytes: int) -> int:
+  """How many CTAs of `smem_bytes` shared memory (as gemm_smem_bytes counts it) fit on one SM."""
+  return H100_SM_SMEM_BYTES // (smem_bytes + SMEM_LOWERING_MARGIN + SMEM_RESERVED_PER_CTA)
+
 
 def gemm_carrier_slots(config: GemmConfig) -> int:
   """Copies of the widened carrier tiles kernel 2 keeps: 2 (by step parity) with manual barriers,
@@ -152,9 +167,11 @@ def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
   with a rank-`rank` low-rank branch.
 
   Heuristic, not yet tuned on a GPU: small token counts split K in kernel 1 so that enough CTAs
-  run; large ones get a deeper pipeline. Output tiles are 64 x 128, the largest whose accumulators
-  fit ACCUMULATOR_REGISTER_BUDGET with two groups per step on kernel 2's single warpgroup (64 x 64
-  when N is not a multiple of 128, to limit the zero padding the wrapper adds).
+  run. Output tiles are 64 x 128, the largest whose accumulators fit ACCUMULATOR_REGISTER_BUDGET
+  with two groups per step on kernel 2's single warpgroup (64 x 64 when N is not a multiple of
+  128, to limit the zero padding the wrapper adds). Large token counts get the deepest pipeline
+  that still lets two CTAs share an SM (3 stages at rank 32: 4 stages would leave one warpgroup per
+  SM, with nothing to run while it rescales), small ones 2 stages.
   """
   groups = k // GROUP_SIZE
   block_m = 64
@@ -164,11 +181,13 @@ def select_config(m: int, k: int, n: int, rank: int = 32) -> SVDQLinearConfig:
   while row_blocks * k_splits < 132 and groups % (2 * k_splits) == 0 and groups >= 16 * k_splits:
     k_splits *= 2
   block_n = 128 if n % 128 == 0 else 64
-  gemm = GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=4 if m > 512 else 2)
-  # Leave headroom for barriers and alignment below the hard limit.
   epilogue_rank = 2 * padded_rank(rank)  # the hi/lo bf16 split doubles the low-rank operand
-  while (gemm_smem_bytes(gemm, epilogue_rank) > H100_SMEM_BYTES - 8192
-         and gemm.max_concurrent_steps > 2):
-    gemm = dataclasses.replace(gemm, max_concurrent_steps=gemm.max_concurrent_steps - 1)
+  gemm = GemmConfig(block_m=block_m, block_n=block_n, max_concurrent_steps=2)
+  if m > 512:
+    for stages in (4, 3):
+      deeper = dataclasses.replace(gemm, max_concurrent_steps=stages)
+      if ctas_per_sm_by_smem(gemm_smem_bytes(deeper, epilogue_rank)) >= 2:
+        gemm = deeper
+        break
   return SVDQLinearConfig(
       quantize=QuantizeConfig(block_m=64, k_splits=k_splits, max_concurrent_steps=2), gemm=gemm)

@@ -2,6 +2,7 @@
 CPU (natively on a Hopper GPU), and lowered for an abstract H100 (deviceless) to catch layout,
 swizzle and shared-memory errors that the interpreter does not check."""
 
+import dataclasses
 import functools
 import re
 
@@ -471,6 +472,26 @@ def test_select_config_gives_valid_tiles_for_flux_shapes():
       # One warpgroup holds the carry and the group accumulators: within CUDA's 255 registers
       # per thread, with room left for everything else (else the tile spills on the GPU).
       assert gemm_accumulator_registers(config.gemm) <= ACCUMULATOR_REGISTER_BUDGET < 255
+
+
+@pytest.mark.parametrize("rank", [16, 32, 64, 128])
+def test_select_config_keeps_two_ctas_per_sm_for_many_tokens(rank):
+  """Large M gets the deepest pipeline with which two CTAs of kernel 2 share an SM's 228 KiB
+  (ranks up to 32); where even two stages leave room for one CTA only, two stages."""
+  def two_ctas_fit(gemm):
+    per_cta = gemm_smem_bytes(gemm, 2 * padded_rank(rank)) + 2048 + 1024  # margin, reservation
+    return 2 * per_cta <= 228 * 1024
+
+  for k, n in ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)):
+    gemm = select_config(4096, k, n, rank).gemm
+    stages = {s: dataclasses.replace(gemm, max_concurrent_steps=s) for s in (2, 3, 4)}
+    if rank <= 32:
+      assert two_ctas_fit(gemm) and gemm.max_concurrent_steps >= 3, (k, n, gemm)
+    else:
+      assert not two_ctas_fit(stages[2]) and gemm.max_concurrent_steps == 2, (k, n, gemm)
+    if gemm.max_concurrent_steps < 4:
+      assert not two_ctas_fit(stages[gemm.max_concurrent_steps + 1]), (k, n, gemm)
+    assert select_config(256, k, n, rank).gemm.max_concurrent_steps == 2
 
 
 def test_bad_inputs_raise_clear_errors(np_rng):
