@@ -49,7 +49,7 @@ HEADER_KEY = "svdq_jax"
 PARAMS_DIR = "params"
 # Arrays read at once on restore. Peak RSS of restoring the 1.9 GiB benchmark checkpoint
 # (benchmarks/convert.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
-# 4: +0.16x, all at once (orbax's default): +0.27x; the time did not change measurably.
+# 4: +0.16x, all at once (orbax's default): +0.2x to +0.3x; one at a time was not slower.
 RESTORE_WINDOW = 1
 
 
@@ -262,7 +262,7 @@ def _restore_args() -> Callable[[Any], Any]:
 
   try:
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  except RuntimeError:  # no CPU backend initialized
+  except RuntimeError:  # "Unknown backend cpu": JAX_PLATFORMS names only accelerators
     host = None
 
   def args(metadata: Any) -> Any:
