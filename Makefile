@@ -19,9 +19,19 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 	$(PY) -c "import svdq_jax, jax; assert jax.__version__ == '0.11.2', jax.__version__"
 	@touch $@
 
+# The test install also puts Mosaic GPU's compiler (the jax CUDA plugin, 142 MB of wheels) and
+# nvdisasm in $(VENV)/mosaic-compile for tests/pallas_kernels/test_kernel_resources.py: not in
+# site-packages, where plain `import jax` would find the plugin and try to start a CUDA backend.
+# The plugin runs the first ptxas on PATH (this image: CUDA 13.0's); CUDA 13.0's ptxas goes into
+# the same folder only where there is none.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-base
 	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import torch, diffusers, transformers, pytest"
+	rm -rf $(VENV)/mosaic-compile
+	set -o pipefail; $(PIP) --no-deps --target $(VENV)/mosaic-compile \
+	  jax-cuda13-pjrt==0.11.2 jax-cuda13-plugin==0.11.2 nvidia-cuda-nvdisasm==13.5.37 \
+	  $$(command -v ptxas >/dev/null || echo nvidia-cuda-nvcc==13.0.88) \
+	  2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@touch $@
 
 venv: $(VENV)/.installed-base

@@ -23,12 +23,20 @@ an H100 (65536 registers per SM in 256-register warp units, 233472 bytes of SMEM
 reserved per CTA, 2048 threads, 32 CTAs).
 
 Needs, besides this repository's venv: the jax CUDA plugin of the same version as jax
-(`pip install jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2`, no GPU needed, in this venv or
-another one passed with --plugin-site), a C compiler (`cc`), and ptxas on PATH (the plugin runs
-the first ptxas it finds; CUDA 13's nvidia-cuda-nvcc wheel ships one); optionally nvdisasm (the
-nvidia-cuda-nvdisasm wheel).
+(jax-cuda13-plugin and jax-cuda13-pjrt 0.11.2, no GPU needed), a C compiler (`cc`), and ptxas on
+PATH (the plugin runs the first ptxas it finds; CUDA 13's nvidia-cuda-nvcc wheel ships one);
+optionally nvdisasm (the nvidia-cuda-nvdisasm wheel). `make test` installs the plugin and nvdisasm
+(and ptxas where none is on PATH) into .venv/mosaic-compile: pass `--plugin-site
+.venv/mosaic-compile` and put .venv/mosaic-compile/nvidia/cu13/bin first on PATH. Do not install
+the plugin into the venv itself: plain `import jax` would then try to start a CUDA backend.
 
 Usage: python benchmarks/kernel_resources.py [--plugin-site DIR] [--nvdisasm PATH] [--output FILE]
+           [--cases CASES.json] [--json FILE]
+
+`--cases` compiles given cases instead of the FLUX.1 table and the sweep, and `--json` writes
+the reports in a form a program reads (tests/pallas_kernels/test_kernel_resources.py uses both).
+Run it in its own process: the stand-in driver it loads would be the libcuda of any other code
+in the process (torch's CUDA build, jax's own CUDA backend).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -161,7 +170,8 @@ MAX_CTAS_PER_SM = 32
 
 @dataclasses.dataclass(frozen=True)
 class KernelCase:
-  """One lowering: a FLUX.1 layer shape with a configuration of both kernels."""
+  """One lowering: a FLUX.1 layer shape with a configuration of both kernels and a low-rank
+  width (the kernels pad it with `padded_rank`)."""
 
   label: str
   m: int
@@ -169,6 +179,13 @@ class KernelCase:
   n: int
   act_shift: float
   config: SVDQLinearConfig
+  rank: int = RANK
+
+
+KERNELS = ("quantize", "gemm")
+"""The Mosaic GPU kernels of `svdq_linear` in program order: kernel 1 (quantize.py, activation
+quantization and x @ lora_down) and kernel 2 (gemm_sm90.py); also the SVDQLinearConfig fields
+that configure them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +235,21 @@ class PtxasReport:
     return min(by_registers, by_smem, MAX_THREADS_PER_SM // self.threads, MAX_CTAS_PER_SM)
 
 
+@dataclasses.dataclass(frozen=True)
+class CaseResult:
+  """ptxas's report on each kernel of one case, or why the lowering rejected the case.
+
+  Attributes:
+    case: the lowered case.
+    reports: one PtxasReport per name of KERNELS; empty when the lowering rejected the case.
+    rejected: the lowering's error (first line), or None.
+  """
+
+  case: KernelCase
+  reports: dict[str, PtxasReport]
+  rejected: str | None = None
+
+
 def flux_cases() -> list[KernelCase]:
   """The FLUX.1 layers with the configuration `select_config` picks for each."""
   return [KernelCase(label, m, k, n, shift, select_config(m, k, n, RANK))
@@ -261,7 +293,7 @@ def describe_gemm(config: GemmConfig) -> str:
 def lower_modules(case: KernelCase) -> list[bytes]:
   """The serialized Mosaic GPU modules of `svdq_linear` for `case`, in program order (kernel 1,
   kernel 2), exactly as the custom calls carry them to XLA."""
-  m, k, n, r = case.m, case.k, case.n, RANK
+  m, k, n, r = case.m, case.k, case.n, case.rank
   shapes = [((m, k), jnp.bfloat16), ((n, k // 2), jnp.uint8), ((k // 64, n), jnp.bfloat16),
             ((k,), jnp.float32), ((k, r), jnp.bfloat16), ((r, n), jnp.bfloat16),
             ((n,), jnp.float32)]
@@ -452,41 +484,92 @@ def _message_code(message: str) -> str:
   return "spill" if "spilled" in message else "warn"
 
 
-def resource_rows(cases: list[KernelCase], compiler: MosaicCompiler,
-                  notes: dict[str, str]) -> list[str]:
+def compile_cases(cases: list[KernelCase], compiler: MosaicCompiler) -> list[CaseResult]:
+  """Lowers each case and compiles both of its kernels; a kernel whose configuration, shape and
+  rank were already compiled is not compiled again. A case the lowering rejects (e.g. for its
+  shared memory) is a result with `rejected` set, not an error."""
+  results: list[CaseResult] = []
+  compiled: dict[tuple, PtxasReport] = {}
+  for case in cases:
+    try:
+      modules = lower_modules(case)
+    except Exception as error:
+      reason = re.sub(r"\w+Config\([^)]*\)", "config", str(error).strip().splitlines()[0])
+      results.append(CaseResult(case, {}, reason.split(";")[0]))
+      continue
+    if len(modules) != len(KERNELS):
+      raise SystemExit(f"kernel_resources: expected {len(KERNELS)} Mosaic GPU kernels in "
+                       f"svdq_linear for {case}, found {len(modules)}")
+    reports = {}
+    for kernel, module in zip(KERNELS, modules, strict=True):
+      key = (kernel, case.m, case.k, case.n, case.act_shift, case.rank,
+             getattr(case.config, kernel))
+      if key not in compiled:
+        compiled[key] = compiler.compile(module)
+      reports[kernel] = compiled[key]
+    results.append(CaseResult(case, reports))
+  return results
+
+
+def load_cases(path: Path) -> list[KernelCase]:
+  """The cases of a JSON file: a list of objects in `dataclasses.asdict(KernelCase)`'s layout
+  (label, m, k, n, act_shift, rank and config, which holds the fields of QuantizeConfig under
+  "quantize" and of GemmConfig under "gemm"); rank may be left out (RANK)."""
+  cases = []
+  for index, spec in enumerate(json.loads(path.read_text())):
+    try:
+      fields = dict(spec)
+      config = fields.pop("config")
+      config = SVDQLinearConfig(quantize=QuantizeConfig(**config["quantize"]),
+                                gemm=GemmConfig(**config["gemm"]))
+      cases.append(KernelCase(config=config, **fields))
+    except (KeyError, TypeError, ValueError) as error:
+      raise SystemExit(f"kernel_resources: case {index} of {path} is not a KernelCase in "
+                       f"dataclasses.asdict's layout: {error!r}") from None
+  return cases
+
+
+def json_records(results: list[CaseResult]) -> list[dict]:
+  """One JSON object per kernel of each case: the case's label, shape and rank, the kernel's
+  name in KERNELS, the PtxasReport fields and its smem_bytes and ctas_per_sm; a rejected case
+  gives one object with kernel "both" and the status "lowering rejected: <reason>"."""
+  records = []
+  for result in results:
+    case = result.case
+    head = {"label": case.label, "m": case.m, "k": case.k, "n": case.n, "rank": case.rank}
+    if result.rejected is not None:
+      records.append({**head, "kernel": "both", "status": f"lowering rejected: {result.rejected}"})
+    for kernel, report in result.reports.items():
+      records.append({**head, "kernel": kernel, **dataclasses.asdict(report),
+                      "smem_bytes": report.smem_bytes, "ctas_per_sm": report.ctas_per_sm()})
+  return records
+
+
+def resource_rows(results: list[CaseResult], notes: dict[str, str]) -> list[str]:
   """One table row per kernel of each case (a kernel already listed under the same label is not
   repeated); `notes` collects the text of each ptxas message code."""
   rows: list[str] = []
-  reports: dict[tuple, PtxasReport] = {}
   listed: set[tuple] = set()
-  for case in cases:
+  for result in results:
+    case = result.case
     configs = {"quantize": describe_quantize(case.config.quantize),
                "gemm": describe_gemm(case.config.gemm)}
-    try:
-      modules = lower_modules(case)
-    except Exception as error:  # a configuration the lowering rejects is a row of the table
-      reason = re.sub(r"\w+Config\([^)]*\)", "config", str(error).strip().splitlines()[0])
+    if result.rejected is not None:
       rows.append(_row_start(case, "both", configs["gemm"]) +
-                  f"lowering rejected: {reason.split(';')[0]}")
+                  f"lowering rejected: {result.rejected}")
       continue
-    if len(modules) != len(configs):
-      raise SystemExit(f"kernel_resources: expected {len(configs)} Mosaic GPU kernels in "
-                       f"svdq_linear for {case}, found {len(modules)}")
-    for (kernel, config), module in zip(configs.items(), modules, strict=True):
-      key = (kernel, case.m, case.k, case.n, case.act_shift, config)
-      if (case.label, *key) in listed:
+    for kernel, report in result.reports.items():
+      key = (case.label, kernel, case.m, case.k, case.n, case.act_shift, configs[kernel])
+      if key in listed:
         continue
-      listed.add((case.label, *key))
-      if key not in reports:
-        reports[key] = compiler.compile(module)
-      report = reports[key]
+      listed.add(key)
       codes = []
       for message in report.messages:
         codes.append(_message_code(message))
         notes.setdefault(codes[-1], message)
       spills = f"{_cell(report.spill_store_bytes)}/{_cell(report.spill_load_bytes)}"
       local = f"{_cell(report.local_loads)}/{_cell(report.local_stores)}"
-      row = (_row_start(case, kernel, config) +
+      row = (_row_start(case, kernel, configs[kernel]) +
              f"{_cell(report.registers):>4} {_cell(report.stack_bytes):>5} {spills:>11} {local:>7} "
              f"{_cell(report.smem_bytes):>7} {_cell(report.ctas_per_sm()):>6}  {report.status}  "
              + ",".join(codes))
@@ -503,7 +586,23 @@ def main(argv: list[str] | None = None) -> int:
                       help="nvdisasm to count the SASS local loads and stores with (default: the "
                            "one on PATH; without it the LDL/STL column is '-')")
   parser.add_argument("--output", type=Path, help="also write the table to this file")
+  parser.add_argument("--cases", type=Path,
+                      help="compile only the cases of this JSON file (a list of KernelCase in "
+                           "dataclasses.asdict's layout, see load_cases) instead of the FLUX.1 "
+                           "layers and the sweep")
+  parser.add_argument("--json", type=Path,
+                      help="also write one JSON object per compiled kernel to this file "
+                           "(json_records)")
   args = parser.parse_args(argv)
+  m, k, n = SWEEP_SHAPE
+  if args.cases:
+    sections = [(f"Cases of {args.cases}", load_cases(args.cases))]
+  else:
+    sections = [
+        ("FLUX.1 layers (1024 x 1024), configurations chosen by select_config", flux_cases()),
+        (f"Alternatives at M={m} K={k} N={n} (variants of the selected configuration)",
+         sweep_cases())]
+  ranks = ", ".join(str(rank) for rank in sorted({c.rank for _, cases in sections for c in cases}))
   ptxas = shutil.which("ptxas")
   if ptxas is None:
     raise SystemExit("kernel_resources: no ptxas on PATH (the plugin runs the first one found)")
@@ -517,25 +616,26 @@ def main(argv: list[str] | None = None) -> int:
       "# regs: per thread; stack, spill st/ld: bytes per thread (local memory); LDL/STL: local",
       "# load/store instructions in the SASS; SMEM: bytes per CTA, dynamic (launch) + static;",
       "# CTA/SM: the H100 occupancy those allow.",
-      f"# quantize = kernel 1, gemm = kernel 2; rank {RANK}, bf16 activations and output.",
+      f"# quantize = kernel 1, gemm = kernel 2; rank {ranks}, bf16 activations and output.",
       f"# pallas_kernels/svdq_linear at {kernel_revision()}.",
   ]
-  m, k, n = SWEEP_SHAPE
   notes: dict[str, str] = {}
+  results: list[CaseResult] = []
   with tempfile.TemporaryDirectory(prefix="kernel_resources_") as workdir:
     compiler = MosaicCompiler(args.plugin_site, Path(workdir), args.nvdisasm)
-    for title, cases in (
-        ("FLUX.1 layers (1024 x 1024), configurations chosen by select_config", flux_cases()),
-        (f"Alternatives at M={m} K={k} N={n} (variants of the selected configuration)",
-         sweep_cases())):
+    for title, cases in sections:
+      section = compile_cases(cases, compiler)
+      results += section
       lines += ["", f"## {title}", COLUMNS, "-" * len(COLUMNS)]
-      lines += resource_rows(cases, compiler, notes)
+      lines += resource_rows(section, notes)
   lines += ["", "# ptxas messages (notes column):"]
   lines += [f"#   {code}: {message}" for code, message in sorted(notes.items())]
   text = "\n".join(lines)
   print(text)
   if args.output:
     args.output.write_text(text + "\n")
+  if args.json:
+    args.json.write_text(json.dumps(json_records(results), indent=1) + "\n")
   return 0
 
 
