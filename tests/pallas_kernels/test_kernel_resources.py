@@ -60,8 +60,8 @@ IMAGE_TOKENS = select_config(4096, FF_UP_K, FF_UP_N, RANK)
 TEXT_TOKENS = select_config(512, FF_UP_K, FF_UP_N, RANK)
 WIDE_TILE = dataclasses.replace(IMAGE_TOKENS,
                                 gemm=dataclasses.replace(IMAGE_TOKENS.gemm, block_n=256))
-"""64 x 256 output tiles: (1 + 2 groups) accumulators of 128 f32 per thread exceed the registers,
-so ptxas spills."""
+"""64 x 256 output tiles: the carry and two group accumulators take 3 x 128 f32 registers per
+thread, more than the 255 it has, so ptxas spills."""
 
 DEFAULTS = {"image tokens": IMAGE_TOKENS, "text tokens": TEXT_TOKENS}
 CASES = [_ff_up_case("image tokens", 4096, IMAGE_TOKENS),
