@@ -71,6 +71,10 @@ from pallas_kernels.svdq_linear import (  # noqa: E402
     select_config,
     svdq_linear,
 )
+from pallas_kernels.svdq_linear.config import (  # noqa: E402
+    H100_SM_SMEM_BYTES,
+    SMEM_RESERVED_PER_CTA,
+)
 from svdq_jax.quantizers import GELU_SHIFT  # noqa: E402
 
 # The lowering must never initialize a CUDA backend: with the plugin installed and the stand-in
@@ -162,8 +166,6 @@ CUresult cuModuleUnload(void *module) { return 0; }
 # H100 (sm_90) limits for the occupancy column.
 REGISTERS_PER_SM = 65536
 REGISTER_ALLOCATION_UNIT = 256  # registers, per warp
-SMEM_PER_SM = 233_472
-SMEM_RESERVED_PER_CTA = 1024
 MAX_THREADS_PER_SM = 2048
 MAX_CTAS_PER_SM = 32
 
@@ -231,7 +233,7 @@ class PtxasReport:
     per_warp = -(-self.registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
     warps = -(-self.threads // 32)
     by_registers = REGISTERS_PER_SM // (per_warp * warps)
-    by_smem = SMEM_PER_SM // (self.smem_bytes + SMEM_RESERVED_PER_CTA)
+    by_smem = H100_SM_SMEM_BYTES // (self.smem_bytes + SMEM_RESERVED_PER_CTA)
     return min(by_registers, by_smem, MAX_THREADS_PER_SM // self.threads, MAX_CTAS_PER_SM)
 
 

@@ -127,14 +127,16 @@ H100_SM_SMEM_BYTES = 233_472
 SMEM_RESERVED_PER_CTA = 1024
 """Shared memory the hardware reserves per resident CTA on sm_90."""
 
-SMEM_LOWERING_MARGIN = 2048
-"""Bytes the lowering allocates beyond gemm_smem_bytes (barriers and alignment: 552 measured by
-ptxas for the default kernel 2, benchmarks/results/kernel_resources_ptxas.txt), rounded up."""
+SMEM_ALIGNMENT = 1024
+"""Mosaic GPU starts every shared-memory buffer at a multiple of 1 KiB (the 128-byte swizzle's
+period), so each buffer takes its size rounded up to that."""
+
+MBARRIER_BYTES = 8
 
 
 def ctas_per_sm_by_smem(smem_bytes: int) -> int:
-  """How many CTAs of `smem_bytes` shared memory (as gemm_smem_bytes counts it) fit on one SM."""
-  return H100_SM_SMEM_BYTES // (smem_bytes + SMEM_LOWERING_MARGIN + SMEM_RESERVED_PER_CTA)
+  """How many CTAs of `smem_bytes` dynamic shared memory each fit on one H100 SM."""
+  return H100_SM_SMEM_BYTES // (smem_bytes + SMEM_RESERVED_PER_CTA)
 
 
 def gemm_carrier_slots(config: GemmConfig) -> int:
@@ -144,14 +146,24 @@ def gemm_carrier_slots(config: GemmConfig) -> int:
 
 
 def gemm_smem_bytes(config: GemmConfig, rank: int = 64, out_itemsize: int = 2) -> int:
-  """Shared memory kernel 2 allocates for `config`: pipelined 4-bit tiles and scales, the widened
-  carrier tiles (`gemm_carrier_slots` copies), the low-rank operands (`rank` = the kernel's K of
-  the low-rank wgmma), the bias and the output staging tile."""
-  tm, tn, per_step = config.block_m, config.block_n, config.groups_per_step
-  stage = per_step * ((tm + tn) * GROUP_SIZE // 2 + 4 * (tm + tn))
-  carrier_tiles = gemm_carrier_slots(config) * per_step * (tm + tn) * GROUP_SIZE
-  epilogue = 2 * rank * (tm + tn) + 4 * tn + out_itemsize * tm * tn
-  return config.max_concurrent_steps * stage + carrier_tiles + epilogue
+  """Dynamic shared memory kernel 2 allocates for `config`, to the byte: per group of a step
+  the pipelined 4-bit tiles and f32 scales of both operands (one buffer of
+  `max_concurrent_steps` tiles each), the widened carrier tiles (`gemm_carrier_slots` copies),
+  the low-rank operands (`rank` = the kernel's K of the low-rank wgmma; none at 0), the bias
+  and the output staging tile, each buffer rounded up to SMEM_ALIGNMENT; then one mbarrier per
+  pipeline stage and the epilogue's."""
+  tm, tn, stages = config.block_m, config.block_n, config.max_concurrent_steps
+
+  def buffer(nbytes: int) -> int:
+    return round_up(nbytes, SMEM_ALIGNMENT)
+
+  pipelined = config.groups_per_step * sum(
+      buffer(stages * rows * GROUP_SIZE // 2) + buffer(stages * rows * 4) for rows in (tm, tn))
+  carriers = sum(buffer(gemm_carrier_slots(config) * config.groups_per_step * rows * GROUP_SIZE)
+                 for rows in (tm, tn))
+  low_rank = buffer(2 * rank * tm) + buffer(2 * rank * tn)
+  epilogue = buffer(4 * tn) + buffer(out_itemsize * tm * tn)
+  return pipelined + carriers + low_rank + epilogue + MBARRIER_BYTES * (stages + 1)
 
 
 @dataclasses.dataclass(frozen=True)
