@@ -24,7 +24,7 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 # site-packages, where plain `import jax` would find the plugin and try to start a CUDA backend.
 # The plugin runs the first ptxas on PATH (this image: CUDA 13.0's); CUDA 13.0's ptxas goes into
 # the same folder only where there is none.
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-base
+$(VENV)/.installed-test: pyproject.toml Makefile $(VENV)/.installed-base
 	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import torch, diffusers, transformers, pytest"
 	rm -rf $(VENV)/mosaic-compile
