@@ -18,6 +18,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from svdq_jax.errors import InputError
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -30,8 +32,11 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read: the message names the file, the key and what was expected."""
+class CheckpointError(InputError):
+  """A checkpoint that cannot be read: the message names the file, the key and what was expected.
+
+  An `InputError` (so a ValueError): the checkpoint is the user's input.
+  """
 
 
 class _Entry:

@@ -25,22 +25,33 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from svdq_jax.errors import InputError
+
 DATA_AXIS = "data"
+
+
+def check_device_count(count: int) -> None:
+  """Raises InputError unless 1 <= `count` <= the number of devices `jax.devices()` lists.
+
+  The rule of `data_mesh`, for callers that check a user's device count before any work.
+  """
+  available = jax.devices()
+  if not 1 <= count <= len(available):
+    raise InputError(f"asked for {count} devices, but there are {len(available)} "
+                     f"{available[0].platform} device(s): ask for 1 to {len(available)}")
 
 
 def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
   """A one-axis mesh ("data",) over the first `devices` devices (default: all of them).
 
   Raises:
-    ValueError when more devices are asked for than exist.
+    InputError when a count below 1, or more devices than exist, are asked for.
   """
   available = jax.devices()
   if devices is None:
     chosen = available
   elif isinstance(devices, int):
-    if not 1 <= devices <= len(available):
-      raise ValueError(f"asked for {devices} devices, {len(available)} "
-                       f"{available[0].platform} device(s) exist")
+    check_device_count(devices)
     chosen = available[:devices]
   else:
     chosen = list(devices)

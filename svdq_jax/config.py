@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 from svdq_jax.config_base import DictConfig
+from svdq_jax.errors import InputError
 
 WeightFormat = Literal["int4", "nvfp4", "nf4", "int8"]
 ActFormat = Literal["int4", "nvfp4", "int8"]
@@ -111,9 +112,12 @@ class QuantConfig(DictConfig):
 
     "svdquant-int4" (default), "svdquant-nvfp4", "w4a4" (plain RTN), "smoothquant-w4a4",
     "nf4-w4a16", "w8a8", "bf16".
+
+    Raises:
+      InputError for an unknown name (the name is often a user's flag), listing the known ones.
     """
     if name not in PRESETS:
-      raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+      raise InputError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
   @property

@@ -2,8 +2,10 @@
 
 `svdq-jax` prints an `InputError` as one line `svdq-jax <command>: error: <message>` with exit
 status 2; any other exception keeps its traceback (exit status 1), so our own bugs stay visible.
-Raise it where a flag, a path or a file's content given by the user is checked; the message names
-what was given and what is needed.
+Raise it where a flag, a path or a file's content given by the user is checked at a public entry
+point; the message names what was given and what is needed. `convert.CheckpointError` (a missing,
+corrupt or mismatched checkpoint file) is an `InputError` too. Checks of our own invariants stay
+plain `ValueError`s.
 """
 
 from __future__ import annotations
