@@ -10,7 +10,6 @@ folder beside DST, renamed at the end: a failure leaves nothing at DST.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -22,10 +21,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from convert import registry
-from convert.checkpoint import HEADER_KEY, atomic_folder, check_against_model, write_into
-from convert.loading import config_of_folder, read_config
+from convert.checkpoint import atomic_folder, check_against_model, write_into
+from convert.loading import read_component_config, read_json_object
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from svdq_jax import is_quantized
+from svdq_jax.errors import InputError
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -42,15 +42,15 @@ class _CountingReader(CheckpointReader):
 
 
 def _float_dtype(dtype: Any) -> np.dtype | None:
-  """`dtype` as a numpy floating dtype (None stays None); anything else is a CheckpointError."""
+  """`dtype` as a numpy floating dtype (None stays None); anything else is an InputError."""
   if dtype is None:
     return None
   try:
     resolved = np.dtype(jnp.dtype(dtype))
   except TypeError as e:
-    raise CheckpointError(f"dtype {dtype!r}: not a dtype ({e})") from None
+    raise InputError(f"dtype {dtype!r}: not a dtype ({e})") from None
   if not jnp.issubdtype(resolved, jnp.floating):
-    raise CheckpointError(f"dtype {dtype!r}: needs a floating dtype (float32, bfloat16, ...)")
+    raise InputError(f"dtype {dtype!r}: needs a floating dtype (float32, bfloat16, ...)")
   return resolved
 
 
@@ -95,13 +95,11 @@ def convert_component(src: str | os.PathLike, out: str | os.PathLike, *, model: 
   """
   src = Path(src)
   folder = src if src.is_dir() else src.parent
-  raw = read_config(folder)
-  if HEADER_KEY in raw:
+  component = read_component_config(folder, model)
+  if component.checkpoint:
     raise CheckpointError(f"{folder}: already a svdq-jax checkpoint; nothing to convert")
-  entry = registry.find_entry(model, where=str(src)) if model else registry.detect(
-      raw, where=str(folder / "config.json"))
+  entry, config = component.entry, component.config
   converter = entry.converter_module()
-  config = config_of_folder(folder, raw, converter.config_from_json)
   reader = _CountingReader(src)
   with tqdm(desc=f"{entry.name} {folder.name}", total=len(reader), unit="tensor",
             disable=not progress, leave=False) as bar:
@@ -122,12 +120,7 @@ def _pipeline_plan(src: Path) -> list[tuple[str, bool]]:
   missing component folder, a weight-holding component of an unknown type, or a truncated or
   corrupt weight file."""
   index = src / "model_index.json"
-  try:
-    components = json.loads(index.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{index}: cannot parse model_index.json: {e}") from e
-  if not isinstance(components, dict):
-    raise CheckpointError(f"{index}: not a JSON object")
+  components = read_json_object(index)
   known = registry.known_model_types()
   plan = []
   for name, spec in components.items():
@@ -168,19 +161,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model: str | None = 
     The absolute path of `dst`.
 
   Raises:
-    CheckpointError (a ValueError) on bad input: missing folder, not a checkpoint, unknown model
-    type, truncated or corrupt file, missing or unexpected keys, shape or dtype mismatch; the
-    message names the file, the key, what was expected and what was found. Nothing is left at
-    `dst` then.
+    InputError (a ValueError) on bad input, and nothing is left at `dst` then: a `dtype` that is
+    not floating, a `model` for a pipeline folder, an existing `dst` without `overwrite`;
+    CheckpointError (an InputError) for the checkpoint itself: missing folder, not a checkpoint,
+    unknown model type, truncated or corrupt file, missing or unexpected keys, shape or dtype
+    mismatch; the message names the file, the key, what was expected and what was found.
   """
   src = Path(src)
   if not src.exists():
     raise CheckpointError(f"{src}: no such file or folder")
   _float_dtype(dtype)
+  if Path(dst).exists() and not overwrite:
+    raise InputError(f"{dst}: already exists (pass overwrite=True to replace it)")
   if src.is_dir() and (src / "model_index.json").exists():
     if model is not None:
-      raise CheckpointError(f"{src}: is a pipeline folder; a model type applies to one component "
-                            "folder (pass e.g. SRC/transformer)")
+      raise InputError(f"{src}: is a pipeline folder; a model type applies to one component "
+                       "folder (pass e.g. SRC/transformer)")
     plan = _pipeline_plan(src)
     with atomic_folder(dst, overwrite=overwrite) as tmp:
       for name, to_convert in tqdm(plan, desc="components", unit="component",

@@ -36,6 +36,7 @@ from flax import nnx
 from convert import registry
 from convert.loading import (
   check_arrays,
+  checkpoint_config,
   load_into,
   path_str,
   read_config,
@@ -324,12 +325,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None) -> 
     The model, of the class the checkpoint's model_type names.
   """
   header = read_header(path)
-  entry = registry.find_entry(header["model_type"], where=str(path))
-  try:
-    config = entry.config_class().from_dict(header["config"])
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{path}: invalid {entry.name!r} config in config.json: {e}") from e
-  model = entry.abstract_model(config, dtype=dtype)
+  component = checkpoint_config(path, header)
+  model = component.entry.abstract_model(component.config, dtype=dtype)
   arrays = read_arrays(path, header)
   return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True,
                    consume=True)

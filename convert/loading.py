@@ -6,6 +6,7 @@ paths of our models joined with "/" (e.g. "transformer_blocks/0/attn/to_q/kernel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -103,18 +104,33 @@ def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
   return model
 
 
+def read_json_object(file: str | os.PathLike) -> dict:
+  """The JSON object a file holds (config.json, model_index.json, scheduler_config.json, ...).
+
+  Raises:
+    CheckpointError naming the file when it is missing or not a file, unreadable, not UTF-8
+    JSON, or holds something other than an object.
+  """
+  file = Path(file)
+  if not file.is_file():
+    raise CheckpointError(f"{file}: missing (or not a file)")
+  try:
+    content = json.loads(file.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{file}: cannot parse {file.name}: {e}") from e
+  if not isinstance(content, dict):
+    raise CheckpointError(f"{file}: not a JSON object (it holds a {type(content).__name__})")
+  return content
+
+
 def read_config(folder: str | os.PathLike) -> dict:
   """The `config.json` of a component folder, with a clear error when it is absent or broken."""
-  path = Path(folder) / "config.json"
   if not Path(folder).is_dir():
     raise CheckpointError(f"{folder}: not a folder (expected a model component folder)")
-  if not path.exists():
+  if not (Path(folder) / "config.json").exists():
     raise CheckpointError(f"{folder}: no config.json (not a diffusers/transformers component "
                           "folder or a svdq-jax checkpoint)")
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot parse config.json: {e}") from e
+  return read_json_object(Path(folder) / "config.json")
 
 
 def config_of_folder(folder: str | os.PathLike, raw: dict,
@@ -128,15 +144,80 @@ def config_of_folder(folder: str | os.PathLike, raw: dict,
     raise CheckpointError(str(e) if where in str(e) else f"{where}: {e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class ComponentConfig:
+  """What a component folder's config.json says, read without touching its weights.
+
+  Attributes:
+    entry: the model family (`convert.registry`).
+    config: the family's config dataclass (`FluxConfig`, `VAEConfig`, ...).
+    checkpoint: True for a svdq-jax checkpoint (`convert.checkpoint`), False for a
+      diffusers / transformers folder.
+  """
+
+  entry: registry.ModelEntry
+  config: Any
+  checkpoint: bool
+
+
+def checkpoint_config(path: str | os.PathLike, header: dict) -> ComponentConfig:
+  """The family and config a svdq-jax checkpoint's "svdq_jax" `header` (its `read_header`) names.
+
+  Raises:
+    CheckpointError naming `path` for an unknown model type or a config the family rejects.
+  """
+  entry = registry.find_entry(header["model_type"], where=str(path))
+  try:
+    config = entry.config_class().from_dict(header["config"])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: invalid {entry.name!r} config in config.json: {e}") from e
+  return ComponentConfig(entry, config, checkpoint=True)
+
+
+def read_component_config(folder: str | os.PathLike, model_type: str | None = None
+                          ) -> ComponentConfig:
+  """The model config of a component folder, from its config.json alone (no weight is read).
+
+  The rules `load_pretrained` (and so every `Model.from_pretrained`) and `convert.api.convert`
+  load by: a config.json with the "svdq_jax" header is our checkpoint, whose header names the
+  family and holds the config (`checkpoint_config`); any other is a diffusers / transformers
+  config.json, mapped to our config by the family's `config_from_json`.
+
+  Args:
+    folder: the component folder (e.g. "FLUX.1-dev/vae").
+    model_type: the family, a `convert.registry` name or source class name ("vae",
+      "AutoencoderKL"); None: the one the checkpoint's header or the config.json's `_class_name`
+      / `architectures` names.
+
+  Raises:
+    CheckpointError (an InputError) naming the folder or its config.json: no folder, no or a
+    broken config.json, an unknown model type, a checkpoint of ours of another family than
+    `model_type`, or a config the family rejects.
+  """
+  from convert.checkpoint import HEADER_KEY, read_header  # noqa: PLC0415  (it imports us)
+
+  wanted = registry.find_entry(model_type, where=str(folder)) if model_type else None
+  raw = read_config(folder)
+  if HEADER_KEY in raw:
+    component = checkpoint_config(folder, read_header(folder))
+    if wanted is not None and component.entry != wanted:
+      raise CheckpointError(f"{folder}: a svdq-jax checkpoint of a {component.entry.name!r} model "
+                            f"({component.entry.model}), but this loader reads {wanted.name!r} "
+                            f"({wanted.model})")
+    return component
+  entry = wanted or registry.detect(raw, where=str(Path(folder) / "config.json"))
+  config = config_of_folder(folder, raw, entry.converter_module().config_from_json)
+  return ComponentConfig(entry, config, checkpoint=False)
+
+
 def load_pretrained(path: str | os.PathLike, model_type: str,
                     dtype: jnp.dtype | None = None) -> nnx.Module:
   """Loads a model from a diffusers/transformers component folder or from a svdq-jax checkpoint.
 
-  What every model's `from_pretrained` does. The folder's config.json is mapped to our config by
-  the family's converter (`convert.<family>.config_from_json`), the model is built under
-  `nnx.eval_shape` (nothing is spent on random init) and filled by `convert_state`, tensor by
-  tensor. A folder whose config.json carries the key "svdq_jax" is one of ours and is read by
-  `convert.checkpoint.load_checkpoint` instead.
+  What every model's `from_pretrained` does. The folder's config is read by
+  `read_component_config`; a checkpoint of ours (config.json with the key "svdq_jax") is read by
+  `convert.checkpoint.load_checkpoint`. Otherwise the model is built under `nnx.eval_shape`
+  (nothing is spent on random init) and filled by the family's `convert_state`, tensor by tensor.
 
   Args:
     path: the component folder.
@@ -146,23 +227,15 @@ def load_pretrained(path: str | os.PathLike, model_type: str,
       dtype.
 
   Raises:
-    CheckpointError naming the folder: a bad config.json, a checkpoint of ours of another family,
-    or tensors that do not fit the config.
+    CheckpointError (an InputError) naming the folder: an unknown `model_type`, a bad
+    config.json, a checkpoint of ours of another family, or tensors that do not fit the config.
   """
-  entry = registry.find_entry(model_type)
-  raw = read_config(path)
-  if "svdq_jax" in raw:
-    from convert.checkpoint import load_checkpoint, read_header  # noqa: PLC0415  (orbax)
+  component = read_component_config(path, model_type)
+  if component.checkpoint:
+    from convert.checkpoint import load_checkpoint  # noqa: PLC0415
 
-    stored = registry.find_entry(read_header(path)["model_type"], where=str(path))
-    if stored != entry:
-      raise CheckpointError(f"{path}: a svdq-jax checkpoint of a {stored.name!r} model "
-                            f"({stored.model}), but this loader reads {entry.name!r} "
-                            f"({entry.model})")
     return load_checkpoint(path, dtype=dtype)
-  converter = entry.converter_module()
-  config = config_of_folder(path, raw, converter.config_from_json)
-  model = entry.abstract_model(config, dtype=dtype)
+  model = component.entry.abstract_model(component.config, dtype=dtype)
   with CheckpointReader(path) as reader:
-    arrays = dict(converter.convert_state(reader, config))
+    arrays = dict(component.entry.converter_module().convert_state(reader, component.config))
     return load_into(model, arrays, source=str(path), dtype=dtype, consume=True)

@@ -1,5 +1,6 @@
 """`convert.api.convert`: component folders, single files, pipeline folders, dtype casting, and
-every kind of bad input giving a CheckpointError with nothing left at the destination."""
+every kind of bad input giving an InputError (a CheckpointError for the checkpoint itself) with
+nothing left at the destination."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from convert.api import convert
 from convert.checkpoint import load_checkpoint, read_header
 from convert.loading import path_str
 from convert.safetensors_io import CheckpointError, save_file
+from svdq_jax.errors import InputError
 from tests.convert import _tiny
 
 CONFIG = _tiny.TinyConfig(in_features=8, hidden_size=16, num_layers=2)
@@ -72,8 +74,11 @@ def test_dtype_cast_to_bfloat16(tmp_path):
   kernel = np.asarray(model.proj_in.kernel.get_value())
   assert kernel.dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(kernel, weights["proj_in.weight"].T.astype(ml_dtypes.bfloat16))
-  with pytest.raises(CheckpointError, match="needs a floating dtype"):
+  with pytest.raises(InputError, match="dtype 'int32': needs a floating dtype"):
     convert(tmp_path / "src", tmp_path / "dst2", dtype="int32", progress=False)
+  with pytest.raises(InputError, match="dtype 'float3': not a dtype"):
+    convert(tmp_path / "src", tmp_path / "dst2", dtype="float3", progress=False)
+  _assert_nothing_at(tmp_path / "dst2")
 
 
 def _pipeline(root):
@@ -105,7 +110,8 @@ def test_pipeline_folder(tmp_path):
     assert (dst / copied).read_bytes() == (tmp_path / "src" / copied).read_bytes()
   assert sorted(p.name for p in dst.iterdir()) == ["model_index.json", "scheduler",
                                                    "text_encoder", "tokenizer", "transformer"]
-  with pytest.raises(CheckpointError, match="a model type applies to one component folder"):
+  with pytest.raises(InputError, match="src: is a pipeline folder; a model type applies to one "
+                     "component folder"):
     convert(tmp_path / "src", tmp_path / "dst2", model="tiny", progress=False)
 
 
@@ -143,6 +149,10 @@ def test_pipeline_bad_components(tmp_path):
   index_path.write_text("{broken")
   with pytest.raises(CheckpointError, match="cannot parse model_index.json"):
     convert(tmp_path / "src", tmp_path / "dst", progress=False)
+  index_path.write_text("[]")
+  with pytest.raises(CheckpointError, match=r"model_index.json: not a JSON object \(it holds a "
+                     "list"):
+    convert(tmp_path / "src", tmp_path / "dst", progress=False)
   _assert_nothing_at(tmp_path / "dst")
 
 
@@ -171,7 +181,7 @@ def test_unknown_model_type_names_known_ones(tmp_path):
   with pytest.raises(CheckpointError, match=r"config.json: unknown model type 'Whatever'; known: "
                      r".*'tiny'.*'TinyNetModel'"):
     convert(tmp_path / "src", tmp_path / "dst", progress=False)
-  with pytest.raises(CheckpointError, match=r"unknown model type 'nope'"):
+  with pytest.raises(InputError, match=r"src: unknown model type 'nope'; known: .*'tiny'"):
     convert(tmp_path / "src", tmp_path / "dst", model="nope", progress=False)
   _assert_nothing_at(tmp_path / "dst")
 
@@ -181,8 +191,12 @@ def test_already_ours_and_existing_destination(tmp_path):
   convert(tmp_path / "src", tmp_path / "dst", progress=False)
   with pytest.raises(CheckpointError, match="already a svdq-jax checkpoint"):
     convert(tmp_path / "dst", tmp_path / "dst2", progress=False)
-  with pytest.raises(CheckpointError, match="already exists"):
+  with pytest.raises(InputError, match=r"dst: already exists \(pass overwrite=True"):
     convert(tmp_path / "src", tmp_path / "dst", progress=False)
+  (tmp_path / "src" / "config.json").write_text("{broken")
+  with pytest.raises(InputError, match="already exists"):  # checked before the source is read
+    convert(tmp_path / "src", tmp_path / "dst", progress=False)
+  _source(tmp_path / "src")
   convert(tmp_path / "src", tmp_path / "dst", overwrite=True, progress=False)
   assert read_header(tmp_path / "dst")["model_type"] == "tiny"
 

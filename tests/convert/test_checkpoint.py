@@ -1,5 +1,6 @@
 """Our checkpoint format: exact round trips (float32, bfloat16, quantized), loading through
-`load_pretrained`, atomic writes under injected failures, and the errors of `load_into`."""
+`load_pretrained`, configs read from config.json alone, atomic writes under injected failures, and
+the errors of `load_into` and of reading JSON files."""
 
 import gc
 import json
@@ -13,11 +14,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert import checkpoint, registry
+from convert import checkpoint, loading, registry
 from convert.checkpoint import load_checkpoint, read_header, save_checkpoint
-from convert.loading import check_arrays, load_into, load_pretrained, path_str, state_paths
+from convert.loading import (
+  check_arrays,
+  load_into,
+  load_pretrained,
+  path_str,
+  read_component_config,
+  read_json_object,
+  state_paths,
+)
 from convert.safetensors_io import CheckpointError
 from svdq_jax import QuantConfig, is_quantized, quantize_model
+from svdq_jax.errors import InputError
 from tests.convert import _tiny
 
 
@@ -304,3 +314,51 @@ def test_restore_without_cpu_backend_or_with_64_bit_arrays_gives_numpy(tiny, tmp
       assert np.asarray(arrays[key]).dtype == want.dtype, key
       assert np.asarray(arrays[key]).tobytes() == want.tobytes(), key
   assert {type(a) for a in got_without_cpu.values()} == {np.ndarray}
+
+
+def test_load_pretrained_unknown_model_type_is_an_input_error(tiny, tmp_path):
+  _tiny.write_source(tmp_path, _tiny.TinyConfig(), _tiny.source_weights(_tiny.TinyConfig()))
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path}: unknown model type 'sd3'; known: ")
+                     + ".*'tiny'"):
+    load_pretrained(tmp_path, "sd3")
+
+
+def test_component_config_from_config_json_alone(tiny, tmp_path, monkeypatch):
+  """Both layouts give the config they were written with, detected or named, and no weight is
+  read (reading one fails here)."""
+  config = _tiny.TinyConfig(in_features=8, hidden_size=16, num_layers=3)
+  _tiny.write_source(tmp_path / "src", config, _tiny.source_weights(config))
+  save_checkpoint(_model(config), tmp_path / "ours", model_type="tiny", config=config)
+
+  def read_weights(*args, **kwargs):
+    raise AssertionError("a weight was read")
+
+  monkeypatch.setattr(loading, "CheckpointReader", read_weights)
+  monkeypatch.setattr(checkpoint, "read_arrays", read_weights)
+  for folder, ours in (("src", False), ("ours", True)):
+    for model_type in (None, "tiny", "TinyNetModel"):
+      component = read_component_config(tmp_path / folder, model_type)
+      assert (component.entry, component.config, component.checkpoint) == (tiny, config, ours)
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'ours'}: a svdq-jax checkpoint of "
+                                                 "a 'tiny' model")):
+    read_component_config(tmp_path / "ours", "t5")
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'nope'}: not a folder")):
+    read_component_config(tmp_path / "nope", "tiny")
+
+
+def test_read_json_object_errors_name_the_file(tmp_path):
+  file = tmp_path / "model_index.json"
+  with pytest.raises(CheckpointError, match=re.escape(f"{file}: missing (or not a file)")):
+    read_json_object(file)
+  file.mkdir()
+  with pytest.raises(CheckpointError, match=re.escape(f"{file}: missing (or not a file)")):
+    read_json_object(file)
+  file.rmdir()
+  for content, match in ((b"\xff\xfe{}", "cannot parse model_index.json: 'utf-8' codec"),
+                         (b"{broken", "cannot parse model_index.json: Expecting property name"),
+                         (b"[1, 2]", "not a JSON object (it holds a list)")):
+    file.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(f"{file}: {match}")):
+      read_json_object(file)
+  file.write_text(json.dumps({"_class_name": "FluxPipeline", "vae": ["diffusers", "X"]}))
+  assert read_json_object(file) == {"_class_name": "FluxPipeline", "vae": ["diffusers", "X"]}
