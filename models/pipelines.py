@@ -43,9 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.loading import read_component_config, read_json_object
 from convert.safetensors_io import CheckpointError
 from models import schedulers, sharding
 from models.tokenizers import Tokenizer
+from svdq_jax.errors import InputError
 
 PNG_SOFTWARE = "svdq-jax"
 
@@ -65,29 +67,39 @@ def _jit_module(module: nnx.Module, method: str = "__call__") -> Callable[..., A
   return lambda *args, **kwargs: jitted(state, *args, **kwargs)
 
 
-def _read_json(file: Path) -> dict:
-  """A JSON file's content; CheckpointError naming the file when it is missing or malformed."""
-  if not file.is_file():
-    raise CheckpointError(f"{file}: missing (or not a file)")
-  try:
-    return json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{file}: cannot parse: {e}") from e
+def read_model_index(path: str | os.PathLike) -> dict:
+  """The model_index.json of a pipeline folder: `_class_name` and one entry per component.
 
-
-def _read_model_index(path: Path) -> dict:
+  Raises:
+    CheckpointError (an InputError) naming the folder or file: no such folder, no
+    model_index.json, or one that is unreadable, not UTF-8 JSON, or not a JSON object.
+  """
+  path = Path(path)
   if not path.is_dir():
     raise CheckpointError(f"{path}: pipeline folder does not exist")
   if not (path / "model_index.json").exists():
     raise CheckpointError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
-  return _read_json(path / "model_index.json")
+  return read_json_object(path / "model_index.json")
+
+
+def pipeline_name(path: str | os.PathLike) -> str:
+  """The pipeline class a folder's model_index.json names, checked to be one of `PIPELINES`.
+
+  Raises:
+    CheckpointError (an InputError) as `read_model_index`, or for a pipeline we do not have.
+  """
+  name = read_model_index(path).get("_class_name")
+  if name not in PIPELINES:
+    raise CheckpointError(f"{path}: pipeline {name!r} is not supported (supported: "
+                          f"{sorted(PIPELINES)})")
+  return name
 
 
 def _read_scheduler(path: Path) -> schedulers.Scheduler:
   """The scheduler of a pipeline folder; errors name its scheduler_config.json."""
   file = path / "scheduler" / "scheduler_config.json"
   try:
-    return schedulers.scheduler_from_config(_read_json(file))
+    return schedulers.scheduler_from_config(read_json_object(file))
   except CheckpointError:
     raise
   except ValueError as e:
@@ -95,15 +107,18 @@ def _read_scheduler(path: Path) -> schedulers.Scheduler:
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:
+  """The batch of prompts: one string, or a non-empty sequence of strings; InputError else."""
   prompts = [prompt] if isinstance(prompt, str) else list(prompt)
   if not prompts or not all(isinstance(p, str) for p in prompts):
-    raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    raise InputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
   return prompts
 
 
-def _check_size(name: str, height: int, width: int, multiple: int) -> None:
+def check_image_size(what: str, height: int, width: int, multiple: int) -> None:
+  """Raises InputError naming `what` unless height and width are positive multiples of `multiple`
+  (a pipeline's `size_multiple`, or `image_size_multiple` of its folder)."""
   if height <= 0 or width <= 0 or height % multiple or width % multiple:
-    raise ValueError(f"{name}: height and width must be positive multiples of {multiple}, got "
+    raise InputError(f"{what}: height and width must be positive multiples of {multiple}, got "
                      f"{height}x{width}")
 
 
@@ -258,7 +273,7 @@ class FluxPipeline:
     from models.vae import AutoencoderKL  # noqa: PLC0415
 
     path = Path(path)
-    index = _read_model_index(path)
+    index = read_model_index(path)
     if index.get("_class_name") != "FluxPipeline":
       raise CheckpointError(f"{path}: model_index.json names {index.get('_class_name')!r}, "
                             "expected FluxPipeline")
@@ -274,6 +289,12 @@ class FluxPipeline:
         tokenizer=Tokenizer.from_pretrained(path / "tokenizer"),
         tokenizer_2=Tokenizer.from_pretrained(path / "tokenizer_2"),
         scheduler=scheduler)
+
+  @staticmethod
+  def size_multiple(vae_config: Any, transformer_config: Any) -> int:
+    """What height and width must be multiples of: the VAE's downsampling times the 2x2 packing
+    of latents into tokens (16 for FLUX.1); `transformer_config` does not change it."""
+    return vae_config.downsample_factor * 2
 
   def encode_prompt(self, prompts: Sequence[str], *, max_sequence_length: int = 512
                     ) -> tuple[jax.Array, jax.Array]:
@@ -315,12 +336,17 @@ class FluxPipeline:
 
     Returns:
       (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
+
+    Raises:
+      InputError for a negative prompt, an empty or non-string prompt, a size that is not a
+      positive multiple of `size_multiple`, or latents of the wrong shape.
     """
     if negative_prompt is not None:
-      raise ValueError("FluxPipeline: negative_prompt is not supported (FLUX.1 is guidance-"
+      raise InputError("FluxPipeline: negative_prompt is not supported (FLUX.1 is guidance-"
                        "distilled; use guidance_scale)")
     prompts = _prompts(prompt)
-    _check_size("FluxPipeline", height, width, self.vae_scale_factor * 2)
+    check_image_size("FluxPipeline", height, width,
+                     self.size_multiple(self.vae.config, self.transformer.config))
     batch = len(prompts) * num_images_per_prompt
     prompt_embeds, pooled = self.encode_prompt(prompts, max_sequence_length=max_sequence_length)
     prompt_embeds = jnp.repeat(prompt_embeds, num_images_per_prompt, axis=0)
@@ -333,7 +359,7 @@ class FluxPipeline:
       latents = pack_latents(jax.random.normal(key, (batch, channels, h, w), jnp.float32))
     expected = (batch, (h // 2) * (w // 2), channels * 4)
     if tuple(latents.shape) != expected:
-      raise ValueError(f"FluxPipeline: latents must be {expected}, got {tuple(latents.shape)}")
+      raise InputError(f"FluxPipeline: latents must be {expected}, got {tuple(latents.shape)}")
     latents = jnp.asarray(latents).astype(dtype)
     schedule = self.scheduler.schedule(num_inference_steps, image_seq_len=expected[1])
     guidance = jnp.full((batch,), 3.5 if guidance_scale is None else guidance_scale,
@@ -384,7 +410,7 @@ class PixArtSigmaPipeline:
     from models.vae import AutoencoderKL  # noqa: PLC0415
 
     path = Path(path)
-    index = _read_model_index(path)
+    index = read_model_index(path)
     if index.get("_class_name") != "PixArtSigmaPipeline":
       raise CheckpointError(f"{path}: model_index.json names {index.get('_class_name')!r}, "
                             "expected PixArtSigmaPipeline")
@@ -394,6 +420,12 @@ class PixArtSigmaPipeline:
         vae=AutoencoderKL.from_pretrained(path / "vae", dtype=dtype),
         text_encoder=T5Encoder.from_pretrained(path / "text_encoder", dtype=dtype),
         tokenizer=Tokenizer.from_pretrained(path / "tokenizer"), scheduler=scheduler)
+
+  @staticmethod
+  def size_multiple(vae_config: Any, transformer_config: Any) -> int:
+    """What height and width must be multiples of: the VAE's downsampling times the
+    transformer's patch size (16 for PixArt-Sigma)."""
+    return vae_config.downsample_factor * transformer_config.patch_size
 
   def encode_prompt(self, prompts: Sequence[str], *, max_sequence_length: int = 300
                     ) -> tuple[jax.Array, jax.Array]:
@@ -445,8 +477,8 @@ class PixArtSigmaPipeline:
         scheduler's initial noise sigma.
     """
     prompts = _prompts(prompt)
-    patch = self.transformer.config.patch_size
-    _check_size("PixArtSigmaPipeline", height, width, self.vae_scale_factor * patch)
+    check_image_size("PixArtSigmaPipeline", height, width,
+                     self.size_multiple(self.vae.config, self.transformer.config))
     guidance_scale = 4.5 if guidance_scale is None else guidance_scale
     guided = guidance_scale > 1.0
     batch = len(prompts) * num_images_per_prompt
@@ -465,7 +497,7 @@ class PixArtSigmaPipeline:
       key = jax.random.key(seed or 0) if key is None else key
       latents = jax.random.normal(key, shape, jnp.float32)
     if tuple(latents.shape) != shape:
-      raise ValueError(f"PixArtSigmaPipeline: latents must be {shape}, got {latents.shape}")
+      raise InputError(f"PixArtSigmaPipeline: latents must be {shape}, got {latents.shape}")
     sigma = self.scheduler.init_noise_sigma(schedule)
     latents = (jnp.asarray(latents, jnp.float32) * sigma).astype(embeds.dtype)
     guidance = jnp.full((batch,), guidance_scale, jnp.float32)
@@ -488,13 +520,27 @@ PIPELINES = {"FluxPipeline": FluxPipeline, "PixArtSigmaPipeline": PixArtSigmaPip
 
 def load_pipeline(path: str | os.PathLike, dtype: jnp.dtype | None = None
                   ) -> FluxPipeline | PixArtSigmaPipeline:
-  """The pipeline a folder's model_index.json names, loaded with `from_pretrained`."""
-  index = _read_model_index(Path(path))
-  name = index.get("_class_name")
-  if name not in PIPELINES:
-    raise CheckpointError(f"{path}: pipeline {name!r} is not supported (supported: "
-                          f"{sorted(PIPELINES)})")
-  return PIPELINES[name].from_pretrained(path, dtype=dtype)
+  """The pipeline a folder's model_index.json names (`pipeline_name`), loaded with
+  `from_pretrained`."""
+  return PIPELINES[pipeline_name(path)].from_pretrained(path, dtype=dtype)
+
+
+def image_size_multiple(path: str | os.PathLike) -> int:
+  """What height and width must be multiples of for the pipeline in folder `path`.
+
+  The pipeline's `size_multiple` rule, applied to its VAE's and transformer's configs read by
+  `convert.loading.read_component_config` (no weight is read), so a size the pipeline would refuse
+  when called is refused before it is loaded.
+
+  Raises:
+    CheckpointError (an InputError) naming the folder or file: as `pipeline_name`, or a missing
+    or invalid vae/ or transformer/ config.json.
+  """
+  path = Path(path)
+  pipeline = PIPELINES[pipeline_name(path)]
+  vae = read_component_config(path / "vae", "vae").config
+  transformer = read_component_config(path / "transformer", MODEL_TYPES[pipeline]).config
+  return pipeline.size_multiple(vae, transformer)
 
 
 def save_images(images: np.ndarray, out: str | os.PathLike, *, prompts: Sequence[str],
@@ -576,6 +622,10 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
 
   Returns:
     The written folder.
+
+  Raises:
+    InputError for an unknown preset, an existing `dst` without `overwrite`, or bad prompts;
+    CheckpointError (an InputError) for a bad `src` folder.
   """
   import shutil  # noqa: PLC0415
 
@@ -584,7 +634,7 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
 
   config = QuantConfig.preset(preset)
   if Path(dst).exists() and not overwrite:
-    raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
+    raise InputError(f"{dst}: already exists (remove it or pass overwrite=True)")
   src = Path(src)
   pipe = load_pipeline(src, dtype=dtype)
   quantize_transformer(pipe, config, prompts, num_inference_steps=num_inference_steps,

@@ -3,22 +3,20 @@
 Every subcommand checks its input before doing any work; bad input (a missing folder, a wrong model
 type, a bad prompt file, more devices than exist, an unknown preset, an image size the model cannot
 make) prints one line `svdq-jax <command>: error: <what>` on stderr and exits with status 2. Bad
-input is an `InputError`, a `CheckpointError` (a missing, corrupt or mismatched checkpoint file)
-or an OS error about a path the user named; any other exception is a bug and keeps its traceback
-(exit status 1). Heavy modules (jax models, converters) are imported only by the subcommand that
-needs them, so `--help` answers at once.
+input is an `InputError` (`convert.CheckpointError` included: a missing, corrupt or mismatched
+checkpoint file) or an OS error about a path the user named; any other exception is a bug and
+keeps its traceback (exit status 1). The models and converters are imported only by the
+subcommand that needs them (importing the `svdq_jax` package itself already loads jax).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from svdq_jax.errors import InputError
 
@@ -113,86 +111,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   return 0
 
 
-def _check_preset(name: str) -> None:
-  from svdq_jax import QuantConfig  # noqa: PLC0415
+def _pipeline_for_size(folder: Path, height: int, width: int) -> str:
+  """The pipeline class `folder` holds, once its configs say it can make height x width images:
+  checked before any model loads (no weight is read)."""
+  from models import pipelines  # noqa: PLC0415
 
-  try:
-    QuantConfig.preset(name)
-  except (KeyError, ValueError) as e:
-    raise InputError(str(e)) from None
-
-
-def _read_json_object(file: Path) -> dict:
-  """A JSON object file the user's folder must hold; InputError naming it otherwise."""
-  if not file.is_file():
-    raise InputError(f"{file}: missing (or not a file)")
-  try:
-    content = json.loads(file.read_text(encoding="utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise InputError(f"{file}: not valid JSON ({e})") from e
-  if not isinstance(content, dict):
-    raise InputError(f"{file}: not a JSON object")
-  return content
-
-
-def _pipeline_name(folder: Path) -> str:
-  """The pipeline class a folder's model_index.json names, checked to be one we can load."""
-  from models.pipelines import PIPELINES  # noqa: PLC0415
-
-  if not (folder / "model_index.json").exists():
-    raise InputError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
-  name = _read_json_object(folder / "model_index.json").get("_class_name")
-  if name not in PIPELINES:
-    raise InputError(f"{folder}: pipeline {name!r} is not supported (supported: "
-                     f"{sorted(PIPELINES)})")
+  name = pipelines.pipeline_name(folder)
+  pipelines.check_image_size(f"--height/--width for the {name} in {str(folder)!r}", height, width,
+                             pipelines.image_size_multiple(folder))
   return name
-
-
-def _component_config(folder: Path, model_type: str) -> Any:
-  """The model config of one component folder (diffusers layout or ours), read from its
-  config.json alone: no weight is read."""
-  from convert import registry  # noqa: PLC0415
-  from convert.checkpoint import HEADER_KEY, read_header  # noqa: PLC0415
-  from convert.loading import config_of_folder, read_config  # noqa: PLC0415
-
-  entry = registry.find_entry(model_type)
-  raw = read_config(folder)
-  if HEADER_KEY not in raw:
-    return config_of_folder(folder, raw, entry.converter_module().config_from_json)
-  stored = read_header(folder)["config"]
-  try:
-    return entry.config_class().from_dict(stored)
-  except (TypeError, ValueError) as e:
-    raise InputError(f"{folder}: invalid {entry.name!r} config in config.json: {e}") from e
-
-
-def _image_multiple(folder: Path, pipeline: str) -> int:
-  """What height and width must be multiples of for the pipeline in `folder`: the VAE's
-  downsampling times the transformer's latent patch (FLUX packs 2x2 latents, PixArt patchifies by
-  its patch_size), as the pipelines check when called. 1 for a pipeline without a rule here (it
-  still checks the size itself, after loading)."""
-  if pipeline == "FluxPipeline":
-    return _component_config(folder / "vae", "vae").downsample_factor * 2
-  if pipeline == "PixArtSigmaPipeline":
-    patch = _component_config(folder / "transformer", "pixart").patch_size
-    return _component_config(folder / "vae", "vae").downsample_factor * patch
-  return 1
-
-
-def _check_image_size(folder: Path, pipeline: str, height: int, width: int) -> None:
-  multiple = _image_multiple(folder, pipeline)
-  if height % multiple or width % multiple:
-    raise InputError(f"--height and --width must be multiples of {multiple} for the "
-                     f"{pipeline} in {str(folder)!r}, got {height}x{width}")
-
-
-def _check_devices(count: int) -> None:
-  import jax  # noqa: PLC0415
-
-  available = jax.device_count()
-  if count > available:
-    raise InputError(f"--devices {count} asked, but only {available} "
-                     f"{jax.default_backend()} device(s) exist")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -201,8 +128,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
   if dst.exists() and not args.overwrite:
     raise InputError(f"{args.dst!r} already exists (pass --overwrite to replace it)")
   prompts = read_prompt_file(args.calib)
-  _check_preset(args.preset)
-  _check_image_size(src, _pipeline_name(src), args.height, args.width)
+  from svdq_jax import QuantConfig  # noqa: PLC0415
+
+  QuantConfig.preset(args.preset)  # an unknown name fails here, before any work
+  _pipeline_for_size(src, args.height, args.width)
   from models import pipelines  # noqa: PLC0415
 
   pipelines.quantize_pipeline(src, dst, preset=args.preset, prompts=prompts,
@@ -220,13 +149,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     raise InputError(f"--out {str(args.out)!r} must end in .png")
   if not args.out.parent.exists():
     raise InputError(f"output folder {str(args.out.parent)!r} does not exist")
-  _check_devices(args.devices)
+  from models import sharding  # noqa: PLC0415
+
+  sharding.check_device_count(args.devices)
   model = _existing_folder(args.model, "model folder")
-  pipeline = _pipeline_name(model)
+  pipeline = _pipeline_for_size(model, args.height, args.width)
   if pipeline == "FluxPipeline" and args.negative_prompt is not None:
     raise InputError("--negative-prompt is not used by FLUX.1 (guidance-distilled; set "
                      "--guidance instead)")
-  _check_image_size(model, pipeline, args.height, args.width)
   from models import pipelines  # noqa: PLC0415
 
   prompts = args.prompt
@@ -319,9 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_input_error(error: Exception) -> bool:
   """Whether `error` is about the user's input (see the module docstring), not a bug."""
-  from convert.safetensors_io import CheckpointError  # noqa: PLC0415  (convert uses svdq_jax)
-
-  return isinstance(error, (InputError, CheckpointError, *PATH_ERRORS))
+  return isinstance(error, (InputError, *PATH_ERRORS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
