@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ pytest.importorskip("diffusers")
 from convert.safetensors_io import CheckpointError  # noqa: E402
 from models import pipelines  # noqa: E402
 from models.tokenizers import Tokenizer, TokenizerError  # noqa: E402
+from svdq_jax.errors import InputError  # noqa: E402
 from tests.models._pipeline_reference import (  # noqa: E402  (needs torch, checked above)
   HEIGHT,
   MAX_SEQUENCE_LENGTH,
@@ -153,8 +155,6 @@ def test_pipeline_folder_errors(tmp_path, tiny):
   with pytest.raises(CheckpointError, match="not supported"):
     pipelines.load_pipeline(tmp_path)
   folder, _, ours = tiny
-  with pytest.raises(ValueError, match="multiples of 4"):
-    ours(PROMPTS, height=30, width=32)
   copy = tmp_path / "copy"
   (copy / "scheduler").mkdir(parents=True)
   (copy / "model_index.json").write_text((folder / "model_index.json").read_text())
@@ -165,6 +165,73 @@ def test_pipeline_folder_errors(tmp_path, tiny):
   scheduler_config.write_text(json.dumps({"_class_name": "DDIMScheduler"}))
   with pytest.raises(CheckpointError, match="scheduler_config.json: scheduler 'DDIMScheduler'"):
     pipelines.load_pipeline(copy)
+
+
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_bad_call_arguments_are_input_errors(tiny):
+  _, _, ours = tiny
+  kwargs = dict(height=HEIGHT, width=WIDTH, max_sequence_length=MAX_SEQUENCE_LENGTH)
+  with pytest.raises(InputError, match="FluxPipeline: negative_prompt is not supported"):
+    ours(PROMPTS, negative_prompt="blurry", **kwargs)
+  for prompt in ([], ["a cat", 3]):
+    with pytest.raises(InputError, match=re.escape(f"non-empty list of strings, got {prompt!r}")):
+      ours(prompt, **kwargs)
+  with pytest.raises(InputError, match="FluxPipeline: height and width must be positive multiples "
+                     "of 4, got 30x32"):
+    ours(PROMPTS, height=30, width=WIDTH)
+  with pytest.raises(InputError, match=re.escape("FluxPipeline: latents must be (2, 64, 16), got "
+                                                 "(2, 63, 16)")):
+    ours(PROMPTS, latents=np.zeros((2, 63, 16), np.float32), **kwargs)
+
+
+def test_check_image_size():
+  pipelines.check_image_size("here", 48, 32, 16)
+  for height, width in ((40, 32), (48, 8), (0, 32), (-16, 32)):
+    with pytest.raises(InputError, match=re.escape(f"here: height and width must be positive "
+                                                   f"multiples of 16, got {height}x{width}")):
+      pipelines.check_image_size("here", height, width, 16)
+
+
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_image_size_multiple_from_configs_is_diffusers_rule(tiny, tmp_path, monkeypatch):
+  """FLUX: diffusers' FluxPipeline wants multiples of its vae_scale_factor * 2; PixArt: the
+  VAE's factor times the transformer's patch size, both as diffusers reads them. Only config
+  files are read: loading a model fails here."""
+  folder, flux_reference, ours = tiny
+  pixart_reference = save_tiny_pixart_pipeline(tmp_path / "pixart")
+
+  def load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(pipelines.FluxPipeline, "from_pretrained", load)
+  monkeypatch.setattr(pipelines.PixArtSigmaPipeline, "from_pretrained", load)
+  assert pipelines.image_size_multiple(folder) == flux_reference.vae_scale_factor * 2
+  assert ours.size_multiple(ours.vae.config, ours.transformer.config) == (
+      flux_reference.vae_scale_factor * 2)
+  assert pipelines.image_size_multiple(tmp_path / "pixart") == (
+      pixart_reference.vae_scale_factor * pixart_reference.transformer.config.patch_size)
+
+
+def test_model_index_and_pipeline_name(tmp_path):
+  index = tmp_path / "model_index.json"
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'missing'}: pipeline folder does "
+                                                 "not exist")):
+    pipelines.read_model_index(tmp_path / "missing")
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path}: no model_index.json (not a "
+                                                 "diffusers pipeline folder)")):
+    pipelines.read_model_index(tmp_path)
+  index.write_text("[]")
+  with pytest.raises(InputError, match=re.escape(f"{index}: not a JSON object")):
+    pipelines.read_model_index(tmp_path)
+  index.write_text(json.dumps({"_class_name": "StableCascadePipeline", "vae": ["diffusers", "X"]}))
+  assert pipelines.read_model_index(tmp_path) == {"_class_name": "StableCascadePipeline",
+                                                  "vae": ["diffusers", "X"]}
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path}: pipeline 'StableCascadePipeline' "
+                                                 "is not supported (supported: ['FluxPipeline', "
+                                                 "'PixArtSigmaPipeline'])")):
+    pipelines.pipeline_name(tmp_path)
+  index.write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+  assert pipelines.pipeline_name(tmp_path) == "PixArtSigmaPipeline"
 
 
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
