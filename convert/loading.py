@@ -1,4 +1,5 @@
-"""Putting converted arrays into an NNX model, with clear errors on key, shape and dtype problems.
+"""Putting converted arrays into an NNX model, with clear errors on key, shape and dtype problems,
+and reading a component folder's config (`read_component_config`) by the rules loading uses.
 
 Converted checkpoints are flat dicts `{"path/to/param": np.ndarray}` whose paths are the NNX state
 paths of our models joined with "/" (e.g. "transformer_blocks/0/attn/to_q/kernel").
@@ -133,8 +134,8 @@ def read_config(folder: str | os.PathLike) -> dict:
   return read_json_object(Path(folder) / "config.json")
 
 
-def config_of_folder(folder: str | os.PathLike, raw: dict,
-                     config_from_json: Callable[[dict], Any]) -> Any:
+def _config_of_folder(folder: str | os.PathLike, raw: dict,
+                      config_from_json: Callable[[dict], Any]) -> Any:
   """`config_from_json(raw)` for the config.json `raw` of `folder`; a bad config is a
   CheckpointError naming that file (the converters' messages name only the field)."""
   try:
@@ -206,7 +207,7 @@ def read_component_config(folder: str | os.PathLike, model_type: str | None = No
                             f"({wanted.model})")
     return component
   entry = wanted or registry.detect(raw, where=str(Path(folder) / "config.json"))
-  config = config_of_folder(folder, raw, entry.converter_module().config_from_json)
+  config = _config_of_folder(folder, raw, entry.converter_module().config_from_json)
   return ComponentConfig(entry, config, checkpoint=False)
 
 
