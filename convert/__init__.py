@@ -3,7 +3,7 @@
     convert(src, dst, model=None, dtype=None)     `svdq-jax convert SRC DST [--model NAME]`
     save_checkpoint(model, dst, *, model_type, config) / load_checkpoint(path, dtype=None)
     CheckpointReader, save_file                   numpy-only safetensors reading and writing
-    CheckpointError                               every bad-input error (a ValueError)
+    CheckpointError                               a bad checkpoint (an svdq_jax.errors.InputError)
 
 The per-model key mappings live in `convert/<model>.py`; `convert.registry` dispatches to them.
 Heavy names (orbax, flax) are imported on first use, so `convert.CheckpointReader` stays light.

@@ -18,13 +18,15 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 
+from svdq_jax.errors import InputError
+
 # transformers writes this for "no limit"; we then need the pipeline's own length.
 _UNBOUNDED = 10**20
 _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
                r"""[^\s\p{L}\p{N}]+""")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
   """A tokenizer folder that cannot be read: the message names the folder and what is missing."""
 
 

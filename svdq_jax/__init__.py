@@ -7,24 +7,37 @@ A whole model is quantized by three calls:
     nnx.update(model, state)                              # or quantize_model(model, stats, config)
 """
 
-from svdq_jax.calibration import ActivationStats, calibrate
-from svdq_jax.config import PRESETS, QuantConfig
-from svdq_jax.dot import svdq_dot
-from svdq_jax.params import quantize_model, quantize_params, selected_kernels
-from svdq_jax.qlinear import SVDQLinear, is_quantized
-from svdq_jax.transform import merge_lora, quantize_linear
+import importlib
+from typing import Any
 
-__all__ = [
-    "PRESETS",
-    "ActivationStats",
-    "QuantConfig",
-    "SVDQLinear",
-    "calibrate",
-    "is_quantized",
-    "merge_lora",
-    "quantize_linear",
-    "quantize_model",
-    "quantize_params",
-    "selected_kernels",
-    "svdq_dot",
-]
+_EXPORTS = {
+    "ActivationStats": "svdq_jax.calibration",
+    "calibrate": "svdq_jax.calibration",
+    "PRESETS": "svdq_jax.config",
+    "QuantConfig": "svdq_jax.config",
+    "svdq_dot": "svdq_jax.dot",
+    "quantize_model": "svdq_jax.params",
+    "quantize_params": "svdq_jax.params",
+    "selected_kernels": "svdq_jax.params",
+    "SVDQLinear": "svdq_jax.qlinear",
+    "is_quantized": "svdq_jax.qlinear",
+    "merge_lora": "svdq_jax.transform",
+    "quantize_linear": "svdq_jax.transform",
+}
+"""Public names and their modules. They are imported on first use, so importing a light
+submodule (svdq_jax.errors, through convert.CheckpointReader or the CLI's --help) does not load jax
+and flax."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'svdq_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted({name for name in globals() if name.startswith("__")} | set(_EXPORTS))

@@ -6,6 +6,9 @@ raise it with a message naming what was asked and what exists.
 """
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -47,3 +50,28 @@ def test_every_device_count_that_exists_is_accepted():
   for count in range(1, jax.device_count() + 1):
     sharding.check_device_count(count)
     assert sharding.data_mesh(count).devices.size == count
+
+
+def test_light_modules_do_not_import_jax():
+  """svdq_jax's public names load on first use, so the checkpoint reader and the error class
+  (what `svdq-jax --help` and convert.CheckpointReader need) come without jax and flax."""
+  code = ("import sys, convert.safetensors_io, svdq_jax.errors, svdq_jax; "
+          "print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2])
+  assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_every_public_name_of_svdq_jax_resolves():
+  import svdq_jax  # noqa: PLC0415
+
+  for name in svdq_jax.__all__:
+    assert getattr(svdq_jax, name) is getattr(sys.modules[svdq_jax._EXPORTS[name]], name)
+  with pytest.raises(AttributeError, match="no attribute 'quantise_linear'"):
+    svdq_jax.quantise_linear  # noqa: B018
+
+
+def test_a_bad_tokenizer_folder_is_an_input_error():
+  from models.tokenizers import TokenizerError  # noqa: PLC0415
+
+  assert issubclass(TokenizerError, InputError)
