@@ -5,10 +5,13 @@
 #
 #   bash benchmarks/gpu_session.sh [--dry-run] [PART ...]     PART: tests kernels sweep sampling
 #
-# Run from anywhere; it works in the repository root with $PYTHON (default python3) and
-# PYTHONPATH=. . Every part runs under its own time limit and a failing or timed-out part does not
-# stop the next; the summary at the end (also summary.txt) says which parts failed, and the exit
-# status is 1 if any did. The limits keep all parts within 9 minutes (TOTAL_SECONDS); the last
+# Run from anywhere; it works in the repository root with $PYTHON (default python3),
+# PYTHONPATH=. and JAX_PLATFORMS=cuda,cpu (tests/conftest.py would otherwise pick the CPU, where
+# the kernel tests run interpreted; and a GPU that fails to start is an error, not a CPU fallback).
+# Python's output is unbuffered, so that a part stopped by its limit keeps what it printed.
+# Every part runs under its own time limit and a failing or timed-out part does not stop the
+# next; the summary at the end (also summary.txt) says which parts failed, and the exit status is
+# 1 if any did. The limits keep all parts within 9 minutes (TOTAL_SECONDS); the last
 # part gets what is left. That may not be enough for FLUX.1-dev's build, quantization and
 # compilation, or for the compilations of the sweep: a part that timed out keeps its partial output
 # and can be run on its own (`bash benchmarks/gpu_session.sh sampling`) with the whole budget.
@@ -18,6 +21,7 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export JAX_PLATFORMS=cuda,cpu PYTHONUNBUFFERED=1
 TOTAL_SECONDS=${TOTAL_SECONDS:-530}
 START=$SECONDS
 

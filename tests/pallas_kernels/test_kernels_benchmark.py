@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -133,4 +134,20 @@ def test_gpu_session_goes_on_after_a_failed_part_and_reports_it(tmp_path):
   tests_output = (results / "tests.txt").read_text()
   assert tests_output == "ran -m pytest -q -p no:xdist tests/pallas_kernels\n"
   assert (results / "sweep.txt").read_text() == "sweep broke\n"
+  assert (results / "sampling.txt").read_text() == "sampling started\n"
+
+
+def test_gpu_session_tests_the_gpu_and_keeps_what_a_stopped_part_printed(tmp_path):
+  """tests/conftest.py defaults JAX_PLATFORMS to cpu, where the kernel tests would run interpreted:
+  the session must name the GPU first. And a real Python stopped by a part's time limit must leave
+  what it printed before (Python holds a pipe's output back and a SIGTERM loses it)."""
+  stub = tmp_path / "python"
+  sleeper = "import time; print('sampling started'); time.sleep(60)"
+  stub.write_text(f'#!/bin/sh\ncase "$*" in\n  *pytest*) echo "$JAX_PLATFORMS" ;;\n'
+                  f'  *sampling*) exec {sys.executable} -c "{sleeper}" ;;\nesac\n')
+  stub.chmod(0o755)
+  run = _run_session(tmp_path, "tests", "sampling", python=str(stub), total_seconds=3)
+  results = _results_dir(run.stdout)
+  assert (results / "tests.txt").read_text().split(",")[0] == "cuda"
+  assert (results / "summary.txt").read_text().splitlines()[2].startswith("sampling: FAILED: timed")
   assert (results / "sampling.txt").read_text() == "sampling started\n"
