@@ -71,10 +71,7 @@ from pallas_kernels.svdq_linear import (  # noqa: E402
     select_config,
     svdq_linear,
 )
-from pallas_kernels.svdq_linear.config import (  # noqa: E402
-    H100_SM_SMEM_BYTES,
-    SMEM_RESERVED_PER_CTA,
-)
+from pallas_kernels.svdq_linear.config import ctas_per_sm_by_smem  # noqa: E402
 from svdq_jax.quantizers import GELU_SHIFT  # noqa: E402
 
 # The lowering must never initialize a CUDA backend: with the plugin installed and the stand-in
@@ -233,8 +230,8 @@ class PtxasReport:
     per_warp = -(-self.registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
     warps = -(-self.threads // 32)
     by_registers = REGISTERS_PER_SM // (per_warp * warps)
-    by_smem = H100_SM_SMEM_BYTES // (self.smem_bytes + SMEM_RESERVED_PER_CTA)
-    return min(by_registers, by_smem, MAX_THREADS_PER_SM // self.threads, MAX_CTAS_PER_SM)
+    return min(by_registers, ctas_per_sm_by_smem(self.smem_bytes),
+               MAX_THREADS_PER_SM // self.threads, MAX_CTAS_PER_SM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +349,9 @@ class MosaicCompiler:
     driver = workdir / "libcuda.so.1"
     source = workdir / "fake_libcuda.c"
     source.write_text(FAKE_DRIVER_SOURCE)
+    if shutil.which("cc") is None:
+      raise SystemExit("kernel_resources: no C compiler `cc` on PATH (it builds the stand-in "
+                       "libcuda.so.1)")
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o",
                     str(driver), str(source)], check=True)
     # Loaded globally under its soname first, so that the plugin's dlopen("libcuda.so.1") gets it.
@@ -517,8 +517,12 @@ def load_cases(path: Path) -> list[KernelCase]:
   """The cases of a JSON file: a list of objects in `dataclasses.asdict(KernelCase)`'s layout
   (label, m, k, n, act_shift, rank and config, which holds the fields of QuantizeConfig under
   "quantize" and of GemmConfig under "gemm"); rank may be left out (RANK)."""
+  try:
+    specs = json.loads(path.read_text())
+  except (OSError, ValueError) as error:
+    raise SystemExit(f"kernel_resources: cannot read the cases of {path}: {error}") from None
   cases = []
-  for index, spec in enumerate(json.loads(path.read_text())):
+  for index, spec in enumerate(specs):
     try:
       fields = dict(spec)
       config = fields.pop("config")
