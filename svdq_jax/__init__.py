@@ -32,6 +32,8 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+  """A public name of `_EXPORTS`, imported from its module on first access and then cached as a
+  module global (so later lookups do not come here)."""
   if name not in _EXPORTS:
     raise AttributeError(f"module 'svdq_jax' has no attribute {name!r}")
   value = getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -40,4 +42,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+  """The public names, imported or not, for `dir(svdq_jax)` and completion."""
   return sorted({name for name in globals() if name.startswith("__")} | set(_EXPORTS))

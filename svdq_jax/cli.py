@@ -5,8 +5,9 @@ type, a bad prompt file, more devices than exist, an unknown preset, an image si
 make) prints one line `svdq-jax <command>: error: <what>` on stderr and exits with status 2. Bad
 input is an `InputError` (`convert.CheckpointError` included: a missing, corrupt or mismatched
 checkpoint file) or an OS error about a path the user named; any other exception is a bug and
-keeps its traceback (exit status 1). The models and converters are imported only by the
-subcommand that needs them (importing the `svdq_jax` package itself already loads jax).
+keeps its traceback (exit status 1). jax, the models and the converters are imported only by
+the subcommand that needs them (the `svdq_jax` package loads its modules on first use), so
+`--help` and argument errors come back without loading jax.
 """
 
 from __future__ import annotations

@@ -192,13 +192,9 @@ def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys
                     f"{tmp_path / 'bare' / 'vae'}: not a folder")
 
 
-@pytest.mark.parametrize("error", [
-    InputError("--model 'sd3' is not a model type"),
-    CheckpointError("w.safetensors: header of 12 bytes, the file has 8"),
-    FileNotFoundError(2, "No such file or directory", "w.safetensors"),
-    PermissionError(13, "Permission denied", "out/dst"),
-], ids=lambda e: type(e).__name__)
-def test_input_errors_are_one_line_with_status_2(tmp_path, capsys, monkeypatch, error):
+def _convert_raising(error: Exception, tmp_path: Path, monkeypatch) -> list[str]:
+  """`svdq-jax convert` arguments that pass the CLI's own checks, with `convert.api.convert`
+  replaced by one that raises `error`."""
   from convert import api
 
   def fail(*args, **kwargs):
@@ -206,7 +202,17 @@ def test_input_errors_are_one_line_with_status_2(tmp_path, capsys, monkeypatch, 
 
   monkeypatch.setattr(api, "convert", fail)
   (tmp_path / "src").mkdir()
-  status, _, err = _run(["convert", str(tmp_path / "src"), str(tmp_path / "dst")], capsys)
+  return ["convert", str(tmp_path / "src"), str(tmp_path / "dst")]
+
+
+@pytest.mark.parametrize("error", [
+    InputError("--model 'sd3' is not a model type"),
+    CheckpointError("w.safetensors: header of 12 bytes, the file has 8"),
+    FileNotFoundError(2, "No such file or directory", "w.safetensors"),
+    PermissionError(13, "Permission denied", "out/dst"),
+], ids=lambda e: type(e).__name__)
+def test_input_errors_are_one_line_with_status_2(tmp_path, capsys, monkeypatch, error):
+  status, _, err = _run(_convert_raising(error, tmp_path, monkeypatch), capsys)
   _assert_bad_input(status, err, "svdq-jax convert: error:", " ".join(str(error).split()))
 
 
@@ -218,15 +224,9 @@ def test_input_errors_are_one_line_with_status_2(tmp_path, capsys, monkeypatch, 
 ], ids=lambda e: type(e).__name__)
 def test_unexpected_errors_propagate(tmp_path, capsys, monkeypatch, error):
   """A bug (or a full disk) is not bad input: main lets it through, traceback and all."""
-  from convert import api
-
-  def fail(*args, **kwargs):
-    raise error
-
-  monkeypatch.setattr(api, "convert", fail)
-  (tmp_path / "src").mkdir()
+  argv = _convert_raising(error, tmp_path, monkeypatch)
   with pytest.raises(type(error)) as raised:
-    cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    cli.main(argv)
   assert raised.value is error
   assert capsys.readouterr().err == ""
 
