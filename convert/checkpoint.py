@@ -52,6 +52,10 @@ PARAMS_DIR = "params"
 # (benchmarks/convert.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
 # 4: +0.16x, all at once (orbax's default): +0.2x to +0.3x; one at a time was not slower.
 RESTORE_WINDOW = 1
+# The JSON type of each header entry (a hand-edited config.json may hold another).
+_HEADER_TYPES = {"format_version": (int, "integer"), "model_type": (str, "string"),
+                 "config": (dict, "object"), "quantized": (dict, "object"),
+                 "empty": (dict, "object")}
 
 
 def _fresh_sibling(dst: Path, kind: str) -> Path:
@@ -228,7 +232,8 @@ def read_header(path: str | os.PathLike) -> dict:
   """The "svdq_jax" header of our checkpoint folder, validated.
 
   Raises:
-    CheckpointError when the folder is not ours, or from a newer format version.
+    CheckpointError when the folder is not ours, its header lacks an entry or holds one of the
+    wrong JSON type, or it is from a newer format version.
   """
   raw = read_config(path)
   header = raw.get(HEADER_KEY)
@@ -238,6 +243,11 @@ def read_header(path: str | os.PathLike) -> dict:
   missing = [k for k in ("format_version", "model_type", "config") if k not in header]
   if missing:
     raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header lacks {missing}")
+  wrong = [f"{key!r} must be a JSON {json_type}, got {json.dumps(header[key])[:60]}"
+           for key, (kind, json_type) in _HEADER_TYPES.items()
+           if key in header and not isinstance(header[key], kind)]
+  if wrong:
+    raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header: {'; '.join(wrong)}")
   if header["format_version"] > FORMAT_VERSION:
     raise CheckpointError(f"{path}: checkpoint format version {header['format_version']}, this "
                           f"svdq-jax reads up to {FORMAT_VERSION}")

@@ -148,6 +148,26 @@ def test_header_errors(tiny, tmp_path):
     load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("format_version", "1", "'format_version' must be a JSON integer, got \"1\""),
+    ("model_type", ["tiny"], "'model_type' must be a JSON string, got [\"tiny\"]"),
+    ("config", None, "'config' must be a JSON object, got null"),
+    ("quantized", [], "'quantized' must be a JSON object, got []"),
+    ("empty", "none", "'empty' must be a JSON object, got \"none\""),
+])
+def test_header_entry_of_the_wrong_json_type(tiny, tmp_path, key, value, message):
+  """A hand-edited header is a CheckpointError naming the entry (was a TypeError or an
+  AttributeError from deep inside loading)."""
+  folder = tmp_path / "c"
+  save_checkpoint(_model(), folder, model_type="tiny", config=_tiny.TinyConfig())
+  raw = json.loads((folder / "config.json").read_text())
+  raw["svdq_jax"][key] = value
+  (folder / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(CheckpointError, match=re.escape(f"{folder}: config.json 'svdq_jax' header: "
+                                                      f"{message}")):
+    load_checkpoint(folder)
+
+
 def test_unknown_model_type_on_save(tiny, tmp_path):
   with pytest.raises(CheckpointError, match=r"unknown model type 'Nope'; known: .*'tiny'"):
     save_checkpoint(_model(), tmp_path / "c", model_type="Nope", config=_tiny.TinyConfig())
