@@ -33,9 +33,10 @@ shape through the Mosaic GPU interpreter on CPU to smoke-test the script (its ti
 configurations that differ from `select_config`'s in one or two fields (`sweep_configs`: block_n,
 groups_per_step, carrier, magic_int_to_float, max_concurrent_steps, manual_barriers), each checked
 against the reference first. Configs whose accumulators exceed ACCUMULATOR_REGISTER_BUDGET are
-timed and marked `spills`; those over the H100's shared memory are listed as not run. `vs bf16` is
-the XLA bf16 dot's time over the config's (above 1 is faster), measured in the same run; `*` marks
-the fastest correct config of each shape.
+timed and marked `spills`; those over the H100's shared memory are listed as not run; one that
+fails to compile or run is listed as FAILED with its error (the sweep goes on, and exits 1).
+`vs bf16` is the XLA bf16 dot's time over the config's (above 1 is faster), measured in the same
+run; `*` marks the fastest correct config of each shape.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -185,9 +187,11 @@ def describe(config: GemmConfig) -> str:
           f"{config.max_concurrent_steps:>3} {'manual' if config.manual_barriers else 'auto':>6}")
 
 
-def run_sweep(args: argparse.Namespace, layers, timed) -> tuple[list[str], bool]:
+def run_sweep(args: argparse.Namespace, layers: tuple[tuple[int, int], ...],
+              timed: Callable[..., float]) -> tuple[list[str], bool]:
   """The `--sweep` table: per (M, K, N) the XLA bf16 dot, then each config of `sweep_configs`
-  (checked, then timed); returns the lines and whether every timed config was correct."""
+  (checked, then timed); returns the lines and whether every config ran and was correct.
+  `layers` holds the (K, N) shapes, `timed` is time_us with the run's sample counts."""
   lines = [f"{'M':>5} {'K':>6} {'N':>6} | {'tile':>7} {'gps':>3} {'carr':>4} {'magic':>5} "
            f"{'mcs':>3} {'sync':>6} | {'regs':>4} {'smem KiB':>8} | {'us':>9} {'vs bf16':>7} "
            f"{'rel.err':>8}"]
@@ -214,10 +218,17 @@ def run_sweep(args: argparse.Namespace, layers, timed) -> tuple[list[str], bool]
           rows.append((None, head + "not run: over the H100's shared memory"))
           continue
         config = SVDQLinearConfig(quantize=chosen.quantize, gemm=gemm)
-        rel_err = check_against_reference(layer, args.interpret, config, want)
+        try:
+          rel_err = check_against_reference(layer, args.interpret, config, want)
+          us = timed(fused, *layer.values(), interpret=args.interpret, config=config)
+        except Exception as error:  # one config's failure must not end the sweep
+          all_correct = False
+          first_line = (str(error).strip().splitlines() or [""])[0][:200]
+          rows.append((None, head + f"FAILED: {type(error).__name__}: {first_line}"))
+          print(f"# sweep progress: {rows[-1][1]}", file=sys.stderr, flush=True)
+          continue
         correct = rel_err <= REL_TOL
         all_correct &= correct
-        us = timed(fused, *layer.values(), interpret=args.interpret, config=config)
         notes = ("" if correct else " WRONG") + (
             " spills" if regs > ACCUMULATOR_REGISTER_BUDGET else "")
         rows.append((us if correct else None,

@@ -60,6 +60,28 @@ def test_interpret_sweep_checks_and_ranks_each_config(bench, tmp_path, capsys):
   assert [row[3].split()[-1] == "*" for row in configs] == [row is fastest for row in configs]
 
 
+@pytest.mark.slow
+def test_a_config_that_fails_is_listed_and_the_sweep_goes_on(bench, tmp_path, capsys, monkeypatch):
+  """A config whose kernel fails to compile or run is a FAILED row with its error; the sweep
+  still writes its table, with the other configs measured, and exits 1."""
+  check = bench.check_against_reference
+
+  def failing_for_manual_barriers(layer, interpret, config=None, want=None):
+    if config is not None and config.gemm.manual_barriers:
+      raise RuntimeError("Mosaic GPU compilation failed\ndetails")
+    return check(layer, interpret, config, want)
+
+  monkeypatch.setattr(bench, "check_against_reference", failing_for_manual_barriers)
+  output = tmp_path / "sweep.txt"
+  assert bench.main(["--sweep", "--interpret", "--output", str(output)]) == 1
+  rows = [line.split("|") for line in output.read_text().splitlines()
+          if line.startswith("   64    256    128")]
+  assert [row[1].split()[-1] for row in rows[1:]] == ["auto", "manual"]
+  assert rows[1][3].split()[-1] == "*" and "WRONG" not in rows[1][3]
+  assert rows[2][3].strip() == "FAILED: RuntimeError: Mosaic GPU compilation failed"
+  capsys.readouterr()
+
+
 def test_sweep_covers_every_varied_field_once(bench):
   base = bench.select_config(4096, 3072, 12288, bench.RANK).gemm
   configs = bench.sweep_configs(base)
