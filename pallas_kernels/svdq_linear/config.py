@@ -57,7 +57,9 @@ class GemmConfig:
       (`CompilerParams.unsafe_no_auto_barriers`); the carrier tiles are then double-buffered by
       step parity and the scale tiles released one step late, so that each step's commit_smem
       barrier is the only one it needs (gemm_sm90's docstring gives the argument). Needs
-      max_concurrent_steps >= 2. Untimed so far: the sweep of benchmarks/kernels.py measures it.
+      max_concurrent_steps >= 2; the late release leaves the scales prefetched
+      max_concurrent_steps - 1 steps ahead, so at 2 stages each step waits for its scales' copy.
+      Untimed so far: the sweep of benchmarks/kernels.py measures it.
   """
 
   block_m: int = 64
@@ -132,6 +134,7 @@ SMEM_ALIGNMENT = 1024
 period), so each buffer takes its size rounded up to that."""
 
 MBARRIER_BYTES = 8
+"""Shared memory of one mbarrier (a 64-bit word)."""
 
 
 def ctas_per_sm_by_smem(smem_bytes: int) -> int:
