@@ -577,7 +577,7 @@ MODEL_TYPES = {FluxPipeline: "flux", PixArtSigmaPipeline: "pixart"}
 
 
 def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
-                         prompts: Sequence[str], *, num_inference_steps: int = 4,
+                         prompts: str | Sequence[str], *, num_inference_steps: int = 4,
                          height: int = 512, width: int = 512, seed: int = 0,
                          progress: bool = True) -> None:
   """Calibrates `pipe.transformer` on prompts and quantizes it in place with `config`.
@@ -589,7 +589,7 @@ def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
   """
   from svdq_jax import calibrate, quantize_model  # noqa: PLC0415
 
-  prompts = _prompts(list(prompts))
+  prompts = _prompts(prompts)
 
   def run(prompt: str) -> None:
     pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
@@ -601,8 +601,8 @@ def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
 
 
 def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str,
-                      prompts: Sequence[str], num_inference_steps: int = 4, height: int = 512,
-                      width: int = 512, seed: int = 0, overwrite: bool = False,
+                      prompts: str | Sequence[str], num_inference_steps: int = 4,
+                      height: int = 512, width: int = 512, seed: int = 0, overwrite: bool = False,
                       dtype: jnp.dtype | None = None, progress: bool = True) -> Path:
   """Writes a copy of a pipeline folder with its transformer calibrated and quantized.
 
@@ -614,7 +614,7 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
     src: diffusers pipeline folder (or ours).
     dst: output folder, written atomically (replaced only with `overwrite`).
     preset: a `QuantConfig.preset` name, e.g. "svdquant-int4".
-    prompts: calibration prompts (one eager sampling run each).
+    prompts: calibration prompts, one eager sampling run each (a string is one prompt).
     num_inference_steps, height, width, seed: the calibration runs' sampling settings.
     dtype: the models' dtype during calibration (None: float32); the unquantized layers of the
       written transformer keep it.
@@ -624,8 +624,9 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
     The written folder.
 
   Raises:
-    InputError for an unknown preset, an existing `dst` without `overwrite`, or bad prompts;
-    CheckpointError (an InputError) for a bad `src` folder.
+    InputError, before any model is loaded, for an unknown preset, an existing `dst` without
+    `overwrite`, bad prompts or a size the pipeline cannot make; CheckpointError (an InputError)
+    for a bad `src` folder.
   """
   import shutil  # noqa: PLC0415
 
@@ -636,6 +637,8 @@ def quantize_pipeline(src: str | os.PathLike, dst: str | os.PathLike, *, preset:
   if Path(dst).exists() and not overwrite:
     raise InputError(f"{dst}: already exists (remove it or pass overwrite=True)")
   src = Path(src)
+  prompts = _prompts(prompts)
+  check_image_size(f"quantize_pipeline {str(src)!r}", height, width, image_size_multiple(src))
   pipe = load_pipeline(src, dtype=dtype)
   quantize_transformer(pipe, config, prompts, num_inference_steps=num_inference_steps,
                        height=height, width=width, seed=seed, progress=progress)

@@ -234,6 +234,42 @@ def test_model_index_and_pipeline_name(tmp_path):
   assert pipelines.pipeline_name(tmp_path) == "PixArtSigmaPipeline"
 
 
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, monkeypatch):
+  """A bad size or prompt list fails in milliseconds, not after the pipeline has loaded."""
+  folder, _, _ = tiny
+
+  def load(*args, **kwargs):
+    raise AssertionError("the pipeline was loaded")
+
+  monkeypatch.setattr(pipelines, "load_pipeline", load)
+  with pytest.raises(InputError, match=re.escape(f"quantize_pipeline {str(folder)!r}: height and "
+                                                 "width must be positive multiples of 4, got "
+                                                 "30x32")):
+    pipelines.quantize_pipeline(folder, tmp_path / "q", preset="w4a4", prompts=PROMPTS,
+                                height=30, width=32)
+  with pytest.raises(InputError, match="non-empty list of strings, got \\[\\]"):
+    pipelines.quantize_pipeline(folder, tmp_path / "q", preset="w4a4", prompts=[])
+  assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
+  import svdq_jax  # noqa: PLC0415
+
+  _, _, ours = tiny
+  calibrated = []
+
+  def calibrate(run, prompts, **kwargs):
+    calibrated.extend(prompts)
+    raise InterruptedError("stop after calibration was reached")
+
+  monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
+  with pytest.raises(InterruptedError):
+    pipelines.quantize_transformer(ours, None, "a red cat")
+  assert calibrated == ["a red cat"]
+
+
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
   from PIL import Image
 
