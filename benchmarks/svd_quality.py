@@ -15,9 +15,9 @@ numpy float64 SVD, with the time of one call (compiled beforehand).
 
 Part 2, end to end: held-out relative output error ||y_q - y|| / ||y|| (against the float64
 product) of `quantize_linear` with each SVD on outlier layers (GELU inputs for K > N, as
-quant_error.py), and its time. The exact SVD takes 6 to 26 s per call on a CPU and the transform
-calls it once per smoothing candidate and refinement step, so part 2 uses the svdquant-int4 preset
-with the alpha grid (0.5,) (3 candidates) and svd_iters 2 to stay within minutes.
+quant_error.py), and its time. The exact SVD takes 6 to 21 s per call on an idle 2-core CPU
+and the transform calls it once per smoothing candidate and refinement step, so part 2 uses the
+svdquant-int4 preset with the alpha grid (0.5,) (3 candidates) and svd_iters 2.
 
 Usage: python benchmarks/svd_quality.py [--shapes 3072x3072,...] [--layer-shapes ...]
          [--power-iters 1,2,3,4] [--layer-power-iters 1,2,3] [--tokens 128]
