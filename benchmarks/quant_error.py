@@ -18,24 +18,14 @@ from svdq_jax.evaluation import (
     FLUX_SHAPES,
     error_table,
     format_table,
+    parse_shapes,
     shape_specs,
 )
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
-  """Parses "3072x3072,12288x3072" into [(3072, 3072), (12288, 3072)] (K = in, N = out)."""
-  try:
-    shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
-  except ValueError:
-    shapes = []
-  if not shapes or any(len(shape) != 2 for shape in shapes):
-    raise argparse.ArgumentTypeError(f"shapes must look like 3072x3072,12288x3072; got {text!r}")
-  return shapes
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", type=_shapes, default=list(FLUX_SHAPES),
+  parser.add_argument("--shapes", type=parse_shapes, default=list(FLUX_SHAPES),
                       help="comma-separated KxN (in x out) kernel shapes")
   parser.add_argument("--presets", default=",".join(ALL_PRESETS))
   parser.add_argument("--tokens", type=int, default=256,

@@ -38,21 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from svdq_jax import transform
-from svdq_jax.evaluation import FLUX_SHAPES, evaluate_preset, outlier_layer
+from svdq_jax.evaluation import FLUX_SHAPES, evaluate_preset, outlier_layer, parse_shapes
 
 RANK = 32
 LAYER_SHAPES = ((3072, 3072), (12288, 3072))
-
-
-def _shapes(text: str) -> list[tuple[int, int]]:
-  """Parses "3072x3072,12288x3072" into [(3072, 3072), (12288, 3072)] (K = in, N = out)."""
-  try:
-    shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
-  except ValueError:
-    shapes = []
-  if not shapes or any(len(shape) != 2 for shape in shapes):
-    raise argparse.ArgumentTypeError(f"shapes must look like 3072x3072,12288x3072; got {text!r}")
-  return shapes
 
 
 def _ints(text: str) -> list[int]:
@@ -137,9 +126,9 @@ def layer_row(k: int, n: int, seed: int, tokens: int, power_iters: int | None) -
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", type=_shapes, default=list(FLUX_SHAPES),
+  parser.add_argument("--shapes", type=parse_shapes, default=list(FLUX_SHAPES),
                       help="KxN (in x out) shapes of part 1 (low-rank residual)")
-  parser.add_argument("--layer-shapes", type=_shapes, default=list(LAYER_SHAPES),
+  parser.add_argument("--layer-shapes", type=parse_shapes, default=list(LAYER_SHAPES),
                       help="KxN shapes of part 2 (quantize_linear end to end)")
   parser.add_argument("--power-iters", type=_ints, default=[1, 2, 3, 4],
                       help="power iterations of the randomized SVD to compare")

@@ -8,6 +8,7 @@ values plus some input rows with large magnitude (weight outliers).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -34,6 +35,18 @@ class LayerSpec:
   in_features: int
   out_features: int
   gelu_input: bool = False
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+  """Parses "3072x3072,12288x3072" into [(3072, 3072), (12288, 3072)] (K = in, N = out): the
+  `type=` of the benchmarks' --shapes flags, so a bad value is argparse's one-line error."""
+  try:
+    shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+  except ValueError:
+    shapes = []
+  if not shapes or any(len(shape) != 2 for shape in shapes):
+    raise argparse.ArgumentTypeError(f"shapes must look like 3072x3072,12288x3072; got {text!r}")
+  return shapes
 
 
 def shape_specs(shapes: Sequence[tuple[int, int]]) -> list[LayerSpec]:
