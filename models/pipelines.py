@@ -114,6 +114,17 @@ def _prompts(prompt: str | Sequence[str]) -> list[str]:
   return prompts
 
 
+def _check_outputs(what: str, num_images_per_prompt: int, output_type: str) -> None:
+  """Raises InputError naming `what` unless num_images_per_prompt >= 1 and output_type is one
+  the pipelines produce ("np" images or "latent")."""
+  if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or (
+      num_images_per_prompt < 1):
+    raise InputError(f"{what}: num_images_per_prompt must be an integer >= 1, got "
+                     f"{num_images_per_prompt!r}")
+  if output_type not in ("np", "latent"):
+    raise InputError(f"{what}: output_type must be 'np' or 'latent', got {output_type!r}")
+
+
 def check_image_size(what: str, height: int, width: int, multiple: int) -> None:
   """Raises InputError naming `what` unless height and width are positive multiples of `multiple`
   (a pipeline's `size_multiple`, or `image_size_multiple` of its folder)."""
@@ -338,13 +349,15 @@ class FluxPipeline:
       (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
 
     Raises:
-      InputError for a negative prompt, an empty or non-string prompt, a size that is not a
-      positive multiple of `size_multiple`, or latents of the wrong shape.
+      InputError for a negative prompt, an empty or non-string prompt, num_images_per_prompt
+      below 1, an unknown output_type, a size that is not a positive multiple of
+      `size_multiple`, or latents of the wrong shape.
     """
     if negative_prompt is not None:
       raise InputError("FluxPipeline: negative_prompt is not supported (FLUX.1 is guidance-"
                        "distilled; use guidance_scale)")
     prompts = _prompts(prompt)
+    _check_outputs("FluxPipeline", num_images_per_prompt, output_type)
     check_image_size("FluxPipeline", height, width,
                      self.size_multiple(self.vae.config, self.transformer.config))
     batch = len(prompts) * num_images_per_prompt
@@ -477,6 +490,7 @@ class PixArtSigmaPipeline:
         scheduler's initial noise sigma.
     """
     prompts = _prompts(prompt)
+    _check_outputs("PixArtSigmaPipeline", num_images_per_prompt, output_type)
     check_image_size("PixArtSigmaPipeline", height, width,
                      self.size_multiple(self.vae.config, self.transformer.config))
     guidance_scale = 4.5 if guidance_scale is None else guidance_scale

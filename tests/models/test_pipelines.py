@@ -182,6 +182,13 @@ def test_bad_call_arguments_are_input_errors(tiny):
   with pytest.raises(InputError, match=re.escape("FluxPipeline: latents must be (2, 64, 16), got "
                                                  "(2, 63, 16)")):
     ours(PROMPTS, latents=np.zeros((2, 63, 16), np.float32), **kwargs)
+  for count in (0, -1, 1.5, True):
+    with pytest.raises(InputError, match=re.escape(
+        f"FluxPipeline: num_images_per_prompt must be an integer >= 1, got {count!r}")):
+      ours(PROMPTS, num_images_per_prompt=count, **kwargs)
+  with pytest.raises(InputError, match="FluxPipeline: output_type must be 'np' or 'latent', got "
+                     "'pil'"):
+    ours(PROMPTS, output_type="pil", **kwargs)
 
 
 def test_check_image_size():
