@@ -2,8 +2,8 @@
 linear-layer shapes.
 
 Part 1, low-rank residual: for each shape two weight matrices (K, N) float32,
-  "power-law": N(0, 1/K) noise plus a rank-256 component whose singular values decay as
-    8 * (1 + sqrt(N / K)) * (i + 1)^-0.5 (trained-transformer-like: a few large values, a slow
+  "power-law": N(0, 1/K) noise plus a rank-min(256, K, N) component whose singular values decay
+    as 8 * (1 + sqrt(N / K)) * (i + 1)^-0.5 (trained-transformer-like: a few large values, a slow
     tail that meets the noise bulk near i = 64), then 2% of the input rows scaled by 4 and 0.5%
     of the output columns by 3 (planted outlier rows and columns);
   "smoothed outliers": the kernel of `svdq_jax.evaluation.outlier_layer` (the recipe of
@@ -15,9 +15,10 @@ numpy float64 SVD, with the time of one call (compiled beforehand).
 
 Part 2, end to end: held-out relative output error ||y_q - y|| / ||y|| (against the float64
 product) of `quantize_linear` with each SVD on outlier layers (GELU inputs for K > N, as
-quant_error.py), and its time. The exact SVD takes 6 to 21 s per call on an idle 2-core CPU
-and the transform calls it once per smoothing candidate and refinement step, so part 2 uses the
-svdquant-int4 preset with the alpha grid (0.5,) (3 candidates) and svd_iters 2.
+quant_error.py), and its time. The exact SVD takes 6 to 109 s per call on a loaded 2-core CPU
+(benchmarks/results/svd_quality_cpu.txt) and the transform calls it once per smoothing candidate
+and refinement step, so part 2 uses the svdquant-int4 preset with the alpha grid (0.5,)
+(3 candidates) and svd_iters 2.
 
 Usage: python benchmarks/svd_quality.py [--shapes 3072x3072,...] [--layer-shapes ...]
          [--power-iters 1,2,3,4] [--layer-power-iters 1,2,3] [--tokens 128]
@@ -46,19 +47,16 @@ LAYER_SHAPES = ((3072, 3072), (12288, 3072))
 
 def _ints(text: str) -> list[int]:
   """Parses "1,2,3" into [1, 2, 3] (power iteration counts, each >= 0)."""
-  try:
-    values = [int(v) for v in text.split(",")]
-  except ValueError:
-    values = [-1]
-  if any(v < 0 for v in values):
+  parts = text.split(",")
+  if not all(part.isdecimal() and part.isascii() for part in parts):
     raise argparse.ArgumentTypeError(f"power iterations must look like 1,2,3; got {text!r}")
-  return values
+  return [int(part) for part in parts]
 
 
 def power_law_weights(seed: int, k: int, n: int) -> np.ndarray:
   """The "power-law" matrix (K, N) float32 of the module docstring."""
   rng = np.random.default_rng(seed)
-  components = 256
+  components = min(256, k, n)
   left = np.linalg.qr(rng.normal(size=(k, components)))[0]
   right = np.linalg.qr(rng.normal(size=(n, components)))[0]
   bulk_edge = 1 + np.sqrt(n / k)  # largest singular value of the N(0, 1/K) noise

@@ -29,7 +29,8 @@ _OVERSAMPLE = 16
 # Power iterations of the randomized SVD. At FLUX.1 shapes with spectra that have no gap after
 # rank 32 (benchmarks/svd_quality.py) one iteration left ||W − L1 L2||_F up to 1.3% above the
 # Eckart–Young optimum and the layer error up to 1.1% above an exact SVD's; three leave at most
-# 0.4% and 0.35%, for a few matmuls of (K, N) by (N, 48) more per call.
+# 0.4% and 0.74% (benchmarks/results/svd_quality_cpu.txt), for four more matmuls of (K, N) by
+# (N, 48) and QRs per call.
 POWER_ITERS = 3
 _MAX_SCORE_TOKENS = 256
 _GPTQ_DAMP = 0.01
@@ -56,8 +57,8 @@ def low_rank(w: jax.Array, rank: int, key: jax.Array, power_iters: int | None = 
   Randomized range finder with oversampling 16 and `power_iters` power (subspace) iterations
   (Halko et al. 2011); an exact SVD when `power_iters` is None or the matrix is small enough that
   the randomized one would not be cheaper. DeepCompressor takes an exact SVD; at FLUX.1 shapes
-  on a 2-core CPU an exact float32 one costs 6 to 21 s per call, this one 0.2 to 0.7 s and stays
-  within 0.4% of the optimal residual norm (see `POWER_ITERS`).
+  on a loaded 2-core CPU an exact float32 one took 6 to 109 s per call, this one 0.2 to 4.9 s,
+  within 0.4% of the optimal residual norm (benchmarks/results/svd_quality_cpu.txt).
   """
   k, n = w.shape
   if power_iters is None or rank + _OVERSAMPLE >= min(k, n):
