@@ -114,17 +114,18 @@ def test_low_rank_is_within_one_percent_of_the_optimal_residual():
   w = rng.normal(size=(k, n)) / np.sqrt(k) + (left * singular) @ right.T
   w[rng.choice(k, 10, replace=False)] *= 4.0
   w = w.astype(np.float32)
-  w64 = w.astype(np.float64)
-  optimum = np.sqrt(np.sum(np.linalg.svd(w64, compute_uv=False)[rank:] ** 2))
+  optimum = np.sqrt(np.sum(np.linalg.svd(w.astype(np.float64), compute_uv=False)[rank:] ** 2))
   factor = jax.jit(low_rank, static_argnums=(1, 3))
 
-  def excess(seed: int, power_iters: int) -> float:
-    up, down = factor(jnp.asarray(w), rank, jax.random.key(seed), power_iters)
-    residual = np.linalg.norm(w64 - np.asarray(up, np.float64) @ np.asarray(down, np.float64))
-    return residual / optimum - 1
+  def excess(matrix: np.ndarray, seed: int, power_iters: int) -> float:
+    up, down = factor(jnp.asarray(matrix), rank, jax.random.key(seed), power_iters)
+    assert up.shape == (matrix.shape[0], rank) and down.shape == (rank, matrix.shape[1])
+    product = np.asarray(up, np.float64) @ np.asarray(down, np.float64)
+    return np.linalg.norm(matrix.astype(np.float64) - product) / optimum - 1
 
-  assert all(excess(seed, POWER_ITERS) < 0.01 for seed in range(3))
-  assert excess(0, 1) > 0.01
+  # K > N and K < N (the transpose has the same optimum).
+  assert all(excess(m, seed, POWER_ITERS) < 0.01 for m in (w, w.T) for seed in range(3))
+  assert excess(w, 0, 1) > 0.01
 
 
 def test_gelu_inputs_get_the_unsigned_shift_and_its_bias():
