@@ -32,6 +32,8 @@ class ActivationStats:
   Attributes:
     absmax: (K,) float32, per-input-channel max |x| over all tokens (smoothing spans).
     minimum: (K,) float32, per-input-channel min x (detects inputs that follow a GELU).
+    maximum: (K,) float32, per-input-channel max x (the exact span max |x + shift| = max x + shift
+      of inputs that follow a GELU, which are >= -shift).
     samples: (T, K) float32, a uniform random sample of at most `max_samples` token rows
       (smoothing search and GPTQ).
     num_tokens: how many token rows were seen.
@@ -39,6 +41,7 @@ class ActivationStats:
 
   absmax: np.ndarray
   minimum: np.ndarray
+  maximum: np.ndarray
   samples: np.ndarray
   num_tokens: int
 
@@ -50,6 +53,7 @@ class _LayerRecord:
   def __init__(self, in_features: int):
     self.absmax = np.zeros((in_features,), np.float32)
     self.minimum = np.full((in_features,), np.inf, np.float32)
+    self.maximum = np.full((in_features,), -np.inf, np.float32)
     self.samples = np.zeros((0, in_features), np.float32)
     self.keys = np.zeros((0,), np.float64)
     self.num_tokens = 0
@@ -57,6 +61,7 @@ class _LayerRecord:
   def add(self, rows: np.ndarray, rng: np.random.Generator, max_samples: int) -> None:
     self.absmax = np.maximum(self.absmax, np.abs(rows).max(axis=0))
     self.minimum = np.minimum(self.minimum, rows.min(axis=0))
+    self.maximum = np.maximum(self.maximum, rows.max(axis=0))
     self.num_tokens += rows.shape[0]
     keys = np.concatenate([self.keys, rng.random(rows.shape[0])])
     samples = np.concatenate([self.samples, rows])
@@ -64,7 +69,7 @@ class _LayerRecord:
     self.keys, self.samples = keys[keep], samples[keep]
 
   def stats(self) -> ActivationStats:
-    return ActivationStats(self.absmax, self.minimum, self.samples, self.num_tokens)
+    return ActivationStats(self.absmax, self.minimum, self.maximum, self.samples, self.num_tokens)
 
 
 class Recorder:

@@ -111,6 +111,7 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
       return quantize_linear(leaf, None, None, layer, name=path)
     return quantize_linear(leaf, None, jnp.asarray(layer_stats.samples), layer,
                            act_absmax=jnp.asarray(layer_stats.absmax),
+                           act_max=jnp.asarray(layer_stats.maximum),
                            act_min=float(np.min(layer_stats.minimum)), name=path)
 
   try:

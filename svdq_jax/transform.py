@@ -263,8 +263,20 @@ def _quantize_arrays(kernel, samples, span_x, *, config: QuantConfig, shift: flo
   return out
 
 
-def _activation_spans(samples: jax.Array, act_absmax: jax.Array | None, shift: float
-                      ) -> jax.Array:
+def _channel_stat(label: str, stat: jax.Array | None, k: int, name: str | None
+                  ) -> jax.Array | None:
+  """A per-input-channel calibration statistic as (K,) float32, checked; None stays None."""
+  if stat is None:
+    return None
+  stat = jnp.asarray(stat, jnp.float32)
+  if stat.shape != (k,):
+    raise ValueError(f"{_layer(name)}: {label} has shape {tuple(stat.shape)}, needs ({k},)")
+  _check_finite(label, stat, name)
+  return stat
+
+
+def _activation_spans(samples: jax.Array, act_absmax: jax.Array | None,
+                      act_max: jax.Array | None, shift: float) -> jax.Array:
   """Per-channel span (K,) float32 of what the quantized path sees, x + shift: the smoothing
   search's span_x.
 
@@ -272,19 +284,23 @@ def _activation_spans(samples: jax.Array, act_absmax: jax.Array | None, shift: f
   (app/diffusion/nn/patch.py) wraps the down-projection in a `ShiftedLinear` (nn/patch/linear.py)
   whose inner linear gets x + shift, and that inner linear is the one whose inputs are cached and
   smoothed (app/diffusion/nn/struct.py, `down_proj = layer_2.linear`), so its AbsMax span
-  (calib/smooth.py `get_smooth_span`) is max |x + shift|. From the samples (T, K) that is computed
-  directly. From `act_absmax` = max |x| (K,) it is act_absmax + shift: exact in every channel whose
-  max |x| exceeds the shift (for inputs >= -shift that maximum is max x), an upper bound in the
-  others (channels that never leave [-shift, shift]).
+  (calib/smooth.py `get_smooth_span`) is max |x + shift|. Shifted inputs are >= -shift, so that
+  is max x + shift: exact from `act_max` (K,) over all calibration tokens, else from the samples
+  (T, K). Unshifted: `act_absmax` (K,) = max |x|, else from the samples.
   """
-  if act_absmax is None:
+  if shift:
+    if act_max is not None:
+      return act_max + shift
     return jnp.max(jnp.abs(samples.astype(jnp.float32) + shift), axis=0)
-  return act_absmax + shift
+  if act_absmax is not None:
+    return act_absmax
+  return jnp.max(jnp.abs(samples.astype(jnp.float32)), axis=0)
 
 
 def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.Array | None,
                     config: QuantConfig, *, act_absmax: jax.Array | None = None,
-                    act_min: float | None = None, act_shift: float | None = None,
+                    act_max: jax.Array | None = None, act_min: float | None = None,
+                    act_shift: float | None = None,
                     name: str | None = None) -> SVDQLinear:
   """Quantizes one linear layer y = x @ kernel + bias with SVDQuant.
 
@@ -297,8 +313,10 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
       use all of them.
     config: the layer's QuantConfig (weight_format must not be None).
     act_absmax: (K,) per-channel max |x| of the raw input over all calibration tokens (default:
-      from all the samples). With the shift the smoothing spans are taken on x + shift, as
-      DeepCompressor (`_activation_spans`).
+      from all the samples): the smoothing spans of unshifted inputs.
+    act_max: (K,) per-channel max x over all calibration tokens (default: from all the samples):
+      with the shift the spans are max x + shift = max |x + shift|, as DeepCompressor
+      (`_activation_spans`).
     act_min: the smallest calibration activation (default: from all the samples); decides, with
       `config.shift_activations`, whether the input follows a GELU.
     act_shift: force the activation shift (0 or 0.171875) instead of deciding it from the data.
@@ -341,12 +359,8 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
       raise ValueError(f"{_layer(name)}: act_samples must be a float array (T, {k}) with T > 0, "
                        f"got {samples.dtype}{tuple(samples.shape)}")
     _check_finite("calibration activations", samples, name)
-  if act_absmax is not None:
-    act_absmax = jnp.asarray(act_absmax, jnp.float32)
-    if act_absmax.shape != (k,):
-      raise ValueError(f"{_layer(name)}: act_absmax has shape {tuple(act_absmax.shape)}, "
-                       f"needs ({k},)")
-    _check_finite("act_absmax", act_absmax, name)
+  act_absmax, act_max = (_channel_stat(label, stat, k, name)
+                         for label, stat in (("act_absmax", act_absmax), ("act_max", act_max)))
   if act_shift is None:
     act_shift = 0.0
     if config.shift_activations and config.act_format == "int4":
@@ -361,7 +375,7 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     raise ValueError(f"{_layer(name)}: act_shift must be 0 or {qz.GELU_SHIFT} (INT4 activations "
                      f"only), got {act_shift} with act_format {config.act_format!r}")
 
-  span_x = _activation_spans(samples, act_absmax, float(act_shift))
+  span_x = _activation_spans(samples, act_absmax, act_max, float(act_shift))
   # The spans and the shift decision above saw every row; scoring and GPTQ use at most 256.
   if samples.shape[0] > _MAX_SCORE_TOKENS:
     picks = np.random.default_rng(config.seed).choice(samples.shape[0], _MAX_SCORE_TOKENS,

@@ -161,6 +161,7 @@ def test_calibrate_ignores_calls_without_tokens():
   assert fc.num_tokens == 5
   np.testing.assert_array_equal(fc.absmax, np.abs(x).max(0))
   np.testing.assert_array_equal(fc.minimum, x.min(0))
+  np.testing.assert_array_equal(fc.maximum, x.max(0))
 
 
 def test_calibration_and_selection_errors(calibrated):

@@ -174,12 +174,37 @@ def test_shifted_inputs_take_their_smoothing_spans_on_x_plus_the_shift():
   raw = dc_candidates(np.abs(calib.astype(np.float64)).max(axis=0))
   from_samples = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(calib), config)
   from_stats = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(calib), config,
-                               act_absmax=np.abs(calib).max(axis=0), act_min=float(calib.min()))
+                               act_absmax=np.abs(calib).max(axis=0), act_max=calib.max(axis=0),
+                               act_min=float(calib.min()))
   assert from_samples.act_shift == from_stats.act_shift == qz.GELU_SHIFT
   for w in (from_samples, from_stats):
     smooth = np.asarray(w.smooth, np.float64)
     assert any(np.allclose(smooth, c, rtol=1e-5) for c in shifted), "λ is no shifted candidate"
     assert not any(np.allclose(smooth, c, rtol=1e-2) for c in raw)
+
+
+def test_shifted_spans_from_statistics_are_exact_in_quiet_channels():
+  """Channels whose GELU outputs stay within [-shift, shift] (max |x| <= 0.171875): their span is
+  max x + shift, which the recorded per-channel max x gives exactly (max |x| + shift would be up
+  to twice it). Statistics from a second, larger batch than the samples make the two sources
+  differ, so the spans must come from the statistics."""
+  rng = np.random.default_rng(3)
+  pre_gelu = rng.normal(size=(512, 128)) * np.where(np.arange(128) % 2, 0.05, 3.0)
+  x = np.asarray(jax.nn.gelu(jnp.asarray(pre_gelu, jnp.float32), approximate=False))
+  calib, quiet = x[:64], np.abs(x).max(axis=0) <= qz.GELU_SHIFT
+  assert quiet.sum() > 10 and x.min() >= -qz.GELU_SHIFT
+  alpha = 0.5
+  config = QuantConfig.preset("svdquant-int4", smooth=(alpha,), svd_iters=0)
+  kernel = rng.normal(size=(128, 64)).astype(np.float32)
+  span_w = np.abs(kernel.astype(np.float64)).max(axis=1)
+  span_x = x.astype(np.float64).max(axis=0) + qz.GELU_SHIFT
+  candidates = [span_x ** alpha, span_x ** alpha / span_w ** (1 - alpha)]
+  w = quantize_linear(jnp.asarray(kernel), None, jnp.asarray(calib), config,
+                      act_absmax=np.abs(x).max(axis=0), act_max=x.max(axis=0),
+                      act_min=float(x.min()))
+  assert w.act_shift == qz.GELU_SHIFT
+  smooth = np.asarray(w.smooth, np.float64)
+  assert any(np.allclose(smooth, c, rtol=1e-5) for c in candidates), "λ is no exact candidate"
 
 
 def test_shift_is_decided_on_every_calibration_row_not_only_the_scored_ones():
