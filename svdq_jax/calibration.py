@@ -30,7 +30,6 @@ class ActivationStats:
   """What one linear layer saw during calibration.
 
   Attributes:
-    absmax: (K,) float32, per-input-channel max |x| over all tokens (smoothing spans).
     minimum: (K,) float32, per-input-channel min x (detects inputs that follow a GELU).
     maximum: (K,) float32, per-input-channel max x (the exact span max |x + shift| = max x + shift
       of inputs that follow a GELU, which are >= -shift).
@@ -39,11 +38,15 @@ class ActivationStats:
     num_tokens: how many token rows were seen.
   """
 
-  absmax: np.ndarray
   minimum: np.ndarray
   maximum: np.ndarray
   samples: np.ndarray
   num_tokens: int
+
+  @property
+  def absmax(self) -> np.ndarray:
+    """(K,) float32, per-input-channel max |x| over all tokens (smoothing spans)."""
+    return np.maximum(self.maximum, -self.minimum)
 
 
 class _LayerRecord:
@@ -51,7 +54,6 @@ class _LayerRecord:
   (a uniform sample without replacement of every row seen)."""
 
   def __init__(self, in_features: int):
-    self.absmax = np.zeros((in_features,), np.float32)
     self.minimum = np.full((in_features,), np.inf, np.float32)
     self.maximum = np.full((in_features,), -np.inf, np.float32)
     self.samples = np.zeros((0, in_features), np.float32)
@@ -59,7 +61,6 @@ class _LayerRecord:
     self.num_tokens = 0
 
   def add(self, rows: np.ndarray, rng: np.random.Generator, max_samples: int) -> None:
-    self.absmax = np.maximum(self.absmax, np.abs(rows).max(axis=0))
     self.minimum = np.minimum(self.minimum, rows.min(axis=0))
     self.maximum = np.maximum(self.maximum, rows.max(axis=0))
     self.num_tokens += rows.shape[0]
@@ -69,7 +70,7 @@ class _LayerRecord:
     self.keys, self.samples = keys[keep], samples[keep]
 
   def stats(self) -> ActivationStats:
-    return ActivationStats(self.absmax, self.minimum, self.maximum, self.samples, self.num_tokens)
+    return ActivationStats(self.minimum, self.maximum, self.samples, self.num_tokens)
 
 
 class Recorder:
