@@ -71,7 +71,7 @@ from pallas_kernels.svdq_linear import (  # noqa: E402
     select_config,
     svdq_linear,
 )
-from pallas_kernels.svdq_linear.config import ctas_per_sm_by_smem  # noqa: E402
+from pallas_kernels.svdq_linear.config import ctas_per_sm_by_smem, round_up  # noqa: E402
 from svdq_jax.quantizers import GELU_SHIFT  # noqa: E402
 
 # The lowering must never initialize a CUDA backend: with the plugin installed and the stand-in
@@ -227,8 +227,8 @@ class PtxasReport:
     """CTAs one H100 SM can hold with these registers, SMEM and threads."""
     if self.registers is None or self.smem_bytes is None or not self.threads:
       return None
-    per_warp = -(-self.registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
-    warps = -(-self.threads // 32)
+    per_warp = round_up(self.registers * 32, REGISTER_ALLOCATION_UNIT)
+    warps = round_up(self.threads, 32) // 32
     by_registers = REGISTERS_PER_SM // (per_warp * warps)
     return min(by_registers, ctas_per_sm_by_smem(self.smem_bytes),
                MAX_THREADS_PER_SM // self.threads, MAX_CTAS_PER_SM)
