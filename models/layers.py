@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from svdq_jax import svdq_dot
+from svdq_jax import Impl, svdq_dot
 
 # Activations by their transformers / diffusers config names. Each model accepts its own subset.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -33,7 +33,8 @@ class Linear(nnx.Module):
   """`y = x @ kernel + bias` through `svdq_dot`; `kernel` may be replaced by an `SVDQLinear`.
 
   kernel: (in_features, out_features) param_dtype; bias: (out_features,) or absent.
-  Computation happens in `dtype` (default: the input's dtype).
+  Computation happens in `dtype` (default: the input's dtype). `impl` picks the implementation of
+  a quantized kernel (`svdq_dot`'s; None follows `svdq_jax.use_impl`, else "auto").
   """
 
   def __init__(
@@ -44,11 +45,13 @@ class Linear(nnx.Module):
       use_bias: bool = True,
       dtype: jnp.dtype | None = None,
       param_dtype: jnp.dtype = jnp.float32,
+      impl: Impl | None = None,
       rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
+    self.impl = impl
     bound = 1.0 / math.sqrt(in_features)
     self.kernel = nnx.Param(
         jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype, -bound, bound))
@@ -60,7 +63,7 @@ class Linear(nnx.Module):
     if self.dtype is not None:
       x = x.astype(self.dtype)
     bias = self.bias.get_value() if self.bias is not None else None
-    return svdq_dot(x, self.kernel.get_value(), bias=bias)
+    return svdq_dot(x, self.kernel.get_value(), bias=bias, impl=self.impl)
 
 
 class LayerNorm(nnx.Module):

@@ -91,7 +91,7 @@ kinds = {}
 for path, variable in nnx.to_flat_state(state):
     if path[-1] == "kernel":
         value = variable.get_value()
-        kind = (value.config.act_format and "W4A4" or "W4A16") if is_quantized(value) else "16-bit"
+        kind = (value.act_format and "W4A4" or "W4A16") if is_quantized(value) else "16-bit"
         kinds.setdefault(kind, []).append("/".join(map(str, path[:-1])))
 for kind, layers in kinds.items():
     print(f"{kind:7s} {len(layers):2d} layers, e.g. {layers[0]}")"""),

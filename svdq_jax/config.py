@@ -1,4 +1,9 @@
-"""`QuantConfig`: what to quantize and how, with the named presets every table compares."""
+"""`QuantConfig`: what to quantize and how, with the named presets every table compares.
+
+A `QuantConfig` holds the rules that choose layers (skip and weight-only patterns) and the
+settings of the search (smoothing grid, rank, SVD iterations, seed); each quantized layer keeps only
+its `QuantFormat` (`QuantConfig.layer_format`).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ from typing import Any, Literal
 
 from svdq_jax.config_base import DictConfig
 from svdq_jax.errors import InputError
+from svdq_jax.formats import (
+    ACT_FORMATS,
+    NVFP4_GROUP_SIZE,
+    WEIGHT_FORMATS,
+    ActFormat,
+    QuantFormat,
+    WeightFormat,
+)
 
-WeightFormat = Literal["int4", "nvfp4", "nf4", "int8"]
-ActFormat = Literal["int4", "nvfp4", "int8"]
-
-WEIGHT_FORMATS = ("int4", "nvfp4", "nf4", "int8")
-ACT_FORMATS = ("int4", "nvfp4", "int8")
 RESIDUAL_METHODS = ("rtn", "gptq")
 
 # DeepCompressor's fast grid (num_grids 10): alpha = 0.1 ... 0.9. Each alpha gives two candidates,
@@ -91,8 +99,9 @@ class QuantConfig(DictConfig):
     if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
       raise ValueError(f"QuantConfig: group_size must be a positive even number or None, "
                        f"got {self.group_size}")
-    if self.weight_format == "nvfp4" and self.group_size != 16:
-      raise ValueError(f"QuantConfig: NVFP4 needs group_size 16, got {self.group_size}")
+    if self.weight_format == "nvfp4" and self.group_size != NVFP4_GROUP_SIZE:
+      raise ValueError(f"QuantConfig: NVFP4 needs group_size {NVFP4_GROUP_SIZE}, got "
+                       f"{self.group_size}")
     if self.weight_format == "int8" and self.group_size is not None:
       raise ValueError(f"QuantConfig: INT8 is per channel / per token (group_size None), "
                        f"got {self.group_size}")
@@ -133,6 +142,17 @@ class QuantConfig(DictConfig):
   def effective_group(self, in_features: int) -> int:
     """The group size along K for a layer with `in_features` inputs."""
     return in_features if self.group_size is None else self.group_size
+
+  def layer_format(self, in_features: int, act_shift: float = 0.0) -> QuantFormat:
+    """The format of a layer with `in_features` inputs quantized with this config.
+
+    Raises:
+      ValueError when this config quantizes nothing (weight_format None, the "bf16" preset).
+    """
+    if self.weight_format is None:
+      raise ValueError("QuantConfig.layer_format: weight_format None keeps layers 16-bit")
+    return QuantFormat(weight_format=self.weight_format, act_format=self.act_format,
+                       group_size=self.effective_group(in_features), act_shift=act_shift)
 
 
 PRESETS: dict[str, QuantConfig] = {

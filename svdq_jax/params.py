@@ -53,10 +53,10 @@ def abstract_svdq_linear(kernel: jax.ShapeDtypeStruct, config: QuantConfig, *,
                          shifted: bool = False) -> SVDQLinear:
   """An SVDQLinear of ShapeDtypeStructs for a kernel shape (memory accounting, eval_shape)."""
   k, n = kernel.shape
-  shapes = expected_shapes(config, k, n, config.rank, has_bias=shifted)
+  fmt = config.layer_format(k, qz.GELU_SHIFT if shifted else 0.0)
+  shapes = expected_shapes(fmt, k, n, config.rank, has_bias=shifted)
   shapes.setdefault("bias", None)
-  return SVDQLinear(**shapes, config=config, in_features=k, out_features=n,
-                    act_shift=qz.GELU_SHIFT if shifted else 0.0)
+  return SVDQLinear(**shapes, format=fmt, in_features=k, out_features=n)
 
 
 def selected_kernels(params: Any, config: QuantConfig) -> dict[str, QuantConfig]:

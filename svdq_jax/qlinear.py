@@ -1,14 +1,13 @@
-"""`SVDQLinear` (the quantized linear pytree of docs/format.md) and its product.
+"""`SVDQLinear` (the quantized linear pytree of docs/format.md) and its XLA product `xla_dot`.
 
-`quantized_dot` is what `svdq_dot` calls for an `SVDQLinear`: the XLA reference (exact integer
-product per group, float32 rescale in group order, low-rank branch, biases) or the Pallas kernel.
+`xla_dot` is the reference implementation for any backend (exact integer product per group,
+float32 rescale in group order, low-rank branch, biases); `svdq_jax.dot.svdq_dot` chooses between
+it and the Pallas kernels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,10 +17,12 @@ import numpy as np
 
 from svdq_jax import quantizers as qz
 from svdq_jax.config import QuantConfig
+from svdq_jax.formats import QuantFormat
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version of `SVDQLinear.metadata()`. 2: the layer's `QuantFormat` under "format". 1 (still
+read): the whole `QuantConfig` under "config" and "act_shift" beside it."""
 _ARRAY_FIELDS = ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
-PALLAS_MODULE = "pallas_kernels.svdq_linear"
 
 
 @jax.tree_util.register_dataclass
@@ -33,8 +34,8 @@ class SVDQLinear:
   INT8; wscales (K // group, N) bfloat16 (float8_e4m3fn for NVFP4); wtscale () float32; smooth (K,)
   float32; lora_down (K, r) and lora_up (r, N) bfloat16; bias (N,) float32 or None (the folded
   correction, e.g. the shift compensation; the layer's own bias stays in the layer).
-  Static: `config` (this layer's effective QuantConfig), `in_features`, `out_features`,
-  `act_shift` (0.171875 for unsigned shifted INT4 activations, else 0).
+  Static: `format` (the `QuantFormat`: formats, group size, act_shift), `in_features`,
+  `out_features`.
   """
 
   qweight: jax.Array
@@ -44,10 +45,9 @@ class SVDQLinear:
   lora_down: jax.Array
   lora_up: jax.Array
   bias: jax.Array | None
-  config: QuantConfig = dataclasses.field(metadata={"static": True})
+  format: QuantFormat = dataclasses.field(metadata={"static": True})
   in_features: int = dataclasses.field(metadata={"static": True})
   out_features: int = dataclasses.field(metadata={"static": True})
-  act_shift: float = dataclasses.field(default=0.0, metadata={"static": True})
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -60,19 +60,32 @@ class SVDQLinear:
     return self.lora_down.shape[1]
 
   @property
+  def weight_format(self) -> str:
+    return self.format.weight_format
+
+  @property
+  def act_format(self) -> str | None:
+    return self.format.act_format
+
+  @property
   def group_size(self) -> int:
-    return self.config.effective_group(self.in_features)
+    return self.format.group_size
+
+  @property
+  def act_shift(self) -> float:
+    """0.171875 for unsigned shifted INT4 activations, else 0."""
+    return self.format.act_shift
 
   def weight_codes(self) -> jax.Array:
     """Unpacked residual codes (N, K): int8 for INT4/INT8, uint8 patterns for NVFP4/NF4."""
-    if self.config.weight_format == "int8":
+    if self.weight_format == "int8":
       return self.qweight
-    return qz.unpack_nibbles(self.qweight, signed=self.config.weight_format == "int4")
+    return qz.unpack_nibbles(self.qweight, signed=self.weight_format == "int4")
 
   def dequantize_residual(self) -> jax.Array:
     """The dequantized 4-bit residual in the smoothed domain, (K, N) float32."""
     codes = qz.Quantized(self.weight_codes(), self.wscales.T, self.wtscale)
-    return qz.dequantize(codes, self.config.weight_format, self.group_size).T
+    return qz.dequantize(codes, self.weight_format, self.group_size).T
 
   def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """The effective kernel (K, N): residual / smooth + lora_down @ lora_up, in `dtype`.
@@ -86,10 +99,10 @@ class SVDQLinear:
     return kernel.astype(dtype)
 
   def metadata(self) -> dict[str, Any]:
-    """The JSON-serializable static part (for checkpoints)."""
-    return {"format_version": FORMAT_VERSION, "config": self.config.to_dict(),
+    """The JSON-serializable static part (for checkpoints, docs/format.md)."""
+    return {"format_version": FORMAT_VERSION, "format": self.format.to_dict(),
             "in_features": self.in_features, "out_features": self.out_features,
-            "act_shift": self.act_shift, "rank": self.rank, "has_bias": self.bias is not None}
+            "rank": self.rank, "has_bias": self.bias is not None}
 
   def arrays(self) -> dict[str, jax.Array]:
     """The array leaves by field name (None fields absent); inverse of `from_arrays`."""
@@ -98,13 +111,11 @@ class SVDQLinear:
 
   @classmethod
   def from_arrays(cls, arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> SVDQLinear:
-    """Rebuilds a layer from `arrays()` and `metadata()`, checking every shape and dtype."""
-    if metadata.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"SVDQLinear.from_arrays: format_version {metadata.get('format_version')}"
-                       f" is not supported (need {FORMAT_VERSION})")
-    config = QuantConfig.from_dict(metadata["config"])
+    """Rebuilds a layer from `arrays()` and `metadata()` (this version's or version 1's),
+    checking every shape and dtype."""
     k, n = int(metadata["in_features"]), int(metadata["out_features"])
-    expected = expected_shapes(config, k, n, int(metadata["rank"]),
+    fmt = metadata_format(metadata)
+    expected = expected_shapes(fmt, k, n, int(metadata["rank"]),
                                has_bias=bool(metadata["has_bias"]))
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
@@ -118,22 +129,35 @@ class SVDQLinear:
                          f" the metadata needs {np.dtype(spec.dtype)}{spec.shape}")
       leaves[name] = jnp.asarray(value)
     leaves.setdefault("bias", None)
-    return cls(**leaves, config=config, in_features=k, out_features=n,
-               act_shift=float(metadata["act_shift"]))
+    return cls(**leaves, format=fmt, in_features=k, out_features=n)
 
 
-def expected_shapes(config: QuantConfig, in_features: int, out_features: int, rank: int, *,
+def metadata_format(metadata: Mapping[str, Any]) -> QuantFormat:
+  """The `QuantFormat` of a layer's metadata: version 2's "format", or the one version 1's
+  "config" (the whole QuantConfig) and "act_shift" give for its in_features."""
+  version = metadata.get("format_version")
+  if version == FORMAT_VERSION:
+    return QuantFormat.from_dict(metadata["format"])
+  if version == 1:
+    config = QuantConfig.from_dict(metadata["config"])
+    return config.layer_format(int(metadata["in_features"]), float(metadata["act_shift"]))
+  raise ValueError(f"SVDQLinear.from_arrays: format_version {version} is not supported (this "
+                   f"svdq-jax reads 1 and {FORMAT_VERSION})")
+
+
+def expected_shapes(fmt: QuantFormat, in_features: int, out_features: int, rank: int, *,
                     has_bias: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of an SVDQLinear's arrays (docs/format.md), e.g. for `jax.eval_shape`."""
   k, n = in_features, out_features
-  fmt = config.weight_format
-  if fmt is None:
-    raise ValueError("expected_shapes: config has no weight_format (nothing is quantized)")
-  group = config.effective_group(k)
-  qweight = ((n, k), jnp.int8) if fmt == "int8" else ((n, k // 2), jnp.uint8)
+  group = fmt.group_size
+  if k % group:
+    raise ValueError(f"expected_shapes: {k} input features are not a multiple of the group size "
+                     f"{group}")
+  weight = fmt.weight_format
+  qweight = ((n, k), jnp.int8) if weight == "int8" else ((n, k // 2), jnp.uint8)
   shapes = {
       "qweight": qweight,
-      "wscales": ((k // group, n), qz.WEIGHT_SCALE_DTYPE[fmt]),
+      "wscales": ((k // group, n), qz.WEIGHT_SCALE_DTYPE[weight]),
       "wtscale": ((), jnp.float32),
       "smooth": ((k,), jnp.float32),
       "lora_down": ((k, rank), jnp.bfloat16),
@@ -155,10 +179,8 @@ def quantize_activations(x: jax.Array, w: SVDQLinear) -> tuple[jax.Array, jax.Ar
   x: (M, K) any float. Returns codes (M, K) int8 (for NVFP4: the E2M1 bit patterns as uint8) and
   scales (M, K // group) float32, for xs = (x + act_shift) / smooth.
   """
-  fmt = w.config.act_format
+  fmt = w.format.act_code_format
   xs = (x.astype(jnp.float32) + w.act_shift) / w.smooth
-  if fmt == "int4" and w.act_shift != 0.0:
-    fmt = "uint4"
   q = qz.quantize(xs, fmt, w.group_size, scale_dtype=qz.ACT_SCALE_DTYPE[fmt], tensor_scale=1.0)
   return q.codes, q.scales.astype(jnp.float32)
 
@@ -209,12 +231,12 @@ def xla_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None = None) -> jax.A
   """
   lead = x.shape[:-1]
   x2 = x.reshape(-1, w.in_features)
-  if w.config.act_format is None:
+  if w.act_format is None:
     y = jnp.matmul(x2, w.dequantize(x.dtype), preferred_element_type=jnp.float32)
   else:
     qx, ascales = quantize_activations(x2, w)
-    ax, a_factor = _integer_operand(qx, w.config.act_format)
-    aw, w_factor = _integer_operand(w.weight_codes(), w.config.weight_format)
+    ax, a_factor = _integer_operand(qx, w.act_format)
+    aw, w_factor = _integer_operand(w.weight_codes(), w.weight_format)
     y = grouped_integer_product(ax, ascales, aw, w.wscales, w.group_size, a_factor * w_factor)
     y = y * w.wtscale
     if w.rank:
@@ -225,85 +247,3 @@ def xla_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None = None) -> jax.A
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(x.dtype).reshape(*lead, w.out_features)
-
-
-_NOTICES: set[str] = set()
-
-
-def _notice_once(key: str, message: str) -> None:
-  if key not in _NOTICES:
-    _NOTICES.add(key)
-    warnings.warn(message, stacklevel=4)
-
-
-def _backend() -> str:
-  return jax.default_backend()
-
-
-def _is_int4_w4a4(w: SVDQLinear) -> bool:
-  return w.config.weight_format == "int4" and w.config.act_format == "int4"
-
-
-def _pallas_module():
-  try:
-    return importlib.import_module(PALLAS_MODULE)
-  except ImportError as e:
-    raise ImportError(f"svdq_dot: impl='pallas' needs {PALLAS_MODULE}, which cannot be imported "
-                      f"({e}); use impl='xla'") from e
-
-
-def _pallas_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None, *, interpret: bool
-                ) -> jax.Array:
-  if not _is_int4_w4a4(w):
-    raise ValueError(f"svdq_dot: the Pallas kernel supports INT4 W4A4 only, this layer is "
-                     f"weight {w.config.weight_format} / activations {w.config.act_format}; "
-                     "use impl='xla' or 'auto'")
-  module = _pallas_module()
-  total_bias = w.bias
-  if bias is not None:
-    total_bias = bias.astype(jnp.float32) if total_bias is None else total_bias + bias
-  lead = x.shape[:-1]
-  y = module.svdq_linear(x.reshape(-1, w.in_features), w.qweight, w.wscales, w.smooth,
-                         w.lora_down, w.lora_up, total_bias, group_size=w.group_size,
-                         act_shift=w.act_shift, out_dtype=x.dtype, interpret=interpret)
-  return y.reshape(*lead, w.out_features)
-
-
-def _auto_uses_pallas(w: SVDQLinear) -> bool:
-  """Pallas only on a GPU the kernel supports (Hopper) and for INT4 W4A4; XLA elsewhere."""
-  if _backend() != "gpu":
-    return False
-  if not _is_int4_w4a4(w):
-    if w.config.act_format is not None:
-      _notice_once(f"no-kernel-{w.config.weight_format}",
-                   f"svdq_dot: no GPU kernel for {w.config.weight_format} weights with "
-                   f"{w.config.act_format} activations; using the XLA reference")
-    return False
-  try:
-    module = importlib.import_module(PALLAS_MODULE)
-  except ImportError:
-    _notice_once("no-module", f"svdq_dot: {PALLAS_MODULE} is not available; using XLA")
-    return False
-  if not module.is_supported():
-    _notice_once("unsupported-gpu", "svdq_dot: the INT4 Pallas kernel does not support this GPU "
-                 "(it needs Hopper); using the XLA reference")
-    return False
-  return True
-
-
-def quantized_dot(x: jax.Array, w: SVDQLinear, *, bias: jax.Array | None = None,
-                  impl: str = "auto") -> jax.Array:
-  """`svdq_dot` for an `SVDQLinear`: x (..., K) -> (..., N) in x's dtype."""
-  if x.shape[-1] != w.in_features:
-    raise ValueError(f"svdq_dot: x has {x.shape[-1]} input features, the quantized layer "
-                     f"expects {w.in_features}")
-  if impl == "xla":
-    return xla_dot(x, w, bias)
-  if impl in ("pallas", "pallas-interpret"):
-    return _pallas_dot(x, w, bias, interpret=impl == "pallas-interpret")
-  if impl == "auto":
-    if _auto_uses_pallas(w):
-      return _pallas_dot(x, w, bias, interpret=False)
-    return xla_dot(x, w, bias)
-  raise ValueError(f"svdq_dot: impl {impl!r} is not one of 'auto', 'xla', 'pallas', "
-                   "'pallas-interpret'")

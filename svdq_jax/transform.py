@@ -391,8 +391,8 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     folded = out["shift_bias"] if folded is None else folded + out["shift_bias"]
   return SVDQLinear(qweight=qweight, wscales=out["wscales"], wtscale=out["wtscale"],
                     smooth=out["smooth"], lora_down=out["lora_down"], lora_up=out["lora_up"],
-                    bias=folded, config=config, in_features=k, out_features=n,
-                    act_shift=float(act_shift))
+                    bias=folded, format=config.layer_format(k, float(act_shift)),
+                    in_features=k, out_features=n)
 
 
 def merge_lora(w: SVDQLinear | jax.Array, lora_down: jax.Array, lora_up: jax.Array,

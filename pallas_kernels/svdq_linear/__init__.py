@@ -4,6 +4,7 @@ from pallas_kernels.svdq_linear.api import (
     is_supported,
     quantize_activations,
     svdq_linear,
+    unsupported_reason,
     w4a4_gemm,
 )
 from pallas_kernels.svdq_linear.config import (
@@ -32,6 +33,7 @@ __all__ = [
     "svdq_linear",
     "svdq_linear_reference",
     "unpack_int4",
+    "unsupported_reason",
     "w4a4_gemm",
     "w4a4_gemm_reference",
 ]

@@ -18,16 +18,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.svdq_linear.config import (
     GROUP_SIZE,
+    H100_SMEM_BYTES,
     MAX_RANK,
     GemmConfig,
     QuantizeConfig,
     SVDQLinearConfig,
+    gemm_smem_bytes,
     padded_rank,
     round_up,
     select_config,
 )
 from pallas_kernels.svdq_linear.gemm_sm90 import w4a4_gemm_kernel
-from pallas_kernels.svdq_linear.quantize import code_dtype, quantize_activations_kernel
+from pallas_kernels.svdq_linear.mosaic import code_dtype
+from pallas_kernels.svdq_linear.quantize import quantize_activations_kernel
 
 
 def is_supported(device: jax.Device | None = None) -> bool:
@@ -40,6 +43,25 @@ def is_supported(device: jax.Device | None = None) -> bool:
     return False
   capability = str(getattr(device, "compute_capability", ""))
   return capability.startswith("9.")
+
+
+def unsupported_reason(m: int, k: int, n: int, rank: int, *, group_size: int = GROUP_SIZE,
+                       out_dtype: jnp.dtype = jnp.bfloat16) -> str | None:
+  """Why `svdq_linear` with its default config cannot compute an (m, k) x (k, n) product with a
+  rank-`rank` low-rank branch and `out_dtype` output, or None when it can. Device independent
+  (see `is_supported` for the device); callers check before dispatching instead of catching."""
+  if group_size != GROUP_SIZE:
+    return f"the kernels implement INT4 with group_size {GROUP_SIZE}, this layer has {group_size}"
+  if k % GROUP_SIZE:
+    return f"K = {k} input features is not a multiple of {GROUP_SIZE}"
+  if rank > MAX_RANK:
+    return f"the low-rank branch has rank {rank}, the kernels support at most {MAX_RANK}"
+  gemm = select_config(m, k, n, rank).gemm
+  smem = gemm_smem_bytes(gemm, 2 * padded_rank(rank), jnp.dtype(out_dtype).itemsize)
+  if smem > H100_SMEM_BYTES:
+    return (f"rank {rank} with a {jnp.dtype(out_dtype).name} output needs {smem} bytes of shared "
+            f"memory in kernel 2, more than the {H100_SMEM_BYTES} of a Hopper CTA")
+  return None
 
 
 def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -262,4 +284,4 @@ def w4a4_gemm(
   return out[:m]
 
 
-__all__ = ["is_supported", "quantize_activations", "svdq_linear", "w4a4_gemm"]
+__all__ = ["is_supported", "quantize_activations", "svdq_linear", "unsupported_reason", "w4a4_gemm"]

@@ -42,7 +42,7 @@ from pallas_kernels.svdq_linear.config import (
     gemm_carrier_slots,
     gemm_smem_bytes,
 )
-from pallas_kernels.svdq_linear.quantize import interpret_params, smem_transforms
+from pallas_kernels.svdq_linear.mosaic import interpret_params, smem_transforms
 
 _MAGIC_FLOAT = 12582912.0  # 1.5 * 2**23: f32 ulp 1, integers below 2**22 fit in the mantissa
 _MAGIC_BITS = 0x4B400000  # the bit pattern of _MAGIC_FLOAT

@@ -297,8 +297,8 @@ def test_quantized_model_under_jit(tmp_path):
   assert {p for p, leaf in kernels.items() if is_quantized(leaf)} == in_blocks
   modulation = {p for p in in_blocks if "norm" in p}  # AdaLN linears: W4A16
   assert len(modulation) == 3
-  assert all(kernels[p].config.act_format is None for p in modulation)
-  assert all(kernels[p].config.act_format == "int4" for p in in_blocks - modulation)
+  assert all(kernels[p].act_format is None for p in modulation)
+  assert all(kernels[p].act_format == "int4" for p in in_blocks - modulation)
   err = relative_error(out, expected)
   print(f"quantized FLUX ({len(in_blocks)} linears): relative error vs float {err:.2e}")
   assert np.all(np.isfinite(np.asarray(out)))

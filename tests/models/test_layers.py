@@ -20,11 +20,13 @@ from models.layers import (
   FeedForward,
   GroupNorm,
   LayerNorm,
+  Linear,
   MLPEmbedder,
   RMSNorm,
   attention,
   timestep_embedding,
 )
+from svdq_jax import QuantConfig, quantize_linear, use_impl
 from svdq_jax.config_base import DictConfig
 
 torch = pytest.importorskip("torch")
@@ -278,3 +280,29 @@ def test_attention_uses_cudnn_only_without_mask_or_bias(monkeypatch):
   attention(q, q, q, bias=jnp.zeros((1, 2, 4, 4), jnp.bfloat16))
   attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32))
   assert calls == ["cudnn", "cudnn", None, None, None]
+
+
+def test_linear_passes_its_impl_to_svdq_dot(fake_svdq_kernel):
+  """`Linear(impl=...)` picks a quantized kernel's implementation; None follows `use_impl`."""
+  device, calls = fake_svdq_kernel
+  device.supported = False  # a CPU: "auto" is XLA
+  k, n = 64, 32
+  kernel = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+  w = quantize_linear(jnp.asarray(kernel), None, None, QuantConfig.preset("w4a4"))
+  x = jnp.ones((2, k))
+
+  def quantized_linear(impl):
+    layer = Linear(k, n, impl=impl, rngs=nnx.Rngs(0))
+    layer.kernel.set_value(w)
+    return layer
+
+  for impl, expected_calls in ((None, 0), ("xla", 0), ("pallas-interpret", 1)):
+    quantized_linear(impl)(x)
+    assert len(calls) == expected_calls, impl
+  with use_impl("pallas-interpret"):
+    quantized_linear("xla")(x)  # the layer's own choice wins
+    assert len(calls) == 1
+    quantized_linear(None)(x)
+    assert len(calls) == 2
+    Linear(k, n, impl="pallas", rngs=nnx.Rngs(0))(x)  # a plain kernel is a matmul under any impl
+  assert len(calls) == 2

@@ -1,6 +1,7 @@
 """svdq_dot: the exact integer product, the reference path and the Pallas dispatch logic."""
 
-import sys
+import dataclasses
+import threading
 import types
 import warnings
 
@@ -9,8 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svdq_jax import QuantConfig, SVDQLinear, is_quantized, qlinear, quantize_linear, svdq_dot
+import svdq_jax
+from svdq_jax import (
+    QuantConfig,
+    QuantFormat,
+    SVDQLinear,
+    dot,
+    is_quantized,
+    qlinear,
+    quantize_linear,
+    svdq_dot,
+    use_impl,
+)
 from svdq_jax import quantizers as qz
+from svdq_jax.errors import InputError
 
 K, N, T = 128, 96, 64
 
@@ -32,7 +45,7 @@ def _quantized(layer_data, preset, **overrides):
 
 def _weight_integers(w: SVDQLinear) -> tuple[np.ndarray, float]:
   codes = np.asarray(w.weight_codes())
-  if w.config.weight_format == "nvfp4":
+  if w.weight_format == "nvfp4":
     return (2 * qz.E2M1_VALUES[codes]).astype(np.int64), 0.5
   return codes.astype(np.int64), 1.0
 
@@ -52,8 +65,8 @@ def test_integer_part_matches_float64_numpy(layer_data, preset):
   # The integer sums alone (unit scales): exact, bit for bit.
   ones_a = jnp.ones((a_g.shape[0], groups), jnp.float32)
   ones_w = jnp.ones((groups, N), jnp.float32)
-  a8, _ = qlinear._integer_operand(codes, w.config.act_format)
-  w8, _ = qlinear._integer_operand(w.weight_codes(), w.config.weight_format)
+  a8, _ = qlinear._integer_operand(codes, w.act_format)
+  w8, _ = qlinear._integer_operand(w.weight_codes(), w.weight_format)
   total = qlinear.grouped_integer_product(a8, ones_a, w8, ones_w, group)
   np.testing.assert_array_equal(np.asarray(total, np.float64), psums.sum(-1).astype(np.float64))
   # With scales: float64 of the same quantized values, within the float32 accumulation bound.
@@ -67,8 +80,7 @@ def test_integer_part_matches_float64_numpy(layer_data, preset):
 
 def _activation_view(w, act_codes):
   """A stand-in exposing activation codes through `weight_codes` (for `_weight_integers`)."""
-  return types.SimpleNamespace(weight_codes=lambda: act_codes,
-                               config=types.SimpleNamespace(weight_format=w.config.act_format))
+  return types.SimpleNamespace(weight_codes=lambda: act_codes, weight_format=w.act_format)
 
 
 def _bias(w):
@@ -119,22 +131,25 @@ def test_plain_kernel_and_weight_only_paths(layer_data):
   np.testing.assert_allclose(np.asarray(svdq_dot(xs, jnp.asarray(kernel), bias=bias)),
                              x[:4] @ kernel + 1, rtol=1e-5, atol=1e-4)
   w = quantize_linear(jnp.asarray(kernel), None, None, QuantConfig.preset("nf4-w4a16"))
-  assert not w.config.quantizes_activations
+  assert not w.format.quantizes_activations
   expected = x[:4].astype(np.float64) @ np.asarray(w.dequantize(), np.float64) + 1
   np.testing.assert_allclose(np.asarray(svdq_dot(xs, w, bias=bias)), expected, rtol=1e-5,
                              atol=1e-4)
   assert is_quantized(w) and not is_quantized(jnp.asarray(kernel))
   with pytest.raises(ValueError, match="input features"):
     svdq_dot(jnp.ones((2, K + 1)), w)
-  with pytest.raises(ValueError, match="impl"):
+  with pytest.raises(InputError, match="impl"):
     svdq_dot(xs, w, impl="cuda")
 
 
 def test_metadata_round_trip(layer_data):
   w = _quantized(layer_data, "svdquant-int4", svd_iters=0)
-  rebuilt = SVDQLinear.from_arrays({k: np.asarray(v) for k, v in w.arrays().items()},
-                                   w.metadata())
-  assert rebuilt.config == w.config and rebuilt.act_shift == w.act_shift
+  metadata = w.metadata()
+  assert metadata["format"] == {"weight_format": "int4", "act_format": "int4", "group_size": 64,
+                                "act_shift": w.act_shift}
+  assert "config" not in metadata  # the search settings and layer rules stay out of the layer
+  rebuilt = SVDQLinear.from_arrays({k: np.asarray(v) for k, v in w.arrays().items()}, metadata)
+  assert rebuilt.format == w.format == QuantFormat("int4", "int4", 64, w.act_shift)
   x = jnp.asarray(layer_data[1][:4])
   np.testing.assert_array_equal(np.asarray(svdq_dot(x, rebuilt)), np.asarray(svdq_dot(x, w)))
   arrays = {k: np.asarray(v) for k, v in w.arrays().items()}
@@ -148,28 +163,8 @@ def test_metadata_round_trip(layer_data):
 # ---- dispatch ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_kernel(monkeypatch):
-  """A stand-in for pallas_kernels.svdq_linear that records its calls."""
-  calls = []
-  module = types.ModuleType(qlinear.PALLAS_MODULE)
-  module.supported = True
-
-  def svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias, *, group_size=64,
-                  act_shift=0.0, out_dtype=None, interpret=False):
-    calls.append({"x_shape": x.shape, "bias": bias, "group_size": group_size,
-                  "act_shift": act_shift, "interpret": interpret})
-    return jnp.zeros((x.shape[0], qweight.shape[0]), out_dtype)
-
-  module.svdq_linear = svdq_linear
-  module.is_supported = lambda device=None: module.supported
-  monkeypatch.setitem(sys.modules, qlinear.PALLAS_MODULE, module)
-  monkeypatch.setattr(qlinear, "_NOTICES", set())
-  return module, calls
-
-
-def test_explicit_pallas_calls_the_kernel_with_both_biases(layer_data, fake_kernel):
-  module, calls = fake_kernel
+def test_explicit_pallas_calls_the_kernel_with_both_biases(layer_data, fake_svdq_kernel):
+  _, calls = fake_svdq_kernel
   w = _quantized(layer_data, "w4a4")
   layer_bias = jnp.full((N,), 2.0)
   y = svdq_dot(jnp.ones((2, 3, K)), w, bias=layer_bias, impl="pallas-interpret")
@@ -179,25 +174,40 @@ def test_explicit_pallas_calls_the_kernel_with_both_biases(layer_data, fake_kern
   assert calls[-1]["interpret"] is False
 
 
-def test_pallas_rejects_other_formats_and_missing_module(layer_data, fake_kernel, monkeypatch):
-  w = _quantized(layer_data, "nf4-w4a16", svd_iters=0)
-  with pytest.raises(ValueError, match="INT4 W4A4 only"):
-    svdq_dot(jnp.ones((2, K)), w, impl="pallas")
-  monkeypatch.setitem(sys.modules, qlinear.PALLAS_MODULE, None)
-  with pytest.raises(ImportError, match="impl='xla'"):
-    svdq_dot(jnp.ones((2, K)), _quantized(layer_data, "w4a4"), impl="pallas")
+def test_explicit_pallas_names_why_it_cannot_serve_the_case(layer_data, fake_svdq_kernel):
+  device, calls = fake_svdq_kernel
+  x = jnp.ones((2, K))
+  nf4 = _quantized(layer_data, "nf4-w4a16", svd_iters=0)
+  with pytest.raises(InputError, match="INT4 W4A4 only.*weight nf4 / activations None"):
+    svdq_dot(x, nf4, impl="pallas")
+  w = _quantized(layer_data, "w4a4")
+  device.supported = False
+  with pytest.raises(InputError, match="Hopper"):
+    svdq_dot(x, w, impl="pallas")
+  svdq_dot(x, w, impl="pallas-interpret")  # the interpreter runs on any device
+  assert len(calls) == 1
+  wide = dataclasses.replace(w, lora_down=jnp.zeros((K, 0), jnp.bfloat16),
+                             lora_up=jnp.zeros((0, N), jnp.bfloat16))
+  assert dot.pallas_unsupported_reason(x, wide, interpret=True) is None
+  ranked = dataclasses.replace(w, lora_down=jnp.zeros((K, 300), jnp.bfloat16),
+                               lora_up=jnp.zeros((300, N), jnp.bfloat16))
+  with pytest.raises(InputError, match="rank 300"):
+    svdq_dot(x, ranked, impl="pallas-interpret")
+  assert len(calls) == 1
 
 
-def test_auto_uses_the_kernel_only_on_a_supported_gpu(layer_data, fake_kernel, monkeypatch):
-  module, calls = fake_kernel
+def test_auto_uses_the_kernel_only_on_a_supported_gpu(layer_data, fake_svdq_kernel, monkeypatch):
+  device, calls = fake_svdq_kernel
   w = _quantized(layer_data, "w4a4")
   x = jnp.ones((2, K))
+  device.supported = False
   svdq_dot(x, w)  # CPU: XLA
   assert not calls
-  monkeypatch.setattr(qlinear, "_backend", lambda: "gpu")
+  monkeypatch.setattr(dot, "_backend", lambda: "gpu")
+  device.supported = True
   svdq_dot(x, w)
   assert len(calls) == 1
-  module.supported = False
+  device.supported = False
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     y = svdq_dot(x, w)
@@ -205,11 +215,48 @@ def test_auto_uses_the_kernel_only_on_a_supported_gpu(layer_data, fake_kernel, m
   assert len(calls) == 1 and len(caught) == 1 and "Hopper" in str(caught[0].message)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(svdq_dot(x, w, impl="xla")))
   nvfp4 = _quantized(layer_data, "svdquant-nvfp4", rank=0, svd_iters=0)
-  module.supported = True
+  device.supported = True
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     svdq_dot(x, nvfp4)
   assert len(calls) == 1 and "nvfp4" in str(caught[0].message)
+
+
+def test_impl_precedence_argument_then_context_then_auto(layer_data, fake_svdq_kernel):
+  device, calls = fake_svdq_kernel
+  w = _quantized(layer_data, "w4a4")
+  x = jnp.ones((2, K))
+  assert svdq_jax.current_impl() == "auto"
+  with use_impl("pallas-interpret"):
+    assert svdq_jax.current_impl() == "pallas-interpret"
+    svdq_dot(x, w)
+    assert len(calls) == 1
+    svdq_dot(x, w, impl="xla")  # the argument wins
+    assert len(calls) == 1
+    with use_impl("xla"):  # the innermost context wins
+      svdq_dot(x, w)
+    assert len(calls) == 1
+    jax.jit(lambda x: svdq_dot(x, w))(x)  # read at trace time
+    assert len(calls) == 2
+  assert svdq_jax.current_impl() == "auto"
+  svdq_dot(x, w)  # auto on a supported device: the kernels
+  assert len(calls) == 3
+  device.supported = False
+  svdq_dot(x, w)  # auto elsewhere: XLA
+  assert len(calls) == 3
+  with pytest.raises(InputError, match="'cuda' is not one of"):
+    with use_impl("cuda"):
+      pass
+
+
+def test_use_impl_is_per_thread(layer_data):
+  seen = []
+  with use_impl("xla"):
+    thread = threading.Thread(target=lambda: seen.append(svdq_jax.current_impl()))
+    thread.start()
+    thread.join()
+    seen.append(svdq_jax.current_impl())
+  assert seen == ["auto", "xla"]
 
 
 def test_xla_path_agrees_with_the_kernel_reference(layer_data):

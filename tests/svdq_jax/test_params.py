@@ -105,7 +105,7 @@ def test_quantize_params_selects_skips_and_keeps_the_model_untouched(calibrated)
   assert isinstance(flat["proj_out/kernel"], jax.Array)
   for i in range(2):
     ada = flat[f"transformer_blocks/{i}/norm1/linear/kernel"]
-    assert isinstance(ada, SVDQLinear) and ada.config.act_format is None and ada.rank == 0
+    assert isinstance(ada, SVDQLinear) and ada.act_format is None and ada.rank == 0
     q = flat[f"transformer_blocks/{i}/to_q/kernel"]
     assert isinstance(q, SVDQLinear) and q.rank == 16 and q.act_shift == 0.0
     down = flat[f"transformer_blocks/{i}/ff/net/1/kernel"]
