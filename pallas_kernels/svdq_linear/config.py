@@ -59,7 +59,7 @@ class GemmConfig:
       barrier is the only one it needs (gemm_sm90's docstring gives the argument). Needs
       max_concurrent_steps >= 2; the late release leaves the scales prefetched
       max_concurrent_steps - 1 steps ahead, so at 2 stages each step waits for its scales' copy.
-      Untimed so far: the sweep of benchmarks/kernels.py measures it.
+      `benchmarks/kernels.py --sweep` times it.
   """
 
   block_m: int = 64
