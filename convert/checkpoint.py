@@ -34,28 +34,21 @@ import numpy as np
 from flax import nnx
 
 from convert import registry
-from convert.loading import (
-  check_arrays,
+from convert.component import (
+  FORMAT_VERSION,
+  HEADER_KEY,
+  PARAMS_DIR,
   checkpoint_config,
-  load_into,
-  path_str,
-  read_config,
-  state_paths,
+  read_header,
 )
 from convert.safetensors_io import CheckpointError
+from convert.state import check_arrays, load_into, path_str, state_paths
 from svdq_jax import SVDQLinear, is_quantized
 
-FORMAT_VERSION = 1
-HEADER_KEY = "svdq_jax"
-PARAMS_DIR = "params"
 # Arrays read at once on restore. Peak RSS of restoring the 1.9 GiB benchmark checkpoint
-# (benchmarks/convert.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
+# (benchmarks/convert_memory.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
 # 4: +0.16x, all at once (orbax's default): +0.2x to +0.3x; one at a time was not slower.
 RESTORE_WINDOW = 1
-# The JSON type of each header entry (a hand-edited config.json may hold another).
-_HEADER_TYPES = {"format_version": (int, "integer"), "model_type": (str, "string"),
-                 "config": (dict, "object"), "quantized": (dict, "object"),
-                 "empty": (dict, "object")}
 
 
 def _fresh_sibling(dst: Path, kind: str) -> Path:
@@ -226,34 +219,6 @@ def save_checkpoint(model: nnx.Module, dst: str | os.PathLike, *, model_type: st
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   arrays = {path_str(path): variable.get_value() for path, variable in flat}
   return write_checkpoint(arrays, dst, model_type=model_type, config=config, overwrite=overwrite)
-
-
-def read_header(path: str | os.PathLike) -> dict:
-  """The "svdq_jax" header of our checkpoint folder, validated.
-
-  Raises:
-    CheckpointError when the folder is not ours, its header lacks an entry or holds one of the
-    wrong JSON type, or it is from a newer format version.
-  """
-  raw = read_config(path)
-  header = raw.get(HEADER_KEY)
-  if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: config.json has no '{HEADER_KEY}' header (not a svdq-jax "
-                          "checkpoint; convert it with `svdq-jax convert`)")
-  missing = [k for k in ("format_version", "model_type", "config") if k not in header]
-  if missing:
-    raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header lacks {missing}")
-  wrong = [f"{key!r} must be a JSON {json_type}, got {json.dumps(header[key])[:60]}"
-           for key, (kind, json_type) in _HEADER_TYPES.items()
-           if key in header and not isinstance(header[key], kind)]
-  if wrong:
-    raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header: {'; '.join(wrong)}")
-  if header["format_version"] > FORMAT_VERSION:
-    raise CheckpointError(f"{path}: checkpoint format version {header['format_version']}, this "
-                          f"svdq-jax reads up to {FORMAT_VERSION}")
-  if not (Path(path) / PARAMS_DIR).is_dir():
-    raise CheckpointError(f"{path}: no '{PARAMS_DIR}' folder (incomplete checkpoint)")
-  return header
 
 
 def _restore_args() -> Callable[[Any], Any]:
