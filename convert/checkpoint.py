@@ -146,7 +146,7 @@ def _windowed(handler_class: type) -> type:
   orbax hands a handler all of a checkpoint's arrays in one call, and tensorstore then reads them
   all at once; each read holds its file buffer until it is copied into the returned array, so a
   full restore peaked at 1.2x to 1.3x the checkpoint size. Read in windows, the transient is the
-  buffers of one window (benchmarks/convert.py: about one largest tensor).
+  buffers of one window (benchmarks/convert_memory.py: about one largest tensor).
   """
 
   class Windowed(handler_class):
