@@ -28,7 +28,7 @@ PAPER_RATIO = 3.5  # SVDQuant paper, Fig. 8 caption: transformer memory, BF16 vs
 
 
 def _group(path: str) -> str:
-  """Which part of the model a leaf belongs to, by the default patterns (DESIGN.md section 3)."""
+  """Which part of the model a leaf belongs to, by the default patterns of svdq_jax.config."""
   if matches_any(path, DEFAULT_SKIP) or path.rsplit("/", 1)[-1] != "kernel":
     return "16-bit rest"
   return "AdaLN" if matches_any(path, DEFAULT_WEIGHT_ONLY) else "block linears"
