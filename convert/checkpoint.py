@@ -168,8 +168,8 @@ def _checkpointer() -> Any:
   bf16 weights, which compress by only ~20%) and no defensive deep copy of numpy arrays (which
   would double peak memory; our arrays are not mutated while being written); arrays are restored
   a window at a time (see `_windowed`)."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy; only needed for our format)
-  from orbax.checkpoint import type_handlers  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # heavy, and only our format needs it
+  from orbax.checkpoint import type_handlers
 
   handlers = type_handlers.create_type_handler_registry(
       (np.ndarray, _windowed(type_handlers.NumpyHandler)(deepcopy_host_arrays=False)),
@@ -234,7 +234,7 @@ def _restore_args() -> Callable[[Any], Any]:
   backend (JAX_PLATFORMS=cuda), or for a dtype jax would narrow (64-bit without
   jax_enable_x64), the array is restored as numpy.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import orbax.checkpoint as ocp
 
   try:
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -254,7 +254,7 @@ def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str
   """The flat parameters of our checkpoint in their stored dtypes (host jax.Arrays, see
   `_restore_args`), and an SVDQLinear for each quantized kernel. `header`: its `read_header`, when
   the caller has it."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import orbax.checkpoint as ocp
 
   header = read_header(path) if header is None else header
   params = Path(path).absolute() / PARAMS_DIR

@@ -3,7 +3,8 @@
     pallas_kernels <- svdq_jax <- models <- convert <- pipelines <- demo <- cli <- benchmarks
 
 Every .py module of the packages and of benchmarks/ is parsed; each import of one of our packages,
-at the top or inside a function, must name the module's own package or one below it. Our modules
+at the top or inside a function, must name the module's own package or one below it, and sits at
+the top of the module (only third-party imports may stay inside a function). Our modules
 are never imported by a string: `importlib.import_module("models.flux")` (a literal, or a
 module-level string constant) is a failure, except in a package's `__init__.py` resolving its own
 submodules on first use (PEP 562 lazy exports, which keep `svdq_jax.errors` and
@@ -35,6 +36,13 @@ def _layer_of(module: str) -> str | None:
   """The package (layer) a dotted module name belongs to; None for third-party modules."""
   top = module.split(".")[0]
   return top if top in RANK else None
+
+
+def _function_level(tree: ast.AST) -> set[int]:
+  """Line numbers of the import statements inside a function body."""
+  return {node.lineno for fn in ast.walk(tree)
+          if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+          for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))}
 
 
 def _imported_modules(tree: ast.AST, package: str) -> list[tuple[int, str]]:
@@ -94,10 +102,14 @@ def violations(source: str, path: str) -> list[str]:
   is_init = parts[-1] == "__init__.py"
   tree = ast.parse(source, filename=path)
   problems = []
+  local = _function_level(tree)
   for line, module in _imported_modules(tree, package):
     layer = _layer_of(module)
     if layer is not None and RANK[layer] > RANK[package]:
       problems.append(f"{path}:{line}: {package} imports {module} (a layer above it)")
+    elif layer is not None and line in local:
+      problems.append(f"{path}:{line}: imports our module {module} inside a function (imports of "
+                      "our modules sit at the top)")
   for line, name in _string_imports(tree):
     target = _layer_of(name.split(":")[0])
     if is_init and target == package:
@@ -143,6 +155,8 @@ def test_imports_run_one_way():
      "our module 'models.flux:FluxTransformer' by a string"),
     ("import importlib\n_LAZY = {'x': 'models.flux'}\n", "svdq_jax/__init__.py",
      "our module 'models.flux' by a string"),
+    ("def f():\n  from models import sharding\n", "pipelines/loop.py",
+     "our module models inside a function"),
 ])
 def test_a_wrong_way_import_is_found(source, path, expected):
   found = violations(source, path)
