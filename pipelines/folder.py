@@ -55,12 +55,14 @@ def read_model_index(path: str | os.PathLike) -> dict:
   """The model_index.json of a pipeline folder: `_class_name` and one entry per component.
 
   Raises:
-    CheckpointError (an InputError) naming the folder or file: no such folder, no
+    CheckpointError (an InputError) naming the folder or file: no such folder, a file, no
     model_index.json, or one that is unreadable, not UTF-8 JSON, or not a JSON object.
   """
   path = Path(path)
-  if not path.is_dir():
+  if not path.exists():
     raise CheckpointError(f"{path}: pipeline folder does not exist")
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: not a folder (expected a pipeline folder)")
   if not (path / "model_index.json").exists():
     raise CheckpointError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
   return read_json_object(path / "model_index.json")
