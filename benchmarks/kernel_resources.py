@@ -60,19 +60,15 @@ import jax
 import jax.numpy as jnp
 from jaxlib.mlir import ir
 
-# The repository root first: run as a script, this folder leads sys.path, and its convert.py
-# (the conversion benchmark) would shadow the `convert` package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pallas_kernels.svdq_linear import (  # noqa: E402
-    GemmConfig,
-    QuantizeConfig,
-    SVDQLinearConfig,
-    select_config,
-    svdq_linear,
+from pallas_kernels.svdq_linear import (
+  GemmConfig,
+  QuantizeConfig,
+  SVDQLinearConfig,
+  select_config,
+  svdq_linear,
 )
-from pallas_kernels.svdq_linear.config import ctas_per_sm_by_smem, round_up  # noqa: E402
-from svdq_jax.quantizers import GELU_SHIFT  # noqa: E402
+from pallas_kernels.svdq_linear.config import ctas_per_sm_by_smem, round_up
+from svdq_jax.quantizers import GELU_SHIFT
 
 # The lowering must never initialize a CUDA backend: with the plugin installed and the stand-in
 # driver loaded, jax would otherwise try to open a GPU client on it.

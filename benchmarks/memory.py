@@ -12,28 +12,23 @@ Usage: python benchmarks/memory.py
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
 
-# The repository root first: run as a script, this folder leads sys.path, and its convert.py
-# (the conversion benchmark) would shadow the `convert` package that models.flux imports.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.flux import FluxConfig, FluxTransformer  # noqa: E402
-from svdq_jax import QuantConfig, quantize_params  # noqa: E402
-from svdq_jax.config import DEFAULT_SKIP, DEFAULT_WEIGHT_ONLY  # noqa: E402
-from svdq_jax.evaluation import ALL_PRESETS  # noqa: E402
-from svdq_jax.metrics import model_bytes  # noqa: E402
-from svdq_jax.params import matches_any  # noqa: E402
-from svdq_jax.tree import named_leaves  # noqa: E402
+from models.flux import FluxConfig, FluxTransformer
+from svdq_jax import QuantConfig, quantize_params
+from svdq_jax.config import DEFAULT_SKIP, DEFAULT_WEIGHT_ONLY
+from svdq_jax.evaluation import ALL_PRESETS
+from svdq_jax.metrics import model_bytes
+from svdq_jax.params import matches_any
+from svdq_jax.tree import named_leaves
 
 PAPER_RATIO = 3.5  # SVDQuant paper, Fig. 8 caption: transformer memory, BF16 vs INT4
 
 
 def _group(path: str) -> str:
-  """Which part of the model a leaf belongs to, by the default patterns (DESIGN.md section 3)."""
+  """Which part of the model a leaf belongs to, by the default patterns of svdq_jax.config."""
   if matches_any(path, DEFAULT_SKIP) or path.rsplit("/", 1)[-1] != "kernel":
     return "16-bit rest"
   return "AdaLN" if matches_any(path, DEFAULT_WEIGHT_ONLY) else "block linears"

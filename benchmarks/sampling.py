@@ -20,9 +20,16 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from models import schedulers, sharding
+from models.flux import FluxConfig, FluxTransformer
+from pipelines.flux import flux_step_fn, fused_loop, latent_image_ids
+from svdq_jax import QuantConfig, quantize_model
 
 
 def _parse() -> argparse.Namespace:
@@ -45,7 +52,6 @@ def _parse() -> argparse.Namespace:
 
 
 def _config(shapes: str):
-  from models.flux import FluxConfig  # noqa: PLC0415
 
   if shapes == "flux-dev":
     return FluxConfig.dev(), 4096, 512
@@ -59,10 +65,7 @@ def _config(shapes: str):
 
 
 def _inputs(config, image_tokens: int, text_tokens: int, batch: int, dtype):
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  from models.pipelines import latent_image_ids  # noqa: PLC0415
 
   keys = jax.random.split(jax.random.key(0), 3)
   side = int(round(image_tokens ** 0.5)) * 2
@@ -78,13 +81,10 @@ def _inputs(config, image_tokens: int, text_tokens: int, batch: int, dtype):
 
 def _build(config, preset: str, dtype):
   """A random-init FluxTransformer of `config`, quantized data-free unless preset is 'float'."""
-  from flax import nnx  # noqa: PLC0415
 
-  from models.flux import FluxTransformer  # noqa: PLC0415
 
   model = FluxTransformer(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
   if preset != "float":
-    from svdq_jax import QuantConfig, quantize_model  # noqa: PLC0415
 
     quant = QuantConfig.preset(preset, smooth=None)
     quantize_model(model, None, quant, progress=True)
@@ -94,10 +94,7 @@ def _build(config, preset: str, dtype):
 def _setup(args: argparse.Namespace, steps: int):
   """(config, image tokens, text tokens, dtype, scheduler, schedule) for `args.shapes`; the dtype
   is bfloat16 on a GPU, float32 elsewhere."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  from models import schedulers  # noqa: PLC0415
 
   config, image_tokens, text_tokens = _config(args.shapes)
   dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
@@ -121,12 +118,7 @@ def _time(fn, args, steps: int, repeats: int) -> tuple[float, float]:
 
 def run_table(args: argparse.Namespace) -> None:
   """Prints the first-result and per-step times per (weights, device count)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
 
-  from models import sharding  # noqa: PLC0415
-  from models.pipelines import flux_step_fn, fused_loop  # noqa: PLC0415
 
   config, image_tokens, text_tokens, dtype, scheduler, schedule = _setup(args, args.steps)
   print(f"# {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
@@ -158,12 +150,7 @@ def run_table(args: argparse.Namespace) -> None:
 
 def run_progress_overhead(args: argparse.Namespace) -> None:
   """Per-step cost of the three ways to show progress, on the same loop."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-  from tqdm.auto import tqdm  # noqa: PLC0415
 
-  from models.pipelines import flux_step_fn, fused_loop  # noqa: PLC0415
 
   steps = max(args.steps, 8)
   config, image_tokens, text_tokens, dtype, scheduler, schedule = _setup(args, steps)
@@ -206,7 +193,6 @@ def run_progress_overhead(args: argparse.Namespace) -> None:
 def main() -> int:
   args = _parse()
   if args.cpu_devices:
-    import jax  # noqa: PLC0415
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   if args.progress_overhead:

@@ -6,9 +6,11 @@
     CheckpointError                               a bad checkpoint (an svdq_jax.errors.InputError)
 
 The per-model key mappings live in `convert/<model>.py`; `convert.registry` dispatches to them.
-Heavy names (orbax, flax) are imported on first use, so `convert.CheckpointReader` stays light.
+Heavy names (orbax, flax) are imported on first use (PEP 562), so `convert.CheckpointReader` stays
+light.
 """
 
+import importlib
 from typing import Any
 
 from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
@@ -22,7 +24,5 @@ __all__ = ["CheckpointError", "CheckpointReader", "convert", "load_checkpoint",
 
 def __getattr__(name: str) -> Any:
   if name in _LAZY:
-    import importlib  # noqa: PLC0415
-
     return getattr(importlib.import_module(_LAZY[name]), name)
   raise AttributeError(f"module 'convert' has no attribute {name!r}")

@@ -34,28 +34,21 @@ import numpy as np
 from flax import nnx
 
 from convert import registry
-from convert.loading import (
-  check_arrays,
+from convert.component import (
+  FORMAT_VERSION,
+  HEADER_KEY,
+  PARAMS_DIR,
   checkpoint_config,
-  load_into,
-  path_str,
-  read_config,
-  state_paths,
+  read_header,
 )
 from convert.safetensors_io import CheckpointError
+from convert.state import check_arrays, load_into, path_str, state_paths
 from svdq_jax import SVDQLinear, is_quantized
 
-FORMAT_VERSION = 1
-HEADER_KEY = "svdq_jax"
-PARAMS_DIR = "params"
 # Arrays read at once on restore. Peak RSS of restoring the 1.9 GiB benchmark checkpoint
-# (benchmarks/convert.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
+# (benchmarks/convert_memory.py) beyond the arrays it holds, by window: 1: +0.10x, 2: +0.12x,
 # 4: +0.16x, all at once (orbax's default): +0.2x to +0.3x; one at a time was not slower.
 RESTORE_WINDOW = 1
-# The JSON type of each header entry (a hand-edited config.json may hold another).
-_HEADER_TYPES = {"format_version": (int, "integer"), "model_type": (str, "string"),
-                 "config": (dict, "object"), "quantized": (dict, "object"),
-                 "empty": (dict, "object")}
 
 
 def _fresh_sibling(dst: Path, kind: str) -> Path:
@@ -153,7 +146,7 @@ def _windowed(handler_class: type) -> type:
   orbax hands a handler all of a checkpoint's arrays in one call, and tensorstore then reads them
   all at once; each read holds its file buffer until it is copied into the returned array, so a
   full restore peaked at 1.2x to 1.3x the checkpoint size. Read in windows, the transient is the
-  buffers of one window (benchmarks/convert.py: about one largest tensor).
+  buffers of one window (benchmarks/convert_memory.py: about one largest tensor).
   """
 
   class Windowed(handler_class):
@@ -175,8 +168,8 @@ def _checkpointer() -> Any:
   bf16 weights, which compress by only ~20%) and no defensive deep copy of numpy arrays (which
   would double peak memory; our arrays are not mutated while being written); arrays are restored
   a window at a time (see `_windowed`)."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415  (heavy; only needed for our format)
-  from orbax.checkpoint import type_handlers  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # heavy, and only our format needs it
+  from orbax.checkpoint import type_handlers
 
   handlers = type_handlers.create_type_handler_registry(
       (np.ndarray, _windowed(type_handlers.NumpyHandler)(deepcopy_host_arrays=False)),
@@ -228,34 +221,6 @@ def save_checkpoint(model: nnx.Module, dst: str | os.PathLike, *, model_type: st
   return write_checkpoint(arrays, dst, model_type=model_type, config=config, overwrite=overwrite)
 
 
-def read_header(path: str | os.PathLike) -> dict:
-  """The "svdq_jax" header of our checkpoint folder, validated.
-
-  Raises:
-    CheckpointError when the folder is not ours, its header lacks an entry or holds one of the
-    wrong JSON type, or it is from a newer format version.
-  """
-  raw = read_config(path)
-  header = raw.get(HEADER_KEY)
-  if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: config.json has no '{HEADER_KEY}' header (not a svdq-jax "
-                          "checkpoint; convert it with `svdq-jax convert`)")
-  missing = [k for k in ("format_version", "model_type", "config") if k not in header]
-  if missing:
-    raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header lacks {missing}")
-  wrong = [f"{key!r} must be a JSON {json_type}, got {json.dumps(header[key])[:60]}"
-           for key, (kind, json_type) in _HEADER_TYPES.items()
-           if key in header and not isinstance(header[key], kind)]
-  if wrong:
-    raise CheckpointError(f"{path}: config.json '{HEADER_KEY}' header: {'; '.join(wrong)}")
-  if header["format_version"] > FORMAT_VERSION:
-    raise CheckpointError(f"{path}: checkpoint format version {header['format_version']}, this "
-                          f"svdq-jax reads up to {FORMAT_VERSION}")
-  if not (Path(path) / PARAMS_DIR).is_dir():
-    raise CheckpointError(f"{path}: no '{PARAMS_DIR}' folder (incomplete checkpoint)")
-  return header
-
-
 def _restore_args() -> Callable[[Any], Any]:
   """Maps a stored array's orbax metadata to how it is restored: a jax.Array on the host CPU
   device, in its stored dtype.
@@ -269,7 +234,7 @@ def _restore_args() -> Callable[[Any], Any]:
   backend (JAX_PLATFORMS=cuda), or for a dtype jax would narrow (64-bit without
   jax_enable_x64), the array is restored as numpy.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import orbax.checkpoint as ocp
 
   try:
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -289,7 +254,7 @@ def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str
   """The flat parameters of our checkpoint in their stored dtypes (host jax.Arrays, see
   `_restore_args`), and an SVDQLinear for each quantized kernel. `header`: its `read_header`, when
   the caller has it."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import orbax.checkpoint as ocp
 
   header = read_header(path) if header is None else header
   params = Path(path).absolute() / PARAMS_DIR

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from convert.loading import state_paths
 from convert.mapping import convert_by_name
 from convert.safetensors_io import CheckpointError, CheckpointReader
+from convert.state import state_paths
 from models.pixart import PixArtConfig, PixArtSigmaTransformer
 
 # Checkpoints converted before diffusers 0.28 (the PixArt-Sigma releases among them) name the

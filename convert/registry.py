@@ -1,21 +1,31 @@
 """Which model class and converter handle a checkpoint: dispatch on diffusers `_class_name` /
 transformers `architectures`.
 
-Each `convert/<model>.py` lists the source class names it handles in `MODEL_TYPES`; converters are
-imported lazily, so a missing or heavy converter costs nothing until a checkpoint needs it.
+Each `convert/<model>.py` lists the source class names it handles in `MODEL_TYPES`; `ENTRIES`
+names each family's converter module, model class and config class directly (convert sits above
+models, so it imports them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from types import ModuleType
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
+from convert import clip as clip_converter
+from convert import flux as flux_converter
+from convert import pixart as pixart_converter
+from convert import t5 as t5_converter
+from convert import vae as vae_converter
 from convert.safetensors_io import CheckpointError
+from models.clip import CLIPTextConfig, CLIPTextModel
+from models.flux import FluxConfig, FluxTransformer
+from models.pixart import PixArtConfig, PixArtSigmaTransformer
+from models.t5 import T5Config, T5Encoder
+from models.vae import AutoencoderKL, VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,64 +35,56 @@ class ModelEntry:
   Attributes:
     name: our short model type ("flux"), stored in our checkpoints and accepted by `--model`.
     converter: module with `config_from_json`, `convert_state` and `MODEL_TYPES`.
-    model: "module:Class" of the NNX model, built as `Class(config, dtype=, param_dtype=, rngs=)`.
-    config: "module:Class" of its frozen config dataclass (with `from_dict` / `to_dict`).
+    model: the NNX model class, built as `model(config, dtype=, param_dtype=, rngs=)`.
+    config: its frozen config dataclass (with `from_dict` / `to_dict`).
   """
 
   name: str
-  converter: str
-  model: str
-  config: str
+  converter: ModuleType
+  model: type
+  config: type
+
+  @property
+  def model_path(self) -> str:
+    """"module:Class" of the model class, for messages."""
+    return f"{self.model.__module__}:{self.model.__qualname__}"
 
   def converter_module(self) -> ModuleType:
-    return importlib.import_module(self.converter)
+    return self.converter
 
   def model_types(self) -> tuple[str, ...]:
-    return tuple(self.converter_module().MODEL_TYPES)
+    return tuple(self.converter.MODEL_TYPES)
 
   def model_class(self) -> type:
-    return _resolve(self.model)
+    return self.model
 
   def config_class(self) -> type:
-    return _resolve(self.config)
+    return self.config
 
   def abstract_model(self, config: Any, *, dtype: jnp.dtype | None = None,
                      param_dtype: jnp.dtype = jnp.float32) -> nnx.Module:
     """The model built under `nnx.eval_shape`: parameters are shapes only, nothing is allocated."""
-    cls = self.model_class()
+    cls = self.model
     return nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
                                       rngs=nnx.Rngs(0)))
 
 
-def _resolve(target: str) -> Any:
-  module, _, attr = target.partition(":")
-  return getattr(importlib.import_module(module), attr)
-
-
 ENTRIES: tuple[ModelEntry, ...] = (
-    ModelEntry("flux", "convert.flux", "models.flux:FluxTransformer", "models.flux:FluxConfig"),
-    ModelEntry("pixart", "convert.pixart", "models.pixart:PixArtSigmaTransformer",
-               "models.pixart:PixArtConfig"),
-    ModelEntry("vae", "convert.vae", "models.vae:AutoencoderKL", "models.vae:VAEConfig"),
-    ModelEntry("t5", "convert.t5", "models.t5:T5Encoder", "models.t5:T5Config"),
-    ModelEntry("clip", "convert.clip", "models.clip:CLIPTextModel", "models.clip:CLIPTextConfig"),
+    ModelEntry("flux", flux_converter, FluxTransformer, FluxConfig),
+    ModelEntry("pixart", pixart_converter, PixArtSigmaTransformer, PixArtConfig),
+    ModelEntry("vae", vae_converter, AutoencoderKL, VAEConfig),
+    ModelEntry("t5", t5_converter, T5Encoder, T5Config),
+    ModelEntry("clip", clip_converter, CLIPTextModel, CLIPTextConfig),
 )
 
 
 def _available() -> list[tuple[ModelEntry, tuple[str, ...]]]:
-  """The entries whose converter module exists, with their MODEL_TYPES (imports them)."""
-  found = []
-  for entry in ENTRIES:
-    try:
-      found.append((entry, entry.model_types()))
-    except ModuleNotFoundError as e:
-      if e.name != entry.converter:
-        raise
-  return found
+  """Every entry with its MODEL_TYPES (`ENTRIES` read at call time, so a test can add one)."""
+  return [(entry, entry.model_types()) for entry in ENTRIES]
 
 
 def known_model_types() -> dict[str, str]:
-  """`{source class name: our short name}` for every converter present."""
+  """`{source class name: our short name}` for every converter."""
   return {t: entry.name for entry, types in _available() for t in types}
 
 

@@ -12,9 +12,9 @@ import re
 import numpy as np
 from flax import nnx
 
-from convert.loading import state_paths
 from convert.mapping import convert_by_name
 from convert.safetensors_io import CheckpointError, CheckpointReader
+from convert.state import state_paths
 from models.vae import AutoencoderKL, VAEConfig
 
 MODEL_TYPES: tuple[str, ...] = ("AutoencoderKL",)

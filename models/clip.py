@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.loading import load_pretrained
 from models.layers import ACTIVATIONS as LAYER_ACTIVATIONS
 from models.layers import LayerNorm, Linear, attention
+from models.pretrained import load_pretrained
 from svdq_jax.config_base import DictConfig
 
 # The activations CLIP text configs name (`hidden_act`).

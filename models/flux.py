@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.loading import load_pretrained
 from models.layers import (
   FeedForward,
   LayerNorm,
@@ -29,6 +28,7 @@ from models.layers import (
   attention,
   timestep_embedding,
 )
+from models.pretrained import load_pretrained
 from svdq_jax.config_base import DictConfig
 
 _TIMESTEP_CHANNELS = 256  # width of the sinusoidal timestep / guidance embedding

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.loading import load_pretrained
 from models.layers import (
   Attention,
   Conv2d,
@@ -31,6 +30,7 @@ from models.layers import (
   MLPEmbedder,
   timestep_embedding,
 )
+from models.pretrained import load_pretrained
 from svdq_jax.config_base import DictConfig
 
 _TIMESTEP_CHANNELS = 256

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.loading import load_pretrained
 from models.layers import ACTIVATIONS as LAYER_ACTIVATIONS
 from models.layers import Linear, RMSNorm, attention
+from models.pretrained import load_pretrained
 from svdq_jax.config_base import DictConfig
 
 # The feed-forward activations T5 configs name (see `T5Config.dense_act_fn`).

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.loading import load_pretrained
 from models.layers import Attention, Conv2d, GroupNorm
+from models.pretrained import load_pretrained
 from svdq_jax.config_base import DictConfig
 
 _EPS = 1e-6

@@ -29,7 +29,7 @@ _EXPORTS = {
     "quantize_linear": "svdq_jax.transform",
 }
 """Public names and their modules. They are imported on first use, so importing a light
-submodule (svdq_jax.errors, through convert.CheckpointReader or the CLI's --help) does not load jax
+submodule (svdq_jax.errors, through convert.CheckpointReader) does not load jax
 and flax."""
 
 __all__ = sorted(_EXPORTS)

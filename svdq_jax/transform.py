@@ -1,6 +1,6 @@
 """`quantize_linear`: the SVDQuant transform of one linear layer, and `merge_lora`.
 
-For W (K, N) and calibration activations X (T, K) (DESIGN.md section 1):
+For W (K, N) and calibration activations X (T, K) (SVDQuant, Li et al. 2024):
   1. smoothing: λ (K,) is chosen from candidates built from the per-channel activation spans (of
      x + 0.171875 for shifted inputs, see 4.) and weight spans, scored by the layer-output error
      with the low-rank branch and the 4-bit quantization of weights and activations in the loop;

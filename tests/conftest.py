@@ -1,10 +1,19 @@
-"""Shared test fixtures. Tests run on CPU, offline; torch/diffusers are test-only references."""
+"""Shared test fixtures. Tests run on CPU, offline; torch/diffusers are test-only references.
+
+Subprocesses the tests start (scripts, `python -m cli`) import this checkout's packages, not
+an installed copy: its root leads their PYTHONPATH. `convert.loading` is imported so that every
+model's `from_pretrained` finds its loader without the installed entry point (`models.pretrained`).
+"""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 import types  # noqa: E402
 
@@ -13,7 +22,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import convert.loading  # noqa: E402, F401  (registers the models' checkpoint loader)
+from models import pretrained  # noqa: E402
 from svdq_jax import dot  # noqa: E402
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+  """Makes loading any model's weights (`Model.from_pretrained`) a test failure: for checks that
+  must come before a model is loaded."""
+
+  def loader(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+  monkeypatch.setattr(pretrained, "_loaders", [loader])
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """The benchmark scripts start when run the way the README runs them (`python benchmarks/X.py`).
 
-Run as a script, benchmarks/ leads sys.path, where convert.py would shadow the `convert` package;
-these tests catch that and any other import-time breakage without running the long benchmarks.
+Run as a script, benchmarks/ leads sys.path, so a script named like one of our packages would
+shadow it; these tests catch that and any other import-time breakage without running the long
+benchmarks. The scripts import the installed packages; here the checkout leads PYTHONPATH
+(tests/conftest.py), as an editable install of it would.
 """
 
 import os

@@ -116,11 +116,10 @@ def reference_forward(weights: dict[str, np.ndarray], x: np.ndarray, num_layers:
   return h @ w["proj_out.weight"].T + w["proj_out.bias"]
 
 
-ENTRY = registry.ModelEntry("tiny", __name__, f"{__name__}:TinyNet", f"{__name__}:TinyConfig")
+ENTRY = registry.ModelEntry("tiny", sys.modules[__name__], TinyNet, TinyConfig)
 
 
 def register(monkeypatch) -> registry.ModelEntry:
-  """Adds the tiny family to the registry (and this module under its name) for one test."""
-  monkeypatch.setitem(sys.modules, __name__, sys.modules[__name__])
+  """Adds the tiny family to the registry for one test."""
   monkeypatch.setattr(registry, "ENTRIES", (*registry.ENTRIES, ENTRY))
   return ENTRY

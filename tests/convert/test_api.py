@@ -256,8 +256,9 @@ def test_converted_flux_pipeline_loads_exactly(tmp_path):
   our FluxPipeline loads the converted folder with every parameter equal to loading the diffusers
   folder directly, and the transformer's parameters equal the torch state dict, transposed."""
   pytest.importorskip("diffusers")
-  from models.pipelines import FluxPipeline
-  from tests.models._pipeline_reference import save_tiny_flux_pipeline
+  from pipelines import FluxPipeline
+
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
 
   reference = save_tiny_flux_pipeline(tmp_path / "src", guidance_embeds=True)
   dst = convert(tmp_path / "src", tmp_path / "dst", progress=False)

@@ -102,7 +102,7 @@ def test_attention_matches_float64_softmax(use_mask, use_bias, causal, scale):
     ("gelu_tanh", "gelu_pytorch_tanh"), ("quick_gelu", "quick_gelu"),
 ])
 def test_activations_match_transformers(name, hf_name):
-  from transformers.activations import ACT2FN  # noqa: PLC0415
+  from transformers.activations import ACT2FN
 
   x = np.linspace(-6.0, 6.0, 97, dtype=np.float32)
   expected = ACT2FN[hf_name](torch.from_numpy(x)).numpy()
@@ -111,7 +111,7 @@ def test_activations_match_transformers(name, hf_name):
 
 
 def test_diffusers_attention_self_and_cross():
-  from diffusers.models.attention_processor import Attention as TorchAttention  # noqa: PLC0415
+  from diffusers.models.attention_processor import Attention as TorchAttention
 
   torch.manual_seed(0)
   dim, heads, head_dim, kv_dim = 16, 2, 8, 12
@@ -142,7 +142,7 @@ def test_diffusers_attention_self_and_cross():
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_mlp_embedder_matches_diffusers(act):
-  from diffusers.models.embeddings import (  # noqa: PLC0415
+  from diffusers.models.embeddings import (
       PixArtAlphaTextProjection,
       TimestepEmbedding,
   )
@@ -165,7 +165,7 @@ def test_mlp_embedder_rejects_unknown_activation():
 
 
 def test_feed_forward_matches_diffusers():
-  from diffusers.models.attention import FeedForward as TorchFeedForward  # noqa: PLC0415
+  from diffusers.models.attention import FeedForward as TorchFeedForward
 
   torch.manual_seed(0)
   module = TorchFeedForward(16, inner_dim=40, activation_fn="gelu-approximate").eval()
@@ -190,7 +190,7 @@ def test_conv2d_with_converted_oihw_weight_matches_torch():
 @pytest.mark.parametrize("dim, shift, scale", [(256, 0.0, 1.0), (33, 1.0, 2.0)])
 def test_timestep_embedding_matches_diffusers(dim, shift, scale):
   """Odd widths (zero-padded), a frequency shift and a scale, as diffusers' own function."""
-  from diffusers.models.embeddings import get_timestep_embedding  # noqa: PLC0415
+  from diffusers.models.embeddings import get_timestep_embedding
 
   t = np.array([0.0, 1.5, 999.0], np.float32)
   expected = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True,
@@ -206,7 +206,7 @@ def test_timestep_embedding_matches_diffusers(dim, shift, scale):
 def test_norms_match_torch_on_bfloat16_input():
   """LayerNorm / RMSNorm / GroupNorm with learned affine parameters, computed in float32 and
   returned in the input's dtype, against torch's float32 norms on the same bf16 values."""
-  from diffusers.models.normalization import RMSNorm as TorchRMSNorm  # noqa: PLC0415
+  from diffusers.models.normalization import RMSNorm as TorchRMSNorm
 
   torch.manual_seed(0)
   x = torch.randn(2, 4, 4, 8).to(torch.bfloat16)
@@ -245,7 +245,7 @@ class _Config(DictConfig):
 
 
 def test_dict_config_round_trips_through_json_types():
-  import json  # noqa: PLC0415
+  import json
 
   config = _Config(width=8, sizes=(3, 5, 7), name="x")
   as_dict = config.to_dict()

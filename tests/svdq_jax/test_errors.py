@@ -63,7 +63,7 @@ def test_light_modules_do_not_import_jax():
 
 
 def test_every_public_name_of_svdq_jax_resolves():
-  import svdq_jax  # noqa: PLC0415
+  import svdq_jax
 
   for name in svdq_jax.__all__:
     assert getattr(svdq_jax, name) is getattr(sys.modules[svdq_jax._EXPORTS[name]], name)
@@ -72,6 +72,6 @@ def test_every_public_name_of_svdq_jax_resolves():
 
 
 def test_a_bad_tokenizer_folder_is_an_input_error():
-  from models.tokenizers import TokenizerError  # noqa: PLC0415
+  from models.tokenizers import TokenizerError
 
   assert issubclass(TokenizerError, InputError)

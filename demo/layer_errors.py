@@ -1,7 +1,7 @@
 """A small real quantization: every preset on two layers with planted outliers, printed as a table.
 
-`svdq-jax demo` runs this until the full text-to-image demo exists. It takes well under a minute on
-two CPU cores; benchmarks/quant_error.py prints the same table at FLUX.1's layer shapes.
+`svdq-jax demo` runs this until the full text-to-image demo exists; benchmarks/quant_error.py
+prints the same table at FLUX.1's layer shapes.
 """
 
 from __future__ import annotations

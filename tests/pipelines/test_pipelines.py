@@ -14,11 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+import pipelines  # noqa: E402
+import svdq_jax  # noqa: E402
 from convert.safetensors_io import CheckpointError  # noqa: E402
-from models import pipelines  # noqa: E402
 from models.tokenizers import Tokenizer, TokenizerError  # noqa: E402
 from svdq_jax.errors import InputError  # noqa: E402
-from tests.models._pipeline_reference import (  # noqa: E402  (needs torch, checked above)
+from tests.pipelines._pipeline_reference import (  # noqa: E402  (needs torch, checked above)
   HEIGHT,
   MAX_SEQUENCE_LENGTH,
   WIDTH,
@@ -242,14 +243,9 @@ def test_model_index_and_pipeline_name(tmp_path):
 
 
 @pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
-def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, monkeypatch):
-  """A bad size or prompt list fails in milliseconds, not after the pipeline has loaded."""
+def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, no_model_load):
+  """A bad size, prompt list or destination fails in milliseconds, not after a model loaded."""
   folder, _, _ = tiny
-
-  def load(*args, **kwargs):
-    raise AssertionError("the pipeline was loaded")
-
-  monkeypatch.setattr(pipelines, "load_pipeline", load)
   with pytest.raises(InputError, match=re.escape(f"quantize_pipeline {str(folder)!r}: height and "
                                                  "width must be positive multiples of 4, got "
                                                  "30x32")):
@@ -257,13 +253,15 @@ def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, m
                                 height=30, width=32)
   with pytest.raises(InputError, match="non-empty list of strings, got \\[\\]"):
     pipelines.quantize_pipeline(folder, tmp_path / "q", preset="w4a4", prompts=[])
+  (tmp_path / "done").mkdir()
+  with pytest.raises(InputError, match="already exists"):
+    pipelines.quantize_pipeline(folder, tmp_path / "done", preset="w4a4", prompts=PROMPTS,
+                                height=32, width=32)
   assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
 def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
-  import svdq_jax  # noqa: PLC0415
-
   _, _, ours = tiny
   calibrated = []
 
@@ -296,7 +294,7 @@ EIGHT_DEVICES = textwrap.dedent("""
   import jax
   jax.config.update("jax_num_cpu_devices", 8)
   import numpy as np
-  from models import pipelines
+  import pipelines
   folder, out = sys.argv[1], sys.argv[2]
   pipe = pipelines.FluxPipeline.from_pretrained(folder)
   prompts = [f"a {c} {a} in snow" for c in ("red", "blue", "green", "old")

@@ -6,7 +6,7 @@ a `*.safetensors.index.json` (written with our `save_file`, no torch). Then conv
 `convert.api.convert` in a fresh subprocess and prints the time, the bytes per second and the
 peak resident memory (`resource.getrusage` in that subprocess) against the checkpoint size.
 
-    python benchmarks/convert.py [--double 2] [--single 2] [--out FILE]
+    python benchmarks/convert_memory.py [--double 2] [--single 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -22,12 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint  # noqa: F401
+from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from convert.safetensors_io import CheckpointReader, save_file  # noqa: E402
+from convert.api import convert
+from convert.checkpoint import load_checkpoint
+from convert.flux import CONFIG_FIELDS, key_table
+from convert.safetensors_io import CheckpointReader, save_file
+from models.flux import FluxConfig
 
 _GIB = 1024**3
 
@@ -38,8 +43,6 @@ def write_synthetic_flux(folder: Path, num_layers: int, num_single_layers: int) 
   One shard per block (plus one for the embedders and the output layers) keeps this process at
   about one block of memory.
   """
-  from convert.flux import CONFIG_FIELDS, key_table  # noqa: PLC0415
-  from models.flux import FluxConfig  # noqa: PLC0415
 
   config = dataclasses.replace(FluxConfig.dev(), num_layers=num_layers,
                                num_single_layers=num_single_layers)
@@ -78,13 +81,7 @@ def _measure(stage: str, src: str, dst: str) -> None:
   baseline is taken after jax, flax, orbax and the model code are imported, so the difference is
   the stage's own.
   """
-  import jax  # noqa: PLC0415
-  import orbax.checkpoint  # noqa: F401, PLC0415
-  from flax import nnx  # noqa: PLC0415
 
-  import convert.flux  # noqa: F401, PLC0415
-  from convert.api import convert  # noqa: PLC0415
-  from convert.checkpoint import load_checkpoint  # noqa: PLC0415
 
   before = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()

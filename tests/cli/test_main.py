@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from cli import main as cli
 from convert.safetensors_io import CheckpointError
-from svdq_jax import cli
 from svdq_jax.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
 
 
@@ -59,7 +59,7 @@ def test_sample_bad_inputs(tmp_path, capsys):
   _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--devices", "999"],
                           capsys)[::2], "asked for 999 devices", "ask for 1 to")
   _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--lora", "a.safetensors"],
-                          capsys)[::2], "not supported yet")
+                          capsys)[::2], "--lora: LoRA files are not supported yet")
   _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--steps", "0"],
                           capsys)[::2], "--steps must be >= 1")
   _assert_bad_input(*_run(["sample", str(tmp_path)], capsys)[::2], "--prompt")
@@ -106,9 +106,13 @@ def _write_json(file: Path, content: dict) -> None:
 
 
 def _configs_only_pipeline(folder: Path, pipeline: str, *, patch_size: int = 2) -> Path:
-  """A pipeline folder with model_index.json and the VAE's and transformer's config.json but no
-  weights: any attempt to load a model from it fails. The VAE downsamples 8x."""
+  """A pipeline folder with model_index.json, the scheduler's config and the VAE's and
+  transformer's config.json but no weights: any attempt to load a model from it fails. The VAE
+  downsamples 8x."""
   _write_json(folder / "model_index.json", {"_class_name": pipeline})
+  scheduler = ("DPMSolverMultistepScheduler" if pipeline == "PixArtSigmaPipeline"
+               else "FlowMatchEulerDiscreteScheduler")
+  _write_json(folder / "scheduler" / "scheduler_config.json", {"_class_name": scheduler})
   _write_json(folder / "vae" / "config.json", {
       "_class_name": "AutoencoderKL", "block_out_channels": [32, 64, 64, 64],
       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4})
@@ -121,18 +125,6 @@ def _configs_only_pipeline(folder: Path, pipeline: str, *, patch_size: int = 2) 
   return folder
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-  """Makes loading or quantizing a pipeline a test failure (checks must come before both)."""
-  from models import pipelines
-
-  def loaded(*args, **kwargs):
-    raise AssertionError("a model was loaded before the arguments were checked")
-
-  monkeypatch.setattr(pipelines, "load_pipeline", loaded)
-  monkeypatch.setattr(pipelines, "quantize_pipeline", loaded)
-
-
 def test_bad_image_size_fails_before_the_model_is_touched(tmp_path, capsys, no_model_load):
   missing = str(tmp_path / "no-such-model")
   _assert_bad_input(*_run(["sample", missing, "--prompt", "x", "--height", "0"], capsys)[::2],
@@ -143,7 +135,7 @@ def test_bad_image_size_fails_before_the_model_is_touched(tmp_path, capsys, no_m
                           capsys)[::2], "--height must be >= 1")
   flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
   _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--height", "1000"], capsys)[::2],
-                    "--height/--width for the FluxPipeline", "multiples of 16", "1000x1024")
+                    f"FluxPipeline in {flux!r}", "multiples of 16", "1000x1024")
   _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--width", "24"], capsys)[::2],
                     "multiples of 16", "1024x24")
   _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "q"), "--height", "520"],
@@ -155,16 +147,16 @@ def test_bad_image_size_fails_before_the_model_is_touched(tmp_path, capsys, no_m
 
 def test_sizes_the_model_can_make_reach_the_load(tmp_path, capsys, monkeypatch):
   """The size check passes what the pipelines accept (VAE factor 8 times FLUX's 2x2 packing, or
-  times PixArt's patch size), and only then is the pipeline loaded."""
-  from models import pipelines
+  times PixArt's patch size), and only then is a model loaded."""
+  from models import pretrained
 
   loads = []
 
-  def load(path, dtype=None):
-    loads.append(Path(path).name)
+  def load(path, model_type, dtype=None):
+    loads.append(Path(path).parent.name)
     raise InputError("stop after the load was reached")
 
-  monkeypatch.setattr(pipelines, "load_pipeline", load)
+  monkeypatch.setattr(pretrained, "_loaders", [load])
   flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
   pixart = str(_configs_only_pipeline(tmp_path / "pixart", "PixArtSigmaPipeline", patch_size=4))
   for folder, height, width in ((flux, "1024", "528"), (pixart, "96", "64")):
@@ -176,10 +168,10 @@ def test_sizes_the_model_can_make_reach_the_load(tmp_path, capsys, monkeypatch):
 def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys, no_model_load):
   flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
   _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--negative-prompt", "blurry"],
-                          capsys)[::2], "--negative-prompt", "FLUX.1")
+                          capsys)[::2], "negative_prompt is not supported", "FLUX.1")
   (tmp_path / "done").mkdir()
   _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "done")], capsys)[::2],
-                    "already exists", "--overwrite")
+                    "already exists", "overwrite")
   _write_json(tmp_path / "list" / "model_index.json", {"_class_name": "FluxPipeline"})
   (tmp_path / "list" / "model_index.json").write_text("[1, 2]")
   _assert_bad_input(*_run(["sample", str(tmp_path / "list"), "--prompt", "x"], capsys)[::2],
@@ -189,7 +181,7 @@ def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys
                     "model_index.json: cannot parse model_index.json")
   _write_json(tmp_path / "bare" / "model_index.json", {"_class_name": "FluxPipeline"})
   _assert_bad_input(*_run(["sample", str(tmp_path / "bare"), "--prompt", "x"], capsys)[::2],
-                    f"{tmp_path / 'bare' / 'vae'}: not a folder")
+                    f"{tmp_path / 'bare' / 'scheduler' / 'scheduler_config.json'}: missing")
 
 
 def _convert_raising(error: Exception, tmp_path: Path, monkeypatch) -> list[str]:
@@ -235,7 +227,7 @@ def test_unexpected_error_exits_1_with_traceback_as_a_subprocess(tmp_path):
   (tmp_path / "src").mkdir()
   script = ("import sys\n"
             "from convert import api\n"
-            "from svdq_jax import cli\n"
+            "from cli import main as cli\n"
             "def fail(*args, **kwargs):\n"
             "  raise ValueError('injected bug')\n"
             "api.convert = fail\n"
@@ -257,13 +249,13 @@ def test_default_prompt_file_ships_and_parses():
 
 def test_bad_input_exit_status_as_a_subprocess(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-m", "svdq_jax.cli", "sample", str(tmp_path / "nope"),
+  proc = subprocess.run([sys.executable, "-m", "cli", "sample", str(tmp_path / "nope"),
                          "--prompt", "a cat"], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2
-  assert proc.stderr.strip() == (f"svdq-jax sample: error: model folder "
-                                 f"'{tmp_path / 'nope'}' does not exist")
-  proc = subprocess.run([sys.executable, "-m", "svdq_jax.cli", "--help"], env=env, cwd=ROOT,
+  assert proc.stderr.strip() == (f"svdq-jax sample: error: {tmp_path / 'nope'}: pipeline folder "
+                                 "does not exist")
+  proc = subprocess.run([sys.executable, "-m", "cli", "--help"], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0 and all(c in proc.stdout for c in COMMANDS)
 
@@ -273,7 +265,7 @@ def test_sample_writes_png_with_prompt_and_seed(tmp_path, capsys):
   pytest.importorskip("diffusers")
   from PIL import Image
 
-  from tests.models._pipeline_reference import save_tiny_flux_pipeline
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
 
   folder = tmp_path / "flux"
   save_tiny_flux_pipeline(folder)
@@ -298,9 +290,9 @@ def test_quantize_then_sample_stays_close_to_float(tmp_path, capsys):
   pytest.importorskip("diffusers")
   import numpy as np
 
-  from models import pipelines
+  import pipelines
   from svdq_jax import is_quantized
-  from tests.models._pipeline_reference import save_tiny_flux_pipeline
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
 
   src, dst = tmp_path / "flux", tmp_path / "flux-int4"
   save_tiny_flux_pipeline(src, heads=4)

@@ -1,13 +1,11 @@
 """The `svdq-jax` command line: demo, convert, quantize, sample, bench.
 
-Every subcommand checks its input before doing any work; bad input (a missing folder, a wrong model
-type, a bad prompt file, more devices than exist, an unknown preset, an image size the model cannot
-make) prints one line `svdq-jax <command>: error: <what>` on stderr and exits with status 2. Bad
-input is an `InputError` (`convert.CheckpointError` included: a missing, corrupt or mismatched
-checkpoint file) or an OS error about a path the user named; any other exception is a bug and
-keeps its traceback (exit status 1). jax, the models and the converters are imported only by
-the subcommand that needs them (the `svdq_jax` package loads its modules on first use), so
-`--help` and argument errors come back without loading jax.
+Every subcommand hands its input to the library, which checks it before doing any work; bad input
+(a missing folder, a wrong model type, a bad prompt file, more devices than exist, an unknown
+preset, an image size the model cannot make) prints one line `svdq-jax <command>: error: <what>`
+on stderr and exits with status 2. Bad input is an `InputError` (`convert.CheckpointError`
+included: a missing, corrupt or mismatched checkpoint file) or an OS error about a path the user
+named; any other exception is a bug and keeps its traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -19,6 +17,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
+import pipelines
+from convert import api
+from demo import layer_errors
+from models import sharding
+from pipelines.folder import PipelineFolder
 from svdq_jax.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -63,15 +69,6 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
   return prompts
 
 
-def _existing_folder(path: str, what: str) -> Path:
-  folder = Path(path)
-  if not folder.exists():
-    raise InputError(f"{what} {path!r} does not exist")
-  if not folder.is_dir():
-    raise InputError(f"{what} {path!r} is not a folder")
-  return folder
-
-
 def _positive(name: str):
   def parse(text: str) -> int:
     try:
@@ -86,56 +83,28 @@ def _positive(name: str):
 
 def _dtype(name: str):
   """The models' dtype: "auto" is bfloat16 on a GPU and float32 elsewhere."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
   if name == "auto":
     return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
   return jnp.dtype(name)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-  from svdq_jax import demo  # noqa: PLC0415
-
-  print("svdq-jax demo: running svdq_jax.demo.main(), the embedded default", file=sys.stderr)
-  return int(demo.main() or 0)
+  print("svdq-jax demo: running demo.layer_errors.main(), the embedded default", file=sys.stderr)
+  return int(layer_errors.main() or 0)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
   src = Path(args.src)
   if not src.exists():
     raise InputError(f"source {args.src!r} does not exist")
-  from convert import api  # noqa: PLC0415
-
   api.convert(src, Path(args.dst), model=args.model)
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0
 
 
-def _pipeline_for_size(folder: Path, height: int, width: int) -> str:
-  """The pipeline class `folder` holds, once its configs say it can make height x width images:
-  checked before any model loads (no weight is read)."""
-  from models import pipelines  # noqa: PLC0415
-
-  name = pipelines.pipeline_name(folder)
-  pipelines.check_image_size(f"--height/--width for the {name} in {str(folder)!r}", height, width,
-                             pipelines.image_size_multiple(folder))
-  return name
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
-  src = _existing_folder(args.src, "model folder")
-  dst = Path(args.dst)
-  if dst.exists() and not args.overwrite:
-    raise InputError(f"{args.dst!r} already exists (pass --overwrite to replace it)")
   prompts = read_prompt_file(args.calib)
-  from svdq_jax import QuantConfig  # noqa: PLC0415
-
-  QuantConfig.preset(args.preset)  # an unknown name fails here, before any work
-  _pipeline_for_size(src, args.height, args.width)
-  from models import pipelines  # noqa: PLC0415
-
-  pipelines.quantize_pipeline(src, dst, preset=args.preset, prompts=prompts,
+  pipelines.quantize_pipeline(args.src, args.dst, preset=args.preset, prompts=prompts,
                               num_inference_steps=args.steps, height=args.height,
                               width=args.width, seed=args.seed, overwrite=args.overwrite,
                               dtype=_dtype(args.dtype))
@@ -145,36 +114,31 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
   if args.lora is not None:
-    raise InputError("--lora is not supported yet (LoRA merging lands with merge_lora)")
-  if args.out.suffix.lower() != ".png":
-    raise InputError(f"--out {str(args.out)!r} must end in .png")
-  if not args.out.parent.exists():
-    raise InputError(f"output folder {str(args.out.parent)!r} does not exist")
-  from models import sharding  # noqa: PLC0415
-
+    raise InputError("--lora: LoRA files are not supported yet")
+  out = pipelines.check_png_path(args.out)
   sharding.check_device_count(args.devices)
-  model = _existing_folder(args.model, "model folder")
-  pipeline = _pipeline_for_size(model, args.height, args.width)
-  if pipeline == "FluxPipeline" and args.negative_prompt is not None:
-    raise InputError("--negative-prompt is not used by FLUX.1 (guidance-distilled; set "
-                     "--guidance instead)")
-  from models import pipelines  # noqa: PLC0415
-
-  prompts = args.prompt
-  pipe = pipelines.load_pipeline(model, dtype=_dtype(args.dtype))
+  folder = PipelineFolder.read(args.model)
+  pipeline = pipelines.PIPELINES[folder.pipeline]
+  prompts = pipeline.check_call(f"{folder.pipeline} in {str(folder.path)!r}", args.prompt,
+                                args.negative_prompt, height=args.height, width=args.width,
+                                size_multiple=folder.size_multiple,
+                                num_images_per_prompt=args.num_images)
+  pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype))
   images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height,
                 width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                 seed=args.seed, num_images_per_prompt=args.num_images, devices=args.devices,
                 progress=not args.quiet)
   per_image_prompts = [p for p in prompts for _ in range(args.num_images)]
-  paths = pipelines.save_images(images, args.out, prompts=per_image_prompts, seed=args.seed,
-                                extra={"model": str(model), "steps": str(args.steps)})
+  paths = pipelines.save_images(images, out, prompts=per_image_prompts, seed=args.seed,
+                                extra={"model": str(folder.path), "steps": str(args.steps)})
   for path in paths:
     print(path)
   return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+  """Runs a benchmark script of the source checkout as a program (benchmarks/ sits above every
+  package, so it is run, never imported)."""
   script = Path(__file__).resolve().parents[1] / "benchmarks" / BENCH_SCRIPTS[args.suite]
   if not script.is_file():
     raise InputError(f"benchmark script {script} is not there (benchmarks/ ships with the source "
@@ -270,7 +234,3 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `svdq-jax` command line (`cli.main.main`); `python -m cli` runs it too."""

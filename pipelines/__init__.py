@@ -1,0 +1,23 @@
+"""Text-to-image pipelines: the jitted denoising loop, FLUX.1, PixArt-Sigma, pipeline folders,
+image saving and the quantize workflow.
+
+    pipe = load_pipeline("FLUX.1-schnell")                 # or FluxPipeline.from_pretrained(...)
+    images = pipe("a red cat", height=1024, width=1024)   # (B, H, W, 3) float32 in [0, 1]
+    save_images(images, "cat.png", prompts=["a red cat"], seed=0)
+
+A pipeline folder (diffusers layout, or ours from `svdq-jax quantize` / `convert`) is read and
+checked once into a `PipelineFolder` record (`pipelines.folder`), which loading takes.
+"""
+
+from pipelines.flux import FluxPipeline
+from pipelines.folder import PipelineFolder, pipeline_name, read_model_index
+from pipelines.images import check_png_path, save_images
+from pipelines.inputs import check_image_size
+from pipelines.load import PIPELINES, image_size_multiple, load_pipeline
+from pipelines.pixart import PixArtSigmaPipeline
+from pipelines.quantize import quantize_pipeline, quantize_transformer
+
+__all__ = ["PIPELINES", "FluxPipeline", "PipelineFolder", "PixArtSigmaPipeline",
+           "check_image_size", "check_png_path", "image_size_multiple", "load_pipeline",
+           "pipeline_name", "quantize_pipeline", "quantize_transformer", "read_model_index",
+           "save_images"]

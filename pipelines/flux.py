@@ -1,0 +1,227 @@
+"""FLUX.1 text-to-image (dev with its guidance embedding, schnell): CLIP pooled + T5 features,
+flow-matching Euler, 16-channel VAE, the whole denoising loop in one jitted function.
+
+Calling the pipeline tokenizes on the host and encodes the prompts with the jitted text encoders,
+draws the initial latents from `jax.random.key(seed)` (or takes `latents`), runs the loop of
+`pipelines.loop` and decodes with the jitted VAE into images (B, H, W, 3) float32 in [0, 1].
+Same seed, same image: the noise is drawn for the whole batch on the host side of the mesh, so
+the image does not depend on the device count, and runs on CPU repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.safetensors_io import CheckpointError
+from models import schedulers
+from models.clip import CLIPTextModel
+from models.flux import FluxTransformer
+from models.t5 import T5Encoder
+from models.tokenizers import Tokenizer
+from models.vae import AutoencoderKL
+from pipelines.folder import PipelineFolder, flux_size_multiple
+from pipelines.inputs import check_call
+from pipelines.loop import denoise, jit_module, to_images
+from svdq_jax.errors import InputError
+
+
+def pack_latents(latents: jax.Array) -> jax.Array:
+  """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens, as diffusers' FluxPipeline."""
+  b, c, h, w = latents.shape
+  x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+  return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: jax.Array, h: int, w: int) -> jax.Array:
+  """Inverse of `pack_latents` for a (h, w) latent grid: (B, S, 4C) -> (B, C, h, w)."""
+  b, _, channels = latents.shape
+  x = latents.reshape(b, h // 2, w // 2, channels // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+  return x.reshape(b, channels // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int) -> jax.Array:
+  """(h/2 * w/2, 3) float32 position ids (0, row, column) of the packed latent tokens."""
+  rows, cols = jnp.meshgrid(jnp.arange(h // 2), jnp.arange(w // 2), indexing="ij")
+  return jnp.stack([jnp.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(jnp.float32)
+
+
+def flux_step_fn(transformer: nnx.Module, scheduler: schedulers.FlowMatchEulerScheduler, *,
+                 eager: bool = False) -> Callable[..., Any]:
+  """One FLUX denoising step as a pure function.
+
+  Returns `step(state, schedule, i, (latents, scheduler_state), prompt_embeds, pooled, guidance,
+  img_ids, txt_ids) -> (latents, scheduler_state)` where `state` is `nnx.state(transformer)`
+  (plain or quantized), latents (B, S, 4C), prompt_embeds (B, T, D), pooled (B, P), guidance (B,)
+  (unused without a guidance embedding), img_ids (S, 3), txt_ids (T, 3). `eager` runs the
+  transformer object itself, so that `calibrate` sees its kernels; `fused_loop(step, scheduler)`
+  makes the whole loop.
+  """
+  graphdef, _ = nnx.split(transformer)
+  guidance_embeds = bool(transformer.config.guidance_embeds)
+
+  def step(state, schedule, i, carry, prompt_embeds, pooled, guidance, img_ids, txt_ids):
+    model = transformer if eager else nnx.merge(graphdef, state)
+    x, scheduler_state = carry
+    timestep = jnp.broadcast_to(schedule.timesteps[i], x.shape[:1]).astype(x.dtype)
+    velocity = model(hidden_states=x, encoder_hidden_states=prompt_embeds,
+                     pooled_projections=pooled, timestep=timestep / 1000, img_ids=img_ids,
+                     txt_ids=txt_ids, guidance=guidance if guidance_embeds else None)
+    return scheduler.step(schedule, scheduler_state, i, velocity, x)
+
+  return step
+
+
+class FluxPipeline:
+  """FLUX.1 text-to-image: CLIP pooled + T5 features, flow-matching Euler, 16-channel VAE.
+
+  Args:
+    transformer: `models.flux.FluxTransformer` (plain or quantized).
+    vae: `models.vae.AutoencoderKL`.
+    text_encoder: `models.clip.CLIPTextModel` (pooled output).
+    text_encoder_2: `models.t5.T5Encoder`.
+    tokenizer, tokenizer_2: CLIP and T5 tokenizers.
+    scheduler: `FlowMatchEulerScheduler` (dynamic shift for dev, none for schnell).
+  """
+
+  def __init__(self, transformer: nnx.Module, vae: nnx.Module, text_encoder: nnx.Module,
+               text_encoder_2: nnx.Module, tokenizer: Tokenizer, tokenizer_2: Tokenizer,
+               scheduler: schedulers.FlowMatchEulerScheduler):
+    self.transformer = transformer
+    self.vae = vae
+    self.text_encoder = text_encoder
+    self.text_encoder_2 = text_encoder_2
+    self.tokenizer = tokenizer
+    self.tokenizer_2 = tokenizer_2
+    self.scheduler = scheduler
+    self.guidance_embeds = bool(transformer.config.guidance_embeds)
+    self.vae_scale_factor = vae.config.downsample_factor
+    self._clip = jit_module(text_encoder)
+    self._t5 = jit_module(text_encoder_2)
+    self._decode = jit_module(vae, "decode")
+    self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
+                      dtype: jnp.dtype | None = None) -> FluxPipeline:
+    """Loads a diffusers `FluxPipeline` folder, or ours of the same layout.
+
+    path: the folder, or its `PipelineFolder` record when the caller has read it.
+    dtype: computation and parameter dtype of every model (None: float32).
+    """
+    folder = PipelineFolder.read(path)
+    path, scheduler = folder.path, folder.scheduler
+    if folder.pipeline != "FluxPipeline":
+      raise CheckpointError(f"{path}: model_index.json names {folder.pipeline!r}, "
+                            "expected FluxPipeline")
+    if not isinstance(scheduler, schedulers.FlowMatchEulerScheduler):
+      raise CheckpointError(f"{path}/scheduler: FluxPipeline needs a "
+                            f"FlowMatchEulerDiscreteScheduler, got {scheduler.class_name}")
+    return cls(
+        transformer=FluxTransformer.from_pretrained(path / "transformer", dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path / "vae", dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype),
+        text_encoder_2=T5Encoder.from_pretrained(path / "text_encoder_2", dtype=dtype),
+        tokenizer=Tokenizer.from_pretrained(path / "tokenizer"),
+        tokenizer_2=Tokenizer.from_pretrained(path / "tokenizer_2"),
+        scheduler=scheduler)
+
+  size_multiple = staticmethod(flux_size_multiple)
+  """`size_multiple(vae_config, transformer_config)`: what height and width must be multiples
+  of (`pipelines.folder.flux_size_multiple`)."""
+
+  @classmethod
+  def check_call(cls, what: str, prompt: str | Sequence[str], negative_prompt: str | None = None,
+                 *, height: int, width: int, size_multiple: int, num_images_per_prompt: int = 1,
+                 output_type: str = "np") -> list[str]:
+    """The checks of `__call__` (its Raises), without a loaded model; returns the prompts."""
+    if negative_prompt is not None:
+      raise InputError(f"{what}: negative_prompt is not supported (FLUX.1 is guidance-"
+                       "distilled; use guidance_scale)")
+    return check_call(what, prompt, height=height, width=width, size_multiple=size_multiple,
+                      num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+
+  def encode_prompt(self, prompts: Sequence[str], *, max_sequence_length: int = 512
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(T5 features (B, max_sequence_length, 4096), CLIP pooled (B, 768)) in the encoders' dtype."""
+    clip_ids = self.tokenizer(list(prompts), self.tokenizer.model_max_length or 77).input_ids
+    pooled = self._clip(jnp.asarray(clip_ids)).pooler_output
+    t5_ids = self.tokenizer_2(list(prompts), max_sequence_length).input_ids
+    return self._t5(jnp.asarray(t5_ids)), pooled
+
+  def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of the unpacked latent grid for an image size (even, as packing needs)."""
+    f = self.vae_scale_factor * 2
+    return 2 * (height // f), 2 * (width // f)
+
+  def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None, *,
+               height: int = 1024, width: int = 1024, num_inference_steps: int = 28,
+               guidance_scale: float | None = None, seed: int | None = 0,
+               key: jax.Array | None = None, num_images_per_prompt: int = 1,
+               latents: jax.Array | None = None, max_sequence_length: int = 512,
+               devices: int | None = None, progress: bool = False,
+               output_type: str = "np", jit: bool = True) -> np.ndarray:
+    """Generates images.
+
+    Args:
+      prompt: one prompt or a list (the batch).
+      negative_prompt: not used by FLUX.1 (guidance-distilled); must be None.
+      height, width: image size, multiples of 16 (the VAE factor times the 2x2 packing).
+      num_inference_steps: denoising steps (dev: 28-50, schnell: 1-4).
+      guidance_scale: the distilled guidance of FLUX.1-dev (default 3.5); ignored by schnell.
+      seed / key: randomness of the initial latents (key wins when both are given).
+      num_images_per_prompt: images per prompt; the batch is B = len(prompts) * this.
+      latents: packed initial latents (B, h/2 * w/2, 4C) instead of drawn ones.
+      max_sequence_length: T5 tokens (512 for dev, 256 is common for schnell).
+      devices: run data-parallel over this many devices (None: one).
+      progress: show a progress bar of the steps (runs the compiled one-step body per step).
+      output_type: "np" for images, "latent" for the final packed latents.
+      jit: False runs the steps eagerly in Python, one model call at a time (for `calibrate`;
+        slow, and without data parallelism).
+
+    Returns:
+      (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
+
+    Raises:
+      InputError for a negative prompt, an empty or non-string prompt, num_images_per_prompt
+      below 1, an unknown output_type, a size that is not a positive multiple of
+      `size_multiple`, or latents of the wrong shape.
+    """
+    prompts = self.check_call(
+        "FluxPipeline", prompt, negative_prompt, height=height, width=width,
+        size_multiple=self.size_multiple(self.vae.config, self.transformer.config),
+        num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+    batch = len(prompts) * num_images_per_prompt
+    prompt_embeds, pooled = self.encode_prompt(prompts, max_sequence_length=max_sequence_length)
+    prompt_embeds = jnp.repeat(prompt_embeds, num_images_per_prompt, axis=0)
+    pooled = jnp.repeat(pooled, num_images_per_prompt, axis=0)
+    h, w = self.latent_shape(height, width)
+    channels = self.transformer.config.in_channels // 4
+    dtype = prompt_embeds.dtype
+    if latents is None:
+      key = jax.random.key(seed or 0) if key is None else key
+      latents = pack_latents(jax.random.normal(key, (batch, channels, h, w), jnp.float32))
+    expected = (batch, (h // 2) * (w // 2), channels * 4)
+    if tuple(latents.shape) != expected:
+      raise InputError(f"FluxPipeline: latents must be {expected}, got {tuple(latents.shape)}")
+    latents = jnp.asarray(latents).astype(dtype)
+    schedule = self.scheduler.schedule(num_inference_steps, image_seq_len=expected[1])
+    guidance = jnp.full((batch,), 3.5 if guidance_scale is None else guidance_scale,
+                        jnp.float32)
+    txt_ids = jnp.zeros((prompt_embeds.shape[1], 3), jnp.float32)
+    latents = denoise(
+        lambda eager: flux_step_fn(self.transformer, self.scheduler, eager=eager),
+        self.scheduler, self._runners, state=nnx.state(self.transformer), schedule=schedule,
+        latents=latents, conditions=(prompt_embeds, pooled, guidance, latent_image_ids(h, w),
+                                     txt_ids),
+        condition_axes=(0, 0, 0, None, None), devices=devices, progress=progress, jit=jit)
+    if output_type == "latent":
+      return np.asarray(latents)
+    raw = self.vae.unscale_latents(unpack_latents(latents, h, w))
+    return to_images(self._decode(raw))

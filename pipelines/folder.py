@@ -1,0 +1,145 @@
+"""A pipeline folder, read and checked once: the `PipelineFolder` record loading takes.
+
+A folder is diffusers' layout (`model_index.json` plus one folder per component) or the same
+layout written by `svdq-jax quantize` / `convert` (component folders whose config.json carries our
+"svdq_jax" header). Only JSON files are read here, no weight, so a command can refuse a folder or
+an image size before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from convert.component import ComponentConfig, read_component_config, read_json_object
+from convert.safetensors_io import CheckpointError
+from models import schedulers
+from pipelines.inputs import check_image_size
+
+
+def flux_size_multiple(vae_config: Any, transformer_config: Any) -> int:
+  """FLUX.1: the VAE's downsampling times the 2x2 packing of latents into tokens (16)."""
+  return vae_config.downsample_factor * 2
+
+
+def pixart_size_multiple(vae_config: Any, transformer_config: Any) -> int:
+  """PixArt-Sigma: the VAE's downsampling times the transformer's patch size (16)."""
+  return vae_config.downsample_factor * transformer_config.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderKind:
+  """What a supported pipeline class needs of its folder.
+
+  Attributes:
+    transformer: the `convert.registry` family of its transformer/ component.
+    size_multiple: `rule(vae_config, transformer_config)`: what height and width must be
+      multiples of.
+  """
+
+  transformer: str
+  size_multiple: Callable[[Any, Any], int]
+
+
+KINDS: dict[str, FolderKind] = {
+    "FluxPipeline": FolderKind("flux", flux_size_multiple),
+    "PixArtSigmaPipeline": FolderKind("pixart", pixart_size_multiple),
+}
+"""The pipeline classes a folder's model_index.json may name."""
+
+
+def read_model_index(path: str | os.PathLike) -> dict:
+  """The model_index.json of a pipeline folder: `_class_name` and one entry per component.
+
+  Raises:
+    CheckpointError (an InputError) naming the folder or file: no such folder, a file, no
+    model_index.json, or one that is unreadable, not UTF-8 JSON, or not a JSON object.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise CheckpointError(f"{path}: pipeline folder does not exist")
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: not a folder (expected a pipeline folder)")
+  if not (path / "model_index.json").exists():
+    raise CheckpointError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
+  return read_json_object(path / "model_index.json")
+
+
+def _supported_name(path: Path, index: Mapping[str, Any]) -> str:
+  name = index.get("_class_name")
+  if name not in KINDS:
+    raise CheckpointError(f"{path}: pipeline {name!r} is not supported (supported: "
+                          f"{sorted(KINDS)})")
+  return name
+
+
+def pipeline_name(path: str | os.PathLike) -> str:
+  """The pipeline class a folder's model_index.json names, checked to be one of `KINDS`.
+
+  Raises:
+    CheckpointError (an InputError) as `read_model_index`, or for a pipeline we do not have.
+  """
+  return _supported_name(Path(path), read_model_index(path))
+
+
+def read_scheduler(path: Path) -> schedulers.Scheduler:
+  """The scheduler of a pipeline folder; errors name its scheduler_config.json."""
+  file = path / "scheduler" / "scheduler_config.json"
+  try:
+    return schedulers.scheduler_from_config(read_json_object(file))
+  except CheckpointError:
+    raise
+  except ValueError as e:
+    raise CheckpointError(f"{file}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineFolder:
+  """A pipeline folder's JSON files, read and checked once.
+
+  Attributes:
+    path: the folder.
+    pipeline: the pipeline class its model_index.json names (a key of `KINDS`).
+    model_index: the model_index.json object.
+    vae, transformer: those components' configs (`convert.component.ComponentConfig`).
+    scheduler: the scheduler its scheduler_config.json describes.
+    size_multiple: what height and width must be multiples of for this pipeline.
+  """
+
+  path: Path
+  pipeline: str
+  model_index: Mapping[str, Any]
+  vae: ComponentConfig
+  transformer: ComponentConfig
+  scheduler: schedulers.Scheduler
+  size_multiple: int
+
+  @classmethod
+  def read(cls, path: str | os.PathLike | PipelineFolder) -> PipelineFolder:
+    """Reads model_index.json, the scheduler's config and the VAE's and the transformer's
+    config.json, in this order (no weight); a `PipelineFolder` is returned as it is.
+
+    Raises:
+      CheckpointError (an InputError) naming the folder or file: as `read_model_index`, a
+      pipeline we do not have, or a missing or invalid component or scheduler config.
+    """
+    if isinstance(path, PipelineFolder):
+      return path
+    path = Path(path)
+    index = read_model_index(path)
+    name = _supported_name(path, index)
+    kind = KINDS[name]
+    scheduler = read_scheduler(path)
+    vae = read_component_config(path / "vae", "vae")
+    transformer = read_component_config(path / "transformer", kind.transformer)
+    return cls(path=path, pipeline=name, model_index=index, vae=vae, transformer=transformer,
+               scheduler=scheduler,
+               size_multiple=kind.size_multiple(vae.config, transformer.config))
+
+  def check_image_size(self, height: int, width: int) -> None:
+    """Raises InputError naming the pipeline and folder unless this pipeline can make
+    height x width images."""
+    check_image_size(f"{self.pipeline} in {str(self.path)!r}", height, width, self.size_multiple)

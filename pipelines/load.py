@@ -1,0 +1,27 @@
+"""Loading the pipeline a folder's model_index.json names."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from pipelines.flux import FluxPipeline
+from pipelines.folder import PipelineFolder
+from pipelines.pixart import PixArtSigmaPipeline
+
+PIPELINES = {"FluxPipeline": FluxPipeline, "PixArtSigmaPipeline": PixArtSigmaPipeline}
+
+
+def load_pipeline(path: str | os.PathLike | PipelineFolder, dtype: jnp.dtype | None = None
+                  ) -> FluxPipeline | PixArtSigmaPipeline:
+  """The pipeline a folder names (read into a `PipelineFolder` unless it is one), loaded with its
+  class's `from_pretrained`."""
+  folder = PipelineFolder.read(path)
+  return PIPELINES[folder.pipeline].from_pretrained(folder, dtype=dtype)
+
+
+def image_size_multiple(path: str | os.PathLike) -> int:
+  """What height and width must be multiples of for the pipeline in folder `path` (its
+  `PipelineFolder.size_multiple`; no weight is read)."""
+  return PipelineFolder.read(path).size_multiple

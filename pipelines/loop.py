@@ -1,0 +1,92 @@
+"""The denoising loop every pipeline runs, as one jitted function.
+
+A pipeline's step is a pure function `step(state, schedule, i, carry, *conditions) -> carry` with
+`carry = (latents, scheduler_state)`. Without a progress bar the whole loop is one
+`lax.fori_loop` in one `jax.jit` (compiled once per shape: batch, resolution, number of steps), on
+one device or data-parallel over `devices` with `models.sharding.data_parallel` (weights
+replicated, batch split). With a progress bar the one-step body is compiled on its own and called
+once per step from Python, which waits for each step and advances a tqdm bar; that keeps host
+callbacks out of the compiled loop (under data parallelism a callback would fire once per
+device). `python benchmarks/sampling.py --progress-overhead` measures both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from models import schedulers, sharding
+
+
+def jit_module(module: nnx.Module, method: str = "__call__") -> Callable[..., Any]:
+  """`module.method` jitted with the parameters as an argument (not baked in as constants)."""
+  graphdef, state = nnx.split(module)
+
+  def call(state, *args, **kwargs):
+    return getattr(nnx.merge(graphdef, state), method)(*args, **kwargs)
+
+  jitted = jax.jit(call)
+  return lambda *args, **kwargs: jitted(state, *args, **kwargs)
+
+
+def to_images(decoded: jax.Array) -> np.ndarray:
+  """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1] (diffusers' "np")."""
+  images = np.asarray(decoded, np.float32).transpose(0, 2, 3, 1)
+  return np.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def fused_loop(step: Callable[..., Any], scheduler: schedulers.Scheduler
+               ) -> Callable[..., jax.Array]:
+  """`denoise(state, schedule, latents, *conditions) -> latents`: every step in one fori_loop."""
+
+  def denoise(state, schedule, latents, *conditions):
+    def body(i, carry):
+      return step(state, schedule, i, carry, *conditions)
+
+    init = (latents, scheduler.init_state(latents))
+    return jax.lax.fori_loop(0, schedule.num_steps, body, init)[0]
+
+  return denoise
+
+
+def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedulers.Scheduler,
+             runners: dict, *, state: Any, schedule: schedulers.Schedule, latents: jax.Array,
+             conditions: tuple, condition_axes: tuple, devices: int | None, progress: bool,
+             jit: bool) -> jax.Array:
+  """Runs the denoising loop and returns the final latents.
+
+  jit and no progress: the fused loop, jitted (or data-parallel over `devices`). jit and
+  progress: the jitted one-step body, called per step with a tqdm bar. Not jit: eager steps in
+  Python (calibration). `runners` caches the compiled functions per (mode, device count).
+  """
+  num_steps = schedule.num_steps
+  carry = (latents, scheduler.init_state(latents))
+  if not jit:
+    step = make_step(True)
+    for i in range(num_steps):
+      carry = step(state, schedule, jnp.int32(i), carry, *conditions)
+    return carry[0]
+  count = devices or 1
+  key = ("per-step" if progress else "fused", count)
+  if key not in runners:
+    step = make_step(False)
+    fn, axes = ((step, (None, None, None, 0, *condition_axes)) if progress
+                else (fused_loop(step, scheduler), (None, None, 0, *condition_axes)))
+    runners[key] = (jax.jit(fn) if count == 1
+                    else sharding.data_parallel(fn, devices=count, in_axes=axes))
+  run = runners[key]
+  if not progress:
+    return run(state, schedule, latents, *conditions)
+  if count > 1:  # placed once here, so the per-step calls find the weights already replicated
+    state, schedule = sharding.replicate((state, schedule), run.mesh)
+  with tqdm(total=num_steps, desc="denoising", unit="step") as bar:
+    for i in range(num_steps):
+      carry = jax.block_until_ready(run(state, schedule, jnp.int32(i), carry, *conditions))
+      bar.update(1)
+  return carry[0]
