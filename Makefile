@@ -24,9 +24,13 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 # site-packages, where plain `import jax` would find the plugin and try to start a CUDA backend.
 # The plugin runs the first ptxas on PATH (this image: CUDA 13.0's); CUDA 13.0's ptxas goes into
 # the same folder only where there is none.
+# deepcompressor-toolkit is the reference packer of tests/convert/test_nunchaku*.py; it goes in
+# with --no-deps (its packer needs only torch, safetensors, numpy and tqdm; its pinned dependencies
+# would replace ours), so it is not in the test extra.
 $(VENV)/.installed-test: pyproject.toml Makefile $(VENV)/.installed-base
 	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import torch, diffusers, transformers, pytest"
+	$(PIP) --no-deps deepcompressor-toolkit==0.1.0 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	rm -rf $(VENV)/mosaic-compile
 	set -o pipefail; $(PIP) --no-deps --target $(VENV)/mosaic-compile \
 	  jax-cuda13-pjrt==0.11.2 jax-cuda13-plugin==0.11.2 nvidia-cuda-nvdisasm==13.5.37 \

@@ -56,6 +56,11 @@ class FluxConfig(DictConfig):
   axes_dims_rope: tuple[int, ...] = (16, 56, 56)
   rope_theta: float = 10000.0
   mlp_ratio: float = 4.0
+  # Single blocks project the attention output and the MLP hidden state with two linears whose
+  # outputs are summed (`proj_out`, D -> D, and `proj_out_mlp`, 4D -> D, with the bias), as
+  # Nunchaku does, so each part is quantized on its own (the MLP part on shifted unsigned INT4
+  # activations). Not a diffusers field: diffusers checkpoints hold one `proj_out` (5D -> D).
+  split_proj_out: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
@@ -345,7 +350,9 @@ class FluxSingleTransformerBlock(nnx.Module):
   """Single-stream block: shared weights over `concat(text, image)`, attention and MLP in parallel.
 
   `proj_out` (D + 4D -> D) projects the concatenation of the attention output and the MLP hidden
-  state, as in diffusers (and Nunchaku's layer names).
+  state, as in diffusers; with `config.split_proj_out` it is two linears whose outputs are summed,
+  `proj_out` (D -> D) on the attention output and `proj_out_mlp` (4D -> D) on the MLP hidden state
+  (Nunchaku's `out_proj` and `mlp_fc2`).
   """
 
   def __init__(self, config: FluxConfig, *, dtype: jnp.dtype | None = None,
@@ -354,7 +361,12 @@ class FluxSingleTransformerBlock(nnx.Module):
     dim = config.inner_dim
     self.norm = AdaLayerNormZero(dim, 3, **kw)
     self.proj_mlp = Linear(dim, config.mlp_hidden_dim, **kw)
-    self.proj_out = Linear(dim + config.mlp_hidden_dim, dim, **kw)
+    if config.split_proj_out:
+      self.proj_out = Linear(dim, dim, **kw)
+      self.proj_out_mlp = Linear(config.mlp_hidden_dim, dim, **kw)
+    else:
+      self.proj_out = Linear(dim + config.mlp_hidden_dim, dim, **kw)
+      self.proj_out_mlp = None
     self.attn = FluxAttention(dim, config.num_attention_heads, config.attention_head_dim,
                               pre_only=True, **kw)
 
@@ -367,7 +379,11 @@ class FluxSingleTransformerBlock(nnx.Module):
     normed = _modulate(self.norm.norm(joint), shift, scale)
     mlp = jax.nn.gelu(self.proj_mlp(normed), approximate=True)
     attn_out = self.attn(normed, rotary=rotary)
-    joint = joint + gate[:, None] * self.proj_out(jnp.concatenate([attn_out, mlp], axis=-1))
+    if self.proj_out_mlp is None:
+      out = self.proj_out(jnp.concatenate([attn_out, mlp], axis=-1))
+    else:
+      out = self.proj_out(attn_out) + self.proj_out_mlp(mlp)
+    joint = joint + gate[:, None] * out
     return joint[:, :text_len], joint[:, text_len:]
 
 

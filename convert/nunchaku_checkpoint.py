@@ -1,0 +1,268 @@
+"""Whole Nunchaku FLUX.1 checkpoints -> ours: `import_nunchaku(src, dst, *, base=None)`.
+
+SRC is a Nunchaku single-file checkpoint (`svdq-int4_r32-flux.1-dev.safetensors` and the like: its
+safetensors metadata holds `config`, `quantization_config` and `model_class`) or the older folder
+(`transformer_blocks.safetensors`, `unquantized_layers.safetensors`, `config.json`). Keys under
+`transformer_blocks.` / `single_transformer_blocks.` are Nunchaku's quantized blocks (notes/
+nunchaku.md 3.2, DeepCompressor's names); every other key is a diffusers FluxTransformer2DModel
+weight. The layers map onto `models.flux.FluxTransformer` with `split_proj_out` (see `DOUBLE`,
+`SINGLE`): a fused qkv becomes to_q / to_k / to_v (exact, `convert.nunchaku.split_outputs`), a
+single block's `out_proj` and `mlp_fc2` become `proj_out` and `proj_out_mlp`, the W4A16 AdaLN
+linears are `convert.nunchaku.unpack_w4a16`. The whole bias of each quantized linear is in its
+SVDQLinear; the layer's own bias is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert import flux, mapping, registry
+from convert import nunchaku as nk
+from convert.checkpoint import atomic_folder, check_against_model, write_into
+from convert.loading import read_json_object
+from convert.safetensors_io import CheckpointError, CheckpointReader
+from models.flux import FluxConfig
+
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+# Nunchaku W4A4 layer -> (our linears, in output order; True for the INT4 shifted MLP input).
+DOUBLE: dict[str, tuple[tuple[str, ...], bool]] = {
+    "qkv_proj": (("attn/to_q", "attn/to_k", "attn/to_v"), False),
+    "qkv_proj_context": (("attn/add_q_proj", "attn/add_k_proj", "attn/add_v_proj"), False),
+    "out_proj": (("attn/to_out/0",), False),
+    "out_proj_context": (("attn/to_add_out",), False),
+    "mlp_fc1": (("ff/net/0/proj",), False),
+    "mlp_fc2": (("ff/net/2",), True),
+    "mlp_context_fc1": (("ff_context/net/0/proj",), False),
+    "mlp_context_fc2": (("ff_context/net/2",), True),
+}
+SINGLE: dict[str, tuple[tuple[str, ...], bool]] = {
+    "qkv_proj": (("attn/to_q", "attn/to_k", "attn/to_v"), False),
+    "mlp_fc1": (("proj_mlp",), False),
+    "out_proj": (("proj_out",), False),
+    "mlp_fc2": (("proj_out_mlp",), True),
+}
+# W4A16 AdaLN linears -> (our linear, chunk count).
+DOUBLE_ADANORM = {"norm1.linear": ("norm1/linear", 6),
+                  "norm1_context.linear": ("norm1_context/linear", 6)}
+SINGLE_ADANORM = {"norm.linear": ("norm/linear", 3)}
+DOUBLE_NORMS = {"norm_q": "attn/norm_q", "norm_k": "attn/norm_k",
+                "norm_added_q": "attn/norm_added_q", "norm_added_k": "attn/norm_added_k"}
+SINGLE_NORMS = {"norm_q": "attn/norm_q", "norm_k": "attn/norm_k"}
+PRECISIONS = {"int4": "int4", "fp4_e2m1_all": "nvfp4"}
+FLUX_CLASS = "NunchakuFluxTransformer2dModel"
+
+
+@dataclasses.dataclass(frozen=True)
+class NunchakuSource:
+  """An opened Nunchaku checkpoint: its tensors, our FluxConfig, precision ("int4" / "nvfp4")."""
+
+  reader: CheckpointReader
+  config: FluxConfig
+  precision: str
+  name: str
+
+
+def _metadata_json(meta: Mapping[str, str], key: str, name: str) -> Any:
+  try:
+    return json.loads(meta[key])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{name}: safetensors metadata {key!r} is not valid JSON: {e}") from e
+
+
+def _check_model_class(model_class: str, name: str) -> None:
+  if "sdxl" in model_class.lower() or "unet" in model_class.lower():
+    raise CheckpointError(f"{name}: Nunchaku SDXL checkpoints ({model_class}) are not supported "
+                          "yet (the SDXL UNet is being added); FLUX.1 ones are")
+  if "flux" not in model_class.lower():
+    raise CheckpointError(f"{name}: model_class {model_class!r} is not supported (only Nunchaku "
+                          "FLUX.1 transformers are)")
+
+
+def _precision_of(reader: CheckpointReader) -> str:
+  """int4, or nvfp4 when any tensor is float8 (how Nunchaku's merge_safetensors decides)."""
+  fp8 = any(reader.dtype(k) == nk.FP8 for k in reader.keys())
+  return "nvfp4" if fp8 else "int4"
+
+
+def open_nunchaku(src: str | os.PathLike) -> NunchakuSource:
+  """Opens a Nunchaku FLUX.1 checkpoint (single file or legacy folder) and checks its metadata.
+
+  Raises:
+    CheckpointError (one line) for a file that is not a Nunchaku checkpoint, an SDXL or other
+    unsupported model class, or an unsupported precision, group size or rank.
+  """
+  path = Path(src)
+  name = str(path)
+  if path.is_dir():
+    files = [path / "transformer_blocks.safetensors", path / "unquantized_layers.safetensors"]
+    if not all(f.is_file() for f in files) or not (path / "config.json").is_file():
+      raise CheckpointError(f"{name}: not a Nunchaku checkpoint folder (needs "
+                            "transformer_blocks.safetensors, unquantized_layers.safetensors and "
+                            "config.json)")
+    reader = CheckpointReader(path)
+    raw_config = read_json_object(path / "config.json")
+    _check_model_class(str(raw_config.get("_class_name", "")), name)
+    precision = _precision_of(reader)
+    rank = None
+  else:
+    reader = CheckpointReader(path)
+    meta = reader.metadata
+    missing = [k for k in ("config", "quantization_config", "model_class") if k not in meta]
+    if missing:
+      raise CheckpointError(f"{name}: not a Nunchaku checkpoint (its safetensors metadata lacks "
+                            f"{missing})")
+    _check_model_class(meta["model_class"], name)
+    raw_config = _metadata_json(meta, "config", name)
+    quant = _metadata_json(meta, "quantization_config", name)
+    weight = quant.get("weight", {}) if isinstance(quant, dict) else {}
+    dtype = weight.get("dtype")
+    if quant.get("method", "svdquant") != "svdquant" or dtype not in PRECISIONS:
+      raise CheckpointError(f"{name}: quantization {quant.get('method')!r} with weight dtype "
+                            f"{dtype!r} is not supported (svdquant int4 or fp4_e2m1_all)")
+    precision = PRECISIONS[dtype]
+    group = weight.get("group_size")
+    if group != (nk.INT4_GROUP if precision == "int4" else nk.NVFP4_GROUP):
+      raise CheckpointError(f"{name}: {dtype} with group size {group} is not supported")
+    rank = quant.get("rank")
+    if not isinstance(rank, int) or rank < 0 or rank % nk.LORA_TILE:
+      raise CheckpointError(f"{name}: rank {rank!r} is not supported (a multiple of 16)")
+  if not isinstance(raw_config, dict):
+    raise CheckpointError(f"{name}: config is not a JSON object")
+  try:
+    config = flux.config_from_json(raw_config)
+  except CheckpointError as e:
+    raise CheckpointError(f"{name}: {e}") from e
+  return NunchakuSource(reader, dataclasses.replace(config, split_proj_out=True), precision, name)
+
+
+def _block_layers(config: FluxConfig) -> list[tuple[str, str, dict, dict, dict]]:
+  """(Nunchaku prefix, our prefix, W4A4 map, AdaLN map, norm map) of every block."""
+  blocks = [(f"transformer_blocks.{i}", f"transformer_blocks/{i}", DOUBLE, DOUBLE_ADANORM,
+             DOUBLE_NORMS) for i in range(config.num_layers)]
+  blocks += [(f"single_transformer_blocks.{i}", f"single_transformer_blocks/{i}", SINGLE,
+              SINGLE_ADANORM, SINGLE_NORMS) for i in range(config.num_single_layers)]
+  return blocks
+
+
+def _layer_tensors(reader: CheckpointReader, prefix: str, keys_by_layer: dict[str, list[str]]
+                   ) -> dict[str, np.ndarray]:
+  return {key[len(prefix) + 1:]: reader.get(key) for key in keys_by_layer.get(prefix, [])}
+
+
+def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str, Any]:
+  """Our flat FluxTransformer parameters (`split_proj_out`) from an opened Nunchaku checkpoint:
+  SVDQLinear kernels for the quantized linears (zero own biases), the rest as stored.
+
+  Raises:
+    CheckpointError naming the key for a missing, misshapen or unexpected tensor.
+  """
+  reader, config, name = source.reader, source.config, source.name
+  table = {key: entry for key, entry in flux.key_table(config).items()
+           if not key.startswith(BLOCK_PREFIXES)}
+  missing = sorted(set(table) - set(reader.keys()))
+  if missing:
+    raise CheckpointError(f"{name}: not a Nunchaku FLUX checkpoint for its config: missing keys "
+                          f"{mapping.key_listing(missing)}")
+  arrays: dict[str, Any] = mapping.read_tensors(reader, table, name=name)
+  keys_by_layer: dict[str, list[str]] = {}
+  for key in reader.keys():
+    if key.startswith(BLOCK_PREFIXES):
+      keys_by_layer.setdefault(key.rsplit(".", 1)[0], []).append(key)
+  used: set[str] = set(table)
+  dim = config.inner_dim
+  blocks = _block_layers(config)
+  for prefix, ours, w4a4, adanorm, norms in tqdm(blocks, desc="import", disable=not progress,
+                                                 leave=False):
+    for lname, (paths, shifted) in w4a4.items():
+      layer_prefix = f"{prefix}.{lname}"
+      tensors = _layer_tensors(reader, layer_prefix, keys_by_layer)
+      if not tensors:
+        raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
+      shift = nk.GELU_SHIFT if shifted and source.precision == "int4" else 0.0
+      layer = nk.unpack_linear(tensors, act_shift=shift, name=f"{name}: {layer_prefix}")
+      parts = nk.split_outputs(layer, (dim,) * 3) if len(paths) == 3 else [layer]
+      for path, part in zip(paths, parts, strict=True):
+        arrays[f"{ours}/{path}/kernel"] = part
+        arrays[f"{ours}/{path}/bias"] = np.zeros((part.out_features,), nk.BF16)
+      used.update(keys_by_layer[layer_prefix])
+    for lname, (path, splits) in adanorm.items():
+      layer_prefix = f"{prefix}.{lname}"
+      tensors = _layer_tensors(reader, layer_prefix, keys_by_layer)
+      if not tensors:
+        raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
+      layer = nk.unpack_w4a16(tensors, adanorm_splits=splits, name=f"{name}: {layer_prefix}")
+      arrays[f"{ours}/{path}/kernel"] = layer
+      arrays[f"{ours}/{path}/bias"] = np.zeros((layer.out_features,), nk.BF16)
+      used.update(keys_by_layer[layer_prefix])
+    for lname, path in norms.items():
+      key = f"{prefix}.{lname}.weight"
+      arrays[f"{ours}/{path}/scale"] = mapping.read_tensor(
+          reader, key, mapping.KeyEntry(f"{ours}/{path}/scale", (config.attention_head_dim,)),
+          name=name)
+      used.add(key)
+  unexpected = sorted(set(reader.keys()) - used)
+  if unexpected:
+    raise CheckpointError(f"{name}: unexpected keys {mapping.key_listing(unexpected)} (not a "
+                          "Nunchaku FLUX checkpoint for its config)")
+  check_against_model(arrays, registry.find_entry("flux"), config, source=name)
+  return arrays
+
+
+def _base_pipeline(base: str | os.PathLike) -> Path:
+  base = Path(base)
+  index = base / "model_index.json"
+  if not index.is_file():
+    raise CheckpointError(f"{base}: no model_index.json (--base needs a diffusers FluxPipeline "
+                          "folder)")
+  cls = read_json_object(index).get("_class_name")
+  if cls != "FluxPipeline":
+    raise CheckpointError(f"{base}: model_index.json names {cls!r}, --base needs a FluxPipeline")
+  return base
+
+
+def import_nunchaku(src: str | os.PathLike, dst: str | os.PathLike, *,
+                    base: str | os.PathLike | None = None, overwrite: bool = False,
+                    progress: bool = True) -> Path:
+  """Writes a Nunchaku FLUX.1 checkpoint as ours, exactly (no re-quantization).
+
+  Args:
+    src: the Nunchaku single file or legacy folder.
+    dst: the folder to write: our transformer checkpoint, or with `base` a whole pipeline folder
+      (`svdq-jax sample DST` runs it) whose transformer is the import and whose other components
+      (text encoders, VAE, tokenizers, scheduler) are copied from `base`.
+    base: a diffusers FluxPipeline folder, or None.
+    overwrite: replace an existing `dst`.
+    progress: a progress bar over the blocks.
+
+  Returns:
+    The written folder. Nothing is written on failure (everything goes to a temporary folder).
+
+  Raises:
+    CheckpointError (an InputError) with one line naming the file and what is wrong.
+  """
+  base_path = None if base is None else _base_pipeline(base)
+  if Path(dst).exists() and not overwrite:
+    raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
+  source = open_nunchaku(src)
+  arrays = read_nunchaku(source, progress=progress)
+  with atomic_folder(dst, overwrite=overwrite) as folder:
+    target = folder
+    if base_path is not None:
+      for entry in base_path.iterdir():
+        if entry.name == "transformer":
+          continue
+        copy = shutil.copytree if entry.is_dir() else shutil.copy2
+        copy(entry, folder / entry.name)
+      target = folder / "transformer"
+      target.mkdir()
+    write_into(target, arrays, model_type="flux", config=source.config)
+  return Path(dst)
