@@ -76,9 +76,11 @@ def _qmax(fmt: str) -> float:
 
 
 def nvfp4_tensor_scale(x: jax.Array) -> jax.Array:
-  """Per-tensor NVFP4 weight scale: amax / (6 * 448), so every group scale fits in E4M3."""
+  """Per-tensor NVFP4 weight scale: amax / (6 * 448), so every group scale fits in E4M3; at least
+  the smallest normal float32 (a subnormal scale is flushed to 0 on CPU, and 0 / 0 is NaN)."""
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
-  return jnp.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), 1.0).astype(jnp.float32)
+  scale = jnp.maximum(amax / (E2M1_MAX * E4M3_MAX), jnp.finfo(jnp.float32).tiny)
+  return jnp.where(amax > 0, scale, 1.0).astype(jnp.float32)
 
 
 def group_scales(xg: jax.Array, fmt: str, scale_dtype, tensor_scale: jax.Array | float = 1.0
