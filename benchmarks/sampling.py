@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from models import schedulers, sharding
 from models.flux import FluxConfig, FluxTransformer
-from pipelines.flux import flux_step_fn, fused_loop, latent_image_ids
+from pipelines.flux import flux_step_fn, latent_image_ids
+from pipelines.loop import fused_loop
 from svdq_jax import QuantConfig, quantize_model
 
 

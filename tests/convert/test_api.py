@@ -257,7 +257,6 @@ def test_converted_flux_pipeline_loads_exactly(tmp_path):
   folder directly, and the transformer's parameters equal the torch state dict, transposed."""
   pytest.importorskip("diffusers")
   from pipelines import FluxPipeline
-
   from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
 
   reference = save_tiny_flux_pipeline(tmp_path / "src", guidance_embeds=True)
