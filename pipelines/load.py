@@ -1,4 +1,8 @@
-"""Loading the pipeline a folder's model_index.json names."""
+"""Loading the pipeline a folder's model_index.json names.
+
+Importing `convert.loading` registers the models' checkpoint loader (`models.pretrained`), so the
+pipelines load their models whether or not the installed package's entry point is there.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 
 import jax.numpy as jnp
 
+import convert.loading  # noqa: F401  (registers the loader every from_pretrained calls)
 from pipelines.flux import FluxPipeline
 from pipelines.folder import PipelineFolder
 from pipelines.pixart import PixArtSigmaPipeline
