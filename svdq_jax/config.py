@@ -117,7 +117,7 @@ class QuantConfig(DictConfig):
 
   @classmethod
   def preset(cls, name: str = "svdquant-int4", **overrides: Any) -> QuantConfig:
-    """The named configurations of DESIGN.md, optionally with fields replaced.
+    """The named configurations (the README lists them), optionally with fields replaced.
 
     "svdquant-int4" (default), "svdquant-nvfp4", "w4a4" (plain RTN), "smoothquant-w4a4",
     "nf4-w4a16", "w8a8", "bf16".

@@ -48,7 +48,7 @@ SMALL = SVDQLinearConfig(QuantizeConfig(64, 2), GemmConfig(64, 128))
 def _reset_interpreter():
   """After a failure inside an interpreted kernel the interpreter's global state must be reset."""
   yield
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # noqa: PLC0415
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
   interpret_pallas_call.reset_gpu_interpret_mode_state()
 
@@ -120,7 +120,7 @@ def test_quantize_kernel_matches_reference(np_rng, m, k, rank, act_shift, config
 @pytest.mark.skipif(ON_HOPPER, reason="race detection is a feature of the CPU interpreter")
 def test_kernels_have_no_smem_races(np_rng):
   """The interpreter's race detector sees every SMEM access of both kernels (TMA, wgmma, regs)."""
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # noqa: PLC0415
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
   params = plgpu.InterpretGPUParams(detect_races=True)
   ops = _linear_operands(np_rng, (64,), 256, 128, 16)
@@ -283,7 +283,7 @@ def test_gemm_kernel_lowers_for_h100(np_rng, carrier, unsigned, apply_gelu, out_
 def _after_dialect_lowering(monkeypatch, fn, *args):
   """`fn` lowered for an H100 down to the instructions Mosaic GPU hands to LLVM (after its dialect
   lowering, which is where the automatic barriers are inserted), as text; one kernel only."""
-  from jax.experimental.mosaic.gpu import dialect_lowering  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import dialect_lowering
 
   modules = []
   lower = dialect_lowering.lower_mgpu_dialect
