@@ -268,7 +268,8 @@ def test_flux_pipeline_export_runs_in_diffusers(tiny_pipeline, tmp_path):
                       **kwargs).images
   got = tiny_pipeline(PROMPTS, latents=latents, **kwargs)
   assert got.shape == expected.shape == (2, SIZE, SIZE, 3)
-  assert np.abs(got - expected).max() <= 1e-3
+  print(f"FluxPipeline export: max |ours - diffusers| {np.abs(got - expected).max():.2e}")
+  assert np.abs(got - expected).max() <= 1e-4  # images in [0, 1]; measured 9.2e-6
   assert np.abs(expected - expected[:, :1, :1]).max() > 0.05  # the images are not flat
   reloaded = FluxPipeline.from_pretrained(folder)(PROMPTS, latents=latents, **kwargs)
   np.testing.assert_array_equal(reloaded, got)
