@@ -104,3 +104,22 @@ def convert_state(reader: CheckpointReader, config: CLIPTextConfig) -> dict[str,
   return convert_tensors(reader, layout, name=str(reader.path),
                          what="CLIP text checkpoint does not match its config",
                          ignored=[f"{prefix}embeddings.position_ids"])
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def export_table(config: CLIPTextConfig) -> dict[str, KeyEntry]:
+  """The key table `convert.export` writes by: with the `text_model.` prefix, which transformers
+  before and after v5 both read, for both architectures."""
+  return checkpoint_layout(config, _PREFIX)
+
+
+def config_to_json(config: CLIPTextConfig) -> dict[str, Any]:
+  """The transformers config.json of `config` (inverse of `config_from_json`): a
+  `CLIPTextModelWithProjection` when it has a projection, else a `CLIPTextModel`."""
+  values = {k: getattr(config, k) for k in (*_REQUIRED, *_DEFAULTS)}
+  architecture = MODEL_TYPES[0] if config.projection_dim is None else MODEL_TYPES[1]
+  if config.projection_dim is not None:
+    values["projection_dim"] = config.projection_dim
+  return {"architectures": [architecture], "model_type": "clip_text_model", **values}

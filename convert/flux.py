@@ -136,3 +136,27 @@ def config_from_json(cfg: dict[str, Any]) -> FluxConfig:
     return FluxConfig(**values)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"config.json: invalid FluxTransformer2DModel config: {e}") from e
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def export_table(config: FluxConfig) -> dict[str, KeyEntry]:
+  """The key table `convert.export` writes a checkpoint by (the one `convert_state` reads)."""
+  return key_table(config)
+
+
+def config_to_json(config: FluxConfig) -> dict[str, Any]:
+  """The diffusers FluxTransformer2DModel config.json of `config` (inverse of `config_from_json`).
+
+  Raises:
+    CheckpointError when `config` sets a field diffusers' config cannot hold (rope_theta,
+    mlp_ratio other than FLUX.1's 10000 and 4).
+  """
+  fixed = FluxConfig()
+  for name in ("rope_theta", "mlp_ratio"):
+    if getattr(config, name) != getattr(fixed, name):
+      raise CheckpointError(f"FluxConfig.{name}={getattr(config, name)} has no diffusers "
+                            f"FluxTransformer2DModel field (it is fixed at {getattr(fixed, name)})")
+  values = config.to_dict()
+  return {"_class_name": MODEL_TYPES[0], **{k: values[k] for k in CONFIG_FIELDS}}

@@ -1,10 +1,11 @@
-"""Shared pieces of the checkpoint converters: key tables, checks and the torch -> ours layout.
+"""Shared pieces of the checkpoint converters: key tables, checks and the torch <-> ours layout.
 
 A converter describes a checkpoint as a key table `{checkpoint key: KeyEntry}` (built from the
 config, or from the model's parameter tree with `torch_key` / `torch_shape` when our paths spell
 the checkpoint keys) and hands it to `convert_tensors`, which checks the key sets, then each
 tensor's shape and dtype, and returns `{our path: array}` in our layout: torch Linear weights
-(out, in) become (in, out) kernels and conv weights OIHW become HWIO. Every error is a
+(out, in) become (in, out) kernels and conv weights OIHW become HWIO. The same table exports:
+`export_tensors` maps our flat parameters back to checkpoint keys in torch layout. Every error is a
 `CheckpointError` naming the checkpoint, the key, what was expected and what was found.
 """
 
@@ -61,6 +62,17 @@ def kernel_to_ours(weight: np.ndarray) -> np.ndarray:
     return weight.transpose(2, 3, 1, 0)
   raise ValueError(f"kernel_to_ours: a torch weight of shape {weight.shape} is neither a Linear "
                    "(out, in) nor a conv (O, I, H, W) weight")
+
+
+def kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+  """Our (in, out) / HWIO kernel as the torch Linear (out, in) / conv OIHW weight (a view; the
+  inverse of `kernel_to_ours`)."""
+  if kernel.ndim == 2:
+    return kernel.T
+  if kernel.ndim == 4:
+    return kernel.transpose(3, 2, 0, 1)
+  raise ValueError(f"kernel_to_torch: a kernel of shape {kernel.shape} is neither a Linear "
+                   "(in, out) nor a conv (H, W, I, O) kernel")
 
 
 def torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -157,12 +169,23 @@ def convert_tensors(source: TensorSource, table: Mapping[str, KeyEntry], *, name
   return read_tensors(source, table, name=name)
 
 
+def name_table(expected: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, KeyEntry]:
+  """The key table of a model whose paths spell the checkpoint keys (`torch_key`, `torch_shape`).
+
+  Args:
+    expected: our flat `{path: ShapeDtypeStruct}` (`convert.loading.state_paths` of the model).
+  """
+  return {torch_key(path): KeyEntry(path, torch_shape(path, tuple(struct.shape)),
+                                    transpose=path.endswith("kernel"))
+          for path, struct in expected.items()}
+
+
 def convert_by_name(reader: TensorSource, expected: Mapping[str, jax.ShapeDtypeStruct], *,
                     name: str, rename: Callable[[str], str] | None = None) -> dict[str, np.ndarray]:
   """Reads, for each of our parameter paths, the torch tensor of the same name, in our layout.
 
-  For models whose paths spell the checkpoint keys (`torch_key`): the key table is derived from the
-  model's parameter tree instead of being written out.
+  For models whose paths spell the checkpoint keys (`name_table`): the key table is derived from
+  the model's parameter tree instead of being written out.
 
   Args:
     reader: the open checkpoint.
@@ -185,9 +208,38 @@ def convert_by_name(reader: TensorSource, expected: Mapping[str, jax.ShapeDtypeS
     if current in key_of:
       raise CheckpointError(f"{name}: keys {key_of[current]!r} and {key!r} both give {current!r}")
     key_of[current] = key
-  table = {}
-  for path, struct in expected.items():
-    current = torch_key(path)
-    table[key_of.get(current, current)] = KeyEntry(
-        path, torch_shape(path, struct.shape), transpose=path.endswith("kernel"))
+  table = {key_of.get(current, current): entry for current, entry in name_table(expected).items()}
   return convert_tensors(reader, table, name=name)
+
+
+def export_tensors(arrays: Mapping[str, np.ndarray], table: Mapping[str, KeyEntry], *,
+                   name: str) -> dict[str, np.ndarray]:
+  """The reverse of `convert_tensors`: our flat `{path: array}` -> `{checkpoint key: tensor}`.
+
+  The same key table serves both directions: each entry's `ours` path is read from `arrays` and
+  put back in torch layout (`kernel_to_torch` where `transpose`), then checked against the
+  entry's checkpoint shape.
+
+  Args:
+    arrays: our flat parameters (numpy arrays, any float dtype).
+    table: checkpoint key -> `KeyEntry`, as the converter reads it.
+    name: how errors name the model being exported.
+
+  Returns:
+    `{checkpoint key: array}` (transposed views; `convert.save_file` writes them contiguous).
+
+  Raises:
+    CheckpointError: our paths that the table does not cover or that are missing (listed), or an
+      array whose shape does not give the checkpoint shape.
+  """
+  check_key_sets([e.ours for e in table.values()], arrays, name=name,
+                 what="parameters do not match the export key table")
+  out = {}
+  for key, entry in table.items():
+    array = arrays[entry.ours]
+    tensor = kernel_to_torch(array) if entry.transpose else array
+    if tuple(tensor.shape) != entry.shape:
+      raise CheckpointError(f"{name}: our {entry.ours!r} of shape {tuple(array.shape)} gives "
+                            f"{key!r} of shape {tuple(tensor.shape)}, expected {entry.shape}")
+    out[key] = tensor
+  return out

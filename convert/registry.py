@@ -106,6 +106,20 @@ def find_entry(name: str, *, where: str = "") -> ModelEntry:
   raise CheckpointError(f"{prefix}unknown model type {name!r}; {_known_text()}")
 
 
+def entry_for_model(model: Any, *, where: str = "") -> ModelEntry:
+  """The entry whose model class `model` is an instance of (`FluxTransformer` -> "flux").
+
+  Raises:
+    CheckpointError naming `where`, the model's class and the known ones.
+  """
+  for entry, _ in _available():
+    if isinstance(model, entry.model_class()):
+      return entry
+  prefix = f"{where}: " if where else ""
+  raise CheckpointError(f"{prefix}{type(model).__name__} is not a model class we convert; "
+                        f"known: {[e.model for e, _ in _available()]}")
+
+
 def source_class(config_json: dict) -> str | None:
   """The diffusers `_class_name` or first transformers `architectures` name of a config.json."""
   name = config_json.get("_class_name")

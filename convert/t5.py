@@ -101,3 +101,19 @@ def convert_state(reader: CheckpointReader, config: T5Config) -> dict[str, np.nd
   for key in tied_copies:
     read_tensor(reader, key, layout[embedding_keys[0]], name=name)
   return read_tensors(reader, layout, name=name)
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def export_table(config: T5Config) -> dict[str, KeyEntry]:
+  """The key table `convert.export` writes by: the token embedding once, as `shared.weight`
+  (transformers ties `encoder.embed_tokens.weight` to it on load)."""
+  return checkpoint_layout(config)
+
+
+def config_to_json(config: T5Config) -> dict[str, Any]:
+  """The transformers `T5EncoderModel` config.json of `config` (inverse of `config_from_json`)."""
+  values = {k: getattr(config, k) for k in (*_REQUIRED, *_DEFAULTS)}
+  return {"architectures": list(MODEL_TYPES), "model_type": "t5", "is_encoder_decoder": False,
+          **values}

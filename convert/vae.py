@@ -12,7 +12,7 @@ import re
 import numpy as np
 from flax import nnx
 
-from convert.mapping import convert_by_name
+from convert.mapping import KeyEntry, convert_by_name, name_table
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from convert.state import state_paths
 from models.vae import AutoencoderKL, VAEConfig
@@ -77,8 +77,28 @@ def _current_name(key: str) -> str:
   return f"{m[1]}{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else key
 
 
+def _paths(config: VAEConfig) -> dict:
+  """Our flat `{path: ShapeDtypeStruct}` for `config` (built under `nnx.eval_shape`)."""
+  return state_paths(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
+
+
 def convert_state(reader: CheckpointReader, config: VAEConfig) -> dict[str, np.ndarray]:
   """A diffusers AutoencoderKL checkpoint -> flat `{our path: array}` (conv OIHW -> HWIO)."""
-  model = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-  return convert_by_name(reader, state_paths(model), name=str(reader.path),
-                         rename=_current_name)
+  return convert_by_name(reader, _paths(config), name=str(reader.path), rename=_current_name)
+
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def export_table(config: VAEConfig) -> dict[str, KeyEntry]:
+  """The key table `convert.export` writes by: current diffusers names (`to_q`, `to_out.0`)."""
+  return name_table(_paths(config))
+
+
+def config_to_json(config: VAEConfig) -> dict:
+  """The diffusers `AutoencoderKL` config.json of `config` (inverse of `config_from_json`)."""
+  values = config.to_dict()
+  n_blocks = len(config.block_out_channels)
+  return {"_class_name": MODEL_TYPES[0], **{k: values[k] for k in _FIELDS},
+          "down_block_types": ["DownEncoderBlock2D"] * n_blocks,
+          "up_block_types": ["UpDecoderBlock2D"] * n_blocks, "act_fn": "silu"}

@@ -447,3 +447,10 @@ def scheduler_from_config(cfg: dict) -> Scheduler:
   if name not in _BY_CLASS_NAME:
     raise ValueError(f"scheduler {name!r} is not supported (supported: {sorted(_BY_CLASS_NAME)})")
   return _BY_CLASS_NAME[name].from_dict(cfg)
+
+
+def scheduler_to_config(scheduler: Scheduler) -> dict:
+  """The diffusers `scheduler_config.json` of a scheduler (inverse of `scheduler_from_config`)."""
+  fields = {f.name: getattr(scheduler, f.name) for f in dataclasses.fields(scheduler)}
+  return {"_class_name": scheduler.class_name,
+          **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}

@@ -22,6 +22,8 @@ from svdq_jax.errors import InputError
 
 # transformers writes this for "no limit"; we then need the pipeline's own length.
 _UNBOUNDED = 10**20
+# The special-token roles of a tokenizer_config.json that we keep and write back.
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
                r"""[^\s\p{L}\p{N}]+""")
 
@@ -75,13 +77,17 @@ class Tokenizer:
     backend: the `tokenizers.Tokenizer` (special tokens added by its post-processor).
     pad_token_id: id used for padding.
     model_max_length: the tokenizer's own length limit (None when it has none).
+    special_tokens: `{role: token}` for the roles of `SPECIAL_TOKENS` the tokenizer has
+      ("eos_token": "</s>"), written back by `save_pretrained`; the pad token is always known.
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, pad_token_id: int,
-               model_max_length: int | None):
+               model_max_length: int | None, special_tokens: dict[str, str] | None = None):
     self.backend = backend
     self.pad_token_id = pad_token_id
     self.model_max_length = model_max_length
+    self.special_tokens = {**(special_tokens or {}),
+                           "pad_token": backend.id_to_token(pad_token_id)}
 
   @classmethod
   def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
@@ -119,7 +125,27 @@ class Tokenizer:
                            "vocabulary")
     limit = config.get("model_max_length")
     limit = int(limit) if isinstance(limit, int | float) and limit < _UNBOUNDED else None
-    return cls(backend, pad_token_id=pad_id, model_max_length=limit)
+    special = {role: _special(config, role) for role in SPECIAL_TOKENS}
+    return cls(backend, pad_token_id=pad_id, model_max_length=limit,
+               special_tokens={role: token for role, token in special.items() if token})
+
+  def save_pretrained(self, folder: str | os.PathLike, *, tokenizer_class: str) -> None:
+    """Writes the folder a transformers fast tokenizer saves (and `from_pretrained` reads).
+
+    `tokenizer.json` (the backend, without padding or truncation) and `tokenizer_config.json`
+    (`tokenizer_class`, e.g. "CLIPTokenizer" or "T5TokenizerFast", the special tokens and
+    `model_max_length`); for a BPE model also `vocab.json` and `merges.txt`, which the older
+    Python tokenizers of transformers read. `folder` must exist.
+    """
+    folder = Path(folder)
+    self.backend.save(str(folder / "tokenizer.json"))
+    if isinstance(self.backend.model, tokenizers.models.BPE):
+      self.backend.model.save(str(folder))
+    config = {"tokenizer_class": tokenizer_class, **self.special_tokens}
+    if self.model_max_length is not None:
+      config["model_max_length"] = self.model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                                  encoding="utf-8")
 
   def __call__(self, texts: str | list[str], max_length: int | None = None) -> TokenizedText:
     """Token ids of each text, with special tokens, truncated and padded to `max_length`.
