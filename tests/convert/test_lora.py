@@ -1,12 +1,12 @@
 """convert.lora: LoRA files in the diffusers/PEFT, kohya and XLabs formats, against diffusers.
 
 The reference is diffusers and peft: the PEFT files are written by peft's
-`get_peft_model_state_dict`
-and diffusers' `save_lora_weights`; the kohya and XLabs files are built here from the same factors
-by the naming rules of sd-scripts (BFL module names, "." -> "_", `lora_down`/`lora_up`/`alpha`)
-and XLabs (`double_blocks.i.processor.qkv_lora1.down.weight`, ...), and each is checked to give,
-loaded by diffusers' own `FluxPipeline.load_lora_weights`, the output of the peft model. Our output
-from every file must then match diffusers' (float parameters, so the comparison is tight).
+`get_peft_model_state_dict` and diffusers' `save_lora_weights`; the kohya and XLabs files are
+built here from the same factors by the naming rules of sd-scripts (BFL module names, "." -> "_",
+`lora_down`/`lora_up`/`alpha`) and XLabs (`double_blocks.i.processor.qkv_lora1.down.weight`,
+...), and each is checked to give, loaded by diffusers' own `FluxPipeline.load_lora_weights`,
+the output of the peft model. Our output from every file must then match diffusers' (float
+parameters, so the comparison is tight).
 """
 
 import sys
@@ -29,8 +29,11 @@ from convert.lora import load_loras, parse_lora_spec, read_lora  # noqa: E402
 from convert.safetensors_io import CheckpointError  # noqa: E402
 from models.flux import FluxTransformer  # noqa: E402
 from models.pixart import PixArtSigmaTransformer  # noqa: E402
+from svdq_jax import QuantConfig, quantize_linear  # noqa: E402
 from svdq_jax.errors import InputError  # noqa: E402
 from svdq_jax.lora import apply_loras, linear_shapes  # noqa: E402
+from svdq_jax.qlinear import xla_dot  # noqa: E402
+from svdq_jax.tree import map_named_leaves, named_leaves  # noqa: E402
 
 pytestmark = pytest.mark.parity
 RANK, ALPHA = 4, 8.0
@@ -195,7 +198,7 @@ def flux(tmp_path_factory):
 
   ours_model = FluxTransformer.from_pretrained(folder / "transformer")
   return {"files": files, "peft_out": peft_out, "diffusers_out": diffusers_out,
-          "model": ours_model, "inputs": inputs}
+          "model": ours_model, "inputs": inputs, "factors": factors}
 
 
 _FORWARDS = {}
@@ -365,3 +368,24 @@ def test_jax_arrays_are_accepted_as_strengths(flux):
   merged = apply_loras(state, adapters, jnp.asarray([0.25]))
   assert jax.tree.structure(merged) == jax.tree.structure(state)
   assert strengths.dtype == jnp.float32 and strengths.shape == (1,)
+
+
+def test_kohya_qkv_lora_on_a_quantized_model_is_the_float_product_on_the_branch(flux):
+  """File -> quantized layer: to_q of a fused kohya qkv LoRA, against the peft factors of to_q."""
+  config = QuantConfig.preset(group_size=16, smooth=None, svd_iters=1, rank=8,
+                              shift_activations=False)
+  path = "transformer_blocks/1/attn/to_q/kernel"
+  quantized = map_named_leaves(  # one layer quantized (enough, and fast)
+      lambda p, leaf: quantize_linear(leaf, None, None, config) if p == path else leaf,
+      nnx.state(flux["model"]))
+  adapters, strengths = load_loras("flux", [(flux["files"]["kohya"], 0.5)], quantized)
+  merged = apply_loras(quantized, adapters, strengths)
+  base, lora = dict(named_leaves(quantized))[path], dict(named_leaves(merged))[path]
+  assert base.rank == 8 and lora.rank == 8 + RANK  # only to_q's part of the 3 * RANK qkv LoRA
+  a, b = (t.double().numpy() for t in flux["factors"]["transformer_blocks.1.attn.to_q"])
+  x = np.random.default_rng(0).standard_normal((6, D)).astype(np.float32)
+  delta = 0.5 * (ALPHA / RANK) * (x @ a.T) @ b.T
+  bound = 3 * 2.0**-8 * 0.5 * (ALPHA / RANK) * (np.abs(x) @ np.abs(a.T)) @ np.abs(b.T) + 1e-5
+  got = np.float64(xla_dot(jnp.asarray(x), lora)) - np.float64(xla_dot(jnp.asarray(x), base))
+  np.testing.assert_array_less(np.abs(got - delta), bound)
+  assert np.max(np.abs(delta) - bound) > 0
