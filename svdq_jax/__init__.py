@@ -13,6 +13,8 @@ from typing import Any
 _EXPORTS = {
     "ActivationStats": "svdq_jax.calibration",
     "calibrate": "svdq_jax.calibration",
+    "apply_loras": "svdq_jax.lora",
+    "LayerLoRA": "svdq_jax.lora",
     "PRESETS": "svdq_jax.config",
     "QuantConfig": "svdq_jax.config",
     "Impl": "svdq_jax.dot",

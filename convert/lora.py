@@ -1,0 +1,401 @@
+"""LoRA files -> adapters `{our kernel path: LayerLoRA}` for `svdq_jax.lora.apply_loras`.
+
+Formats (detected per key, by the suffix of each tensor's name):
+
+  diffusers / PEFT   `<module>.lora_A.weight` (r, K), `<module>.lora_B.weight` (N, r), optionally
+                     `<module>.alpha`; prefixes "transformer.", "unet.", "base_model.model." (fal).
+  kohya (sd-scripts) `lora_unet_<module>.lora_down.weight` (r, K), `.lora_up.weight` (N, r),
+                     `.alpha`; also "lora_transformer_" and ComfyUI's "diffusion_model." prefixes.
+  XLabs (FLUX.1)     `double_blocks.<i>.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` and
+                     `single_blocks.<i>.processor.{qkv,proj}_lora.{down,up}.weight`.
+
+`<module>` may be a diffusers module path (dots or, for kohya, underscores) or, for FLUX.1, a
+module of Black Forest Labs' original model (`double_blocks.0.img_attn.qkv`, `single_blocks.0.
+linear1`, `final_layer.adaLN_modulation.1`, ...), as kohya, XLabs and fal write them. A fused BFL
+projection is split onto our separate layers: `img_attn.qkv` onto to_q / to_k / to_v (the rows of
+lora_up; lora_down is shared), a single block's `linear1` onto to_q / to_k / to_v / proj_mlp, and
+`final_layer.adaLN_modulation.1` onto norm_out.linear with its (shift, scale) halves swapped to
+diffusers' (scale, shift). Rank components whose lora_up part is all zero for a layer (a block-
+diagonal qkv LoRA) are dropped from that layer, which changes nothing but the rank.
+
+Scaling, applied once (`LayerLoRA.scale`, used by `apply_loras` times the strength):
+  scale = alpha / r, with r the module's rank (rows of its lora_down) and alpha from, in order,
+  the module's `.alpha` tensor, the diffusers metadata `lora_adapter_metadata` (its
+  `alpha_pattern` entry for the module, else `lora_alpha`), else alpha = r (scale 1: a file
+  without alpha means `W + B @ A`, as diffusers, PEFT and XLabs read it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.mapping import FLOAT_DTYPES
+from convert.safetensors_io import CheckpointError, CheckpointReader
+from svdq_jax.lora import Adapter, LayerLoRA, linear_shapes
+
+MODEL_TYPES: tuple[str, ...] = ("flux", "pixart", "sdxl")
+_SHOWN = 5  # unmatched keys named by the error
+
+# Key prefixes that name the component, stripped before the module is looked up.
+_PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.diffusion_model.",
+             "diffusion_model.", "lora_unet_", "lora_transformer_")
+# Tensor-name suffixes by format: (regex, format, role).
+_SUFFIXES: tuple[tuple[re.Pattern, str, str], ...] = (
+    (re.compile(r"\.lora_A(?:\.[A-Za-z0-9_]+)?\.weight$"), "peft", "down"),
+    (re.compile(r"\.lora_B(?:\.[A-Za-z0-9_]+)?\.weight$"), "peft", "up"),
+    (re.compile(r"\.lora_down\.weight$"), "kohya", "down"),
+    (re.compile(r"\.lora_up\.weight$"), "kohya", "up"),
+    (re.compile(r"\.processor\.[a-z_]+lora[12]?\.down\.weight$"), "xlabs", "down"),
+    (re.compile(r"\.processor\.[a-z_]+lora[12]?\.up\.weight$"), "xlabs", "up"),
+    (re.compile(r"\.alpha$"), "alpha", "alpha"),
+)
+# Adapter kinds that are not a low-rank product (name fragments -> what they are).
+_UNSUPPORTED = {"lokr_w1": "LoKr (LyCORIS Kronecker product)", "lokr_w2": "LoKr",
+                "hada_w1": "LoHa (LyCORIS Hadamard product)", "dora_scale": "DoRA",
+                "lora_magnitude_vector": "DoRA", ".diff_b": "a bias difference (diff_b)",
+                ".diff": "a full weight difference (diff)", "lora_B.bias": "a LoRA bias",
+                "lora_up.bias": "a LoRA bias"}
+_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+  """Columns [start, stop) of a (fused) module's output: our layer `path`'s from `offset` on."""
+
+  path: str
+  start: int
+  stop: int
+  offset: int = 0
+
+
+def _full(path: str, n: int) -> tuple[_Piece, ...]:
+  return (_Piece(path, 0, n),)
+
+
+def _split(shapes: Mapping[str, tuple[int, int]], paths: Sequence[str]) -> tuple[_Piece, ...]:
+  """A fused projection whose output is the concatenation of the layers `paths`, in order."""
+  pieces, start = [], 0
+  for path in paths:
+    n = shapes[path][1]
+    pieces.append(_Piece(path, start, start + n))
+    start += n
+  return tuple(pieces)
+
+
+def _normalized(name: str) -> str:
+  return name.replace(".", "_")
+
+
+def _flux_bfl_targets(shapes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[_Piece, ...]]:
+  """BFL (and XLabs) module names of FLUX.1 -> pieces of our layers, for the blocks present."""
+  targets: dict[str, tuple[_Piece, ...]] = {}
+
+  def add(name: str, paths: Sequence[str]) -> None:
+    paths = [f"{p}/kernel" for p in paths]
+    if all(p in shapes for p in paths):
+      targets[_normalized(name)] = _split(shapes, paths)
+
+  i = 0
+  while f"transformer_blocks/{i}/attn/to_q/kernel" in shapes:
+    ours, bfl = f"transformer_blocks/{i}", f"double_blocks_{i}"
+    img_qkv = [f"{ours}/attn/to_{x}" for x in "qkv"]
+    txt_qkv = [f"{ours}/attn/add_{x}_proj" for x in "qkv"]
+    for name, paths in (
+        ("img_attn_qkv", img_qkv), ("img_attn_proj", [f"{ours}/attn/to_out/0"]),
+        ("img_mlp_0", [f"{ours}/ff/net/0/proj"]), ("img_mlp_2", [f"{ours}/ff/net/2"]),
+        ("img_mod_lin", [f"{ours}/norm1/linear"]),
+        ("txt_attn_qkv", txt_qkv), ("txt_attn_proj", [f"{ours}/attn/to_add_out"]),
+        ("txt_mlp_0", [f"{ours}/ff_context/net/0/proj"]),
+        ("txt_mlp_2", [f"{ours}/ff_context/net/2"]),
+        ("txt_mod_lin", [f"{ours}/norm1_context/linear"]),
+        ("processor_qkv_lora1", img_qkv), ("processor_proj_lora1", [f"{ours}/attn/to_out/0"]),
+        ("processor_qkv_lora2", txt_qkv), ("processor_proj_lora2", [f"{ours}/attn/to_add_out"])):
+      add(f"{bfl}_{name}", paths)
+    i += 1
+  i = 0
+  while f"single_transformer_blocks/{i}/attn/to_q/kernel" in shapes:
+    ours, bfl = f"single_transformer_blocks/{i}", f"single_blocks_{i}"
+    qkv = [f"{ours}/attn/to_{x}" for x in "qkv"]
+    for name, paths in (
+        ("linear1", [*qkv, f"{ours}/proj_mlp"]), ("linear2", [f"{ours}/proj_out"]),
+        ("modulation_lin", [f"{ours}/norm/linear"]),
+        ("processor_qkv_lora", qkv), ("processor_proj_lora", [f"{ours}/proj_out"])):
+      add(f"{bfl}_{name}", paths)
+    i += 1
+  for bfl, ours in (("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+                    ("time_in", "time_text_embed/timestep_embedder"),
+                    ("vector_in", "time_text_embed/text_embedder"),
+                    ("guidance_in", "time_text_embed/guidance_embedder")):
+    if bfl in ("img_in", "txt_in"):
+      add(bfl, [ours])
+    else:
+      add(f"{bfl}_in_layer", [f"{ours}/linear_1"])
+      add(f"{bfl}_out_layer", [f"{ours}/linear_2"])
+  add("final_layer_linear", ["proj_out"])
+  norm_out = "norm_out/linear/kernel"
+  if norm_out in shapes:
+    half = shapes[norm_out][1] // 2  # BFL: (shift, scale); diffusers: (scale, shift)
+    targets["final_layer_adaLN_modulation_1"] = (_Piece(norm_out, 0, half, half),
+                                                 _Piece(norm_out, half, 2 * half, 0))
+  return targets
+
+
+def lora_targets(model_type: str, shapes: Mapping[str, tuple[int, int]]
+                 ) -> dict[str, tuple[_Piece, ...]]:
+  """Normalized module name ("." -> "_") -> the pieces of our layers its LoRA lands on.
+
+  Every model: its diffusers module paths ("transformer_blocks_0_attn_to_q"). FLUX.1 also: the
+  BFL / XLabs names (see the module docstring).
+  """
+  if model_type not in MODEL_TYPES:
+    raise CheckpointError(f"LoRA: unknown model type {model_type!r}; known: {list(MODEL_TYPES)}")
+  targets = {_normalized(path.removesuffix("/kernel").replace("/", ".")): _full(path, n)
+             for path, (_, n) in shapes.items()}
+  if model_type == "flux":
+    bfl = _flux_bfl_targets(shapes)
+    clash = sorted(set(bfl) & set(targets))
+    if clash:
+      raise ValueError(f"lora_targets: BFL names {clash} are also diffusers module names")
+    targets |= bfl
+  return targets
+
+
+def _strip_prefix(module: str) -> str:
+  for prefix in _PREFIXES:
+    if module.startswith(prefix):
+      return module[len(prefix):]
+  return module
+
+
+def _classify(key: str) -> tuple[str, str, str] | None:
+  """(module, format, role) of a tensor name, or None when it is no LoRA tensor we know."""
+  for pattern, fmt, role in _SUFFIXES:
+    match = pattern.search(key)
+    if match:
+      if fmt == "xlabs":  # the module is the processor's name: "double_blocks.0.processor.x"
+        module = key[:match.start()] + match.group(0).rsplit(".", 2)[0]
+        return module, fmt, role
+      return key[:match.start()], fmt, role
+  return None
+
+
+def _metadata_alphas(metadata: Mapping[str, str], *, name: str) -> tuple[float | None, dict]:
+  """(lora_alpha, alpha_pattern) of diffusers' `lora_adapter_metadata`, for the transformer/unet
+  component (keys "transformer.lora_alpha") or a model-level file ("lora_alpha")."""
+  raw = metadata.get(_METADATA_KEY)
+  if raw is None:
+    return None, {}
+  try:
+    config = json.loads(raw)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{name}: metadata {_METADATA_KEY!r} is not JSON: {e}") from e
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{name}: metadata {_METADATA_KEY!r} is not a JSON object")
+  for prefix in ("", "transformer.", "unet."):
+    if f"{prefix}lora_alpha" in config:
+      alpha = config[f"{prefix}lora_alpha"]
+      pattern = config.get(f"{prefix}alpha_pattern") or {}
+      if not isinstance(alpha, (int, float)) or not isinstance(pattern, dict):
+        raise CheckpointError(f"{name}: metadata {_METADATA_KEY!r} has lora_alpha {alpha!r} and "
+                              f"alpha_pattern {pattern!r}; expected a number and an object")
+      return float(alpha), pattern
+  return None, {}
+
+
+def _pattern_alpha(module: str, default: float | None, pattern: Mapping[str, Any]
+                   ) -> float | None:
+  """PEFT's alpha_pattern rule: a pattern matches a module name ending in it ("(.*\\.)?pat$")."""
+  dotted = _strip_prefix(module)
+  for key, alpha in pattern.items():
+    if re.fullmatch(rf"(.*\.)?(?:{key})", dotted):
+      return float(alpha)
+  return default
+
+
+def _unsupported(keys: Sequence[str]) -> str | None:
+  for key in keys:
+    for fragment, what in _UNSUPPORTED.items():
+      if fragment in key:
+        return f"key {key!r} holds {what}, which is not a low-rank LoRA (only lora_A/lora_B, " \
+               "lora_down/lora_up and XLabs down/up factors are supported)"
+  return None
+
+
+def _tensor(reader: CheckpointReader, key: str, *, name: str) -> np.ndarray:
+  tensor = reader.get(key)
+  if tensor.dtype not in FLOAT_DTYPES:
+    raise CheckpointError(f"{name}: key {key!r} has dtype {tensor.dtype}, expected a float dtype")
+  return tensor
+
+
+def _layer_factors(down: np.ndarray, up: np.ndarray, piece_group: Sequence[_Piece], n: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(lora_down (K, r'), lora_up (r', N)) of one layer from a module's factors down (r, K) and
+  up (N_fused, r): its pieces of up's rows, the rank components it does not use dropped."""
+  layer_up = np.zeros((down.shape[0], n), up.dtype)
+  for piece in piece_group:
+    layer_up[:, piece.offset:piece.offset + piece.stop - piece.start] = up[piece.start:piece.stop].T
+  used = np.any(layer_up != 0, axis=1)
+  if not used.all():
+    return down[used].T, layer_up[used]
+  return down.T, layer_up
+
+
+def read_lora(path: str | os.PathLike, model_type: str,
+              shapes: Mapping[str, tuple[int, int]]) -> dict[str, LayerLoRA]:
+  """The adapter `{our kernel path: LayerLoRA}` of one LoRA file (safetensors) for a model.
+
+  Args:
+    path: the LoRA file.
+    model_type: "flux", "pixart" or "sdxl" (which module names are known; see `lora_targets`).
+    shapes: `{kernel path: (K, N)}` of the model's linear layers (`svdq_jax.lora.linear_shapes`).
+
+  Returns:
+    One LayerLoRA per targeted layer: factors (K, r) and (r, N) in the file's dtype, the scale
+    alpha / r (see the module docstring). Two modules landing on one layer are concatenated.
+
+  Raises:
+    CheckpointError (an InputError), one line naming the file: not a safetensors file; a key of an
+    unsupported kind (LoKr, LoHa, DoRA, diff) or of no known format; modules that match no layer of
+    the model (a LoRA for another model; the first unmatched keys are named); a module without
+    its down or up factor; factors whose shapes do not fit the layer.
+  """
+  name = str(path)
+  targets = lora_targets(model_type, shapes)
+  with CheckpointReader(path) as reader:
+    keys = list(reader.keys())
+    if not keys:
+      raise CheckpointError(f"{name}: holds no tensors (not a LoRA file)")
+    problem = _unsupported(keys)
+    if problem:
+      raise CheckpointError(f"{name}: {problem}")
+    modules: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key in keys:
+      parsed = _classify(key)
+      if parsed is None:
+        unknown.append(key)
+        continue
+      module, _, role = parsed
+      modules.setdefault(module, {})[role] = key
+    if unknown:
+      raise CheckpointError(
+          f"{name}: not a LoRA file of a known format (diffusers/PEFT lora_A/lora_B, kohya "
+          f"lora_down/lora_up/alpha, XLabs processor down/up): keys {unknown[:_SHOWN]} "
+          f"({len(unknown)} of {len(keys)})")
+    unmatched = sorted(next(iter(roles.values())) for module, roles in modules.items()
+                       if _normalized(_strip_prefix(module)) not in targets)
+    if unmatched:
+      raise CheckpointError(
+          f"{name}: {len(unmatched)} LoRA modules match no layer of the {model_type} model (a "
+          f"LoRA for another model or component?): first keys {unmatched[:_SHOWN]}")
+    meta_alpha, alpha_pattern = _metadata_alphas(reader.metadata, name=name)
+    adapter: dict[str, LayerLoRA] = {}
+    for module, roles in modules.items():
+      if "down" not in roles or "up" not in roles:
+        have = sorted(roles.values())
+        raise CheckpointError(f"{name}: module {module!r} needs both its down and up factors, "
+                              f"found only {have}")
+      pieces = targets[_normalized(_strip_prefix(module))]
+      down_shape, up_shape = reader.shape(roles["down"]), reader.shape(roles["up"])
+      k = shapes[pieces[0].path][0]
+      n_fused = max(p.stop for p in pieces)
+      if (len(down_shape) != 2 or len(up_shape) != 2 or down_shape[1] != k
+          or up_shape != (n_fused, down_shape[0])):
+        raise CheckpointError(
+            f"{name}: module {module!r} has factors {roles['down']!r} {down_shape} and "
+            f"{roles['up']!r} {up_shape}; the model's layer needs (r, {k}) and ({n_fused}, r)")
+      down = _tensor(reader, roles["down"], name=name)
+      up = _tensor(reader, roles["up"], name=name)
+      rank = down.shape[0]
+      alpha = _pattern_alpha(module, meta_alpha, alpha_pattern)
+      if "alpha" in roles:
+        value = reader.get(roles["alpha"])
+        if value.size != 1 or not np.isfinite(value).all():
+          raise CheckpointError(f"{name}: key {roles['alpha']!r} must be one finite number, got "
+                                f"shape {value.shape}")
+        alpha = float(value.reshape(()))
+      scale = 1.0 if alpha is None else alpha / rank
+      by_layer: dict[str, list[_Piece]] = {}
+      for piece in pieces:
+        by_layer.setdefault(piece.path, []).append(piece)
+      for layer, group in by_layer.items():
+        layer_down, layer_up = _layer_factors(down, up, group, shapes[layer][1])
+        lora = LayerLoRA(layer_down, layer_up, scale)
+        adapter[layer] = lora if layer not in adapter else _concatenated(adapter[layer], lora)
+  return adapter
+
+
+def _concatenated(a: LayerLoRA, b: LayerLoRA) -> LayerLoRA:
+  """Two LoRAs of one layer as one: ranks concatenated, their scales folded into lora_up."""
+  down = np.concatenate([np.asarray(a.lora_down, np.float32), np.asarray(b.lora_down, np.float32)],
+                        axis=1)
+  up = np.concatenate([a.scale * np.asarray(a.lora_up, np.float32),
+                       b.scale * np.asarray(b.lora_up, np.float32)], axis=0)
+  return LayerLoRA(down, up, 1.0)
+
+
+def load_loras(model_type: str, loras: Sequence[tuple[str | os.PathLike, float]], params: Any
+               ) -> tuple[list[Adapter], jax.Array]:
+  """Reads LoRA files for a model: what a pipeline's `loras=[(path, strength), ...]` calls.
+
+  Args:
+    model_type: "flux", "pixart" or "sdxl".
+    loras: (file, strength) pairs.
+    params: the model's parameters (`nnx.state(transformer)`, float or quantized): the layers and
+      shapes the files are checked against.
+
+  Returns:
+    (adapters, strengths): the arguments of `svdq_jax.lora.apply_loras(params, adapters,
+    strengths)`; strengths a float32 array (A,).
+
+  Raises:
+    CheckpointError (an InputError) naming the file, as `read_lora`; a strength that is not a
+    finite number.
+  """
+  shapes = linear_shapes(params)
+  adapters, strengths = [], []
+  for path, strength in loras:
+    try:
+      value = float(strength)
+    except (TypeError, ValueError):
+      value = float("nan")
+    if not np.isfinite(value):
+      raise CheckpointError(f"{path}: LoRA strength {strength!r} is not a finite number")
+    adapters.append(read_lora(path, model_type, shapes))
+    strengths.append(value)
+  return adapters, jnp.asarray(strengths, jnp.float32)
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+  """`FILE[:STRENGTH]` (the CLI's `--lora`) -> (file, strength); strength 1 when absent.
+
+  The text after the last ":" is the strength when it parses as a number (so "C:\\x.safetensors"
+  and "a:b.safetensors" stay paths).
+
+  Raises:
+    CheckpointError: the file does not exist, or the strength is not finite.
+  """
+  path, strength = spec, 1.0
+  head, sep, tail = spec.rpartition(":")
+  if sep and head:
+    try:
+      strength = float(tail)
+      path = head
+    except ValueError:
+      pass
+  if not np.isfinite(strength):
+    raise CheckpointError(f"--lora {spec!r}: strength {tail!r} is not a finite number")
+  if not Path(path).is_file():
+    raise CheckpointError(f"--lora {spec!r}: no file {path!r}")
+  return Path(path), strength
