@@ -1,4 +1,4 @@
-"""The `svdq-jax` command line: demo, convert, quantize, sample, bench.
+"""The `svdq-jax` command line: demo, convert, import-nunchaku, quantize, sample, bench.
 
 Every subcommand hands its input to the library, which checks it before doing any work; bad input
 (a missing folder, a wrong model type, a bad prompt file, more devices than exist, an unknown
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 import pipelines
 from convert import api
+from convert.nunchaku_checkpoint import import_nunchaku
 from demo import layer_errors
 from models import sharding
 from pipelines.folder import PipelineFolder
@@ -31,7 +32,7 @@ EXIT_BAD_INPUT = 2
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
 DTYPES = ("auto", "float32", "bfloat16")
-COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
+COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "bench")
 # OS errors about a path the user named; other OS errors (a full disk, an I/O error) are not input.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError)
@@ -102,6 +103,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_import_nunchaku(args: argparse.Namespace) -> int:
+  import_nunchaku(args.src, args.dst, base=args.base, overwrite=args.overwrite)
+  print(f"wrote {args.dst}", file=sys.stderr)
+  return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
   prompts = read_prompt_file(args.calib)
   pipelines.quantize_pipeline(args.src, args.dst, preset=args.preset, prompts=prompts,
@@ -147,7 +154,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The argument parser of `svdq-jax` with its five subcommands."""
+  """The argument parser of `svdq-jax` with its six subcommands."""
   parser = _Parser(prog="svdq-jax", description="SVDQuant for JAX: convert, quantize and sample "
                    "diffusion models with 4-bit weights and activations.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
   conv.add_argument("--model", default=None, help="model type (flux, pixart, vae, t5, clip); "
                     "default: read from the source's config.json")
   conv.set_defaults(run=_cmd_convert)
+
+  nunchaku = sub.add_parser("import-nunchaku", help="Nunchaku INT4 FLUX.1 checkpoint -> svdq-jax "
+                            "checkpoint (exact, no re-quantization)")
+  nunchaku.add_argument("src", help="Nunchaku .safetensors file or legacy folder")
+  nunchaku.add_argument("dst", help="output folder (written atomically)")
+  nunchaku.add_argument("--base", default=None,
+                        help="diffusers FluxPipeline folder: write a whole pipeline folder whose "
+                        "other components are copied from it (loadable by `svdq-jax sample`)")
+  nunchaku.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  nunchaku.set_defaults(run=_cmd_import_nunchaku)
 
   quant = sub.add_parser("quantize", help="calibrate on prompts and write a quantized pipeline")
   quant.add_argument("src", help="diffusers pipeline folder (with model_index.json)")

@@ -22,7 +22,7 @@ import numpy as np
 
 from convert.safetensors_io import CheckpointError
 from svdq_jax import quantizers as qz
-from svdq_jax.config import QuantConfig
+from svdq_jax.formats import QuantFormat
 from svdq_jax.qlinear import SVDQLinear
 
 TILE = 128  # Nunchaku pads in and out features to multiples of this (its warp_n and 2 x 64 K)
@@ -204,16 +204,15 @@ def _as_bf16_exactly(value: np.ndarray, what: str, name: str) -> np.ndarray:
   return out
 
 
-def w4a4_config(weight_format: str, rank: int) -> QuantConfig:
-  """The QuantConfig of an imported W4A4 layer ("int4" or "nvfp4", rank r)."""
-  preset = "svdquant-int4" if weight_format == "int4" else "svdquant-nvfp4"
-  return QuantConfig.preset(preset, rank=rank, smooth=None, svd_iters=0)
+def w4a4_format(weight_format: str, act_shift: float = 0.0) -> QuantFormat:
+  """The `QuantFormat` of an imported W4A4 layer: "int4" (group 64) or "nvfp4" (group 16)."""
+  group = INT4_GROUP if weight_format == "int4" else NVFP4_GROUP
+  return QuantFormat(weight_format, weight_format, group, act_shift)
 
 
-def w4a16_config(rank: int = 0) -> QuantConfig:
-  """The QuantConfig of an imported W4A16 (AdaLN) layer: INT4 g64 weight-only."""
-  return dataclasses.replace(QuantConfig.preset("svdquant-int4"), act_format=None, rank=rank,
-                             smooth=None, svd_iters=0, shift_activations=False, weight_only=())
+def w4a16_format() -> QuantFormat:
+  """The `QuantFormat` of an imported W4A16 (AdaLN) layer: INT4 g64 weight-only."""
+  return QuantFormat("int4", None, AWQ_GROUP)
 
 
 def linear_precision(tensors: dict[str, np.ndarray], name: str = "linear") -> str:
@@ -314,8 +313,7 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
       lora_down=np.ascontiguousarray(_as_bf16_exactly(lora_down, "'proj_down'", name)),
       lora_up=np.ascontiguousarray(_as_bf16_exactly(lora_up, "'proj_up'", name)),
       bias=unpack_scales(bias)[:n].astype(np.float32),
-      config=w4a4_config(fmt, rank), in_features=k, out_features=n,
-      act_shift=float(act_shift))
+      format=w4a4_format(fmt, float(act_shift)), in_features=k, out_features=n)
 
 
 def _host(x) -> np.ndarray:
@@ -350,7 +348,7 @@ def pack_linear(layer: SVDQLinear, *, bias: np.ndarray | None = None, dtype=BF16
   """
   if naming not in NAMINGS:
     raise ValueError(f"pack_linear: naming {naming!r} is not one of {NAMINGS}")
-  fmt, act = layer.config.weight_format, layer.config.act_format
+  fmt, act = layer.weight_format, layer.act_format
   if fmt not in ("int4", "nvfp4") or act != fmt:
     raise CheckpointError(f"pack_linear: Nunchaku holds INT4 or NVFP4 W4A4 layers, not weights "
                           f"{fmt} / activations {act}")
@@ -479,7 +477,7 @@ def unpack_w4a16(tensors: dict[str, np.ndarray], *, adanorm_splits: int = 1,
       qweight=np.asarray(qz.pack_nibbles(signed)), wscales=np.ascontiguousarray(scales),
       wtscale=np.asarray(1.0, np.float32),
       smooth=np.ones((k,), np.float32), lora_down=lora_down, lora_up=lora_up, bias=bias,
-      config=w4a16_config(lora_down.shape[1]), in_features=k, out_features=n)
+      format=w4a16_format(), in_features=k, out_features=n)
 
 
 def _group_offsets(layer: SVDQLinear) -> np.ndarray:
@@ -514,10 +512,10 @@ def pack_w4a16(layer: SVDQLinear, *, bias: np.ndarray | None = None, adanorm_spl
     adanorm_splits: the AdaLN chunk count (see `unpack_w4a16`), 1 for a plain linear.
     dtype: the model dtype.
   """
-  cfg = layer.config
-  if cfg.weight_format != "int4" or cfg.act_format is not None or layer.group_size != AWQ_GROUP:
+  fmt = layer.format
+  if fmt.weight_format != "int4" or fmt.act_format is not None or fmt.group_size != AWQ_GROUP:
     raise CheckpointError(f"pack_w4a16: needs an INT4 g64 weight-only layer, got weights "
-                          f"{cfg.weight_format} g{layer.group_size} / activations {cfg.act_format}")
+                          f"{fmt.weight_format} g{fmt.group_size} / activations {fmt.act_format}")
   dtype = np.dtype(dtype)
   k, n = layer.in_features, layer.out_features
   if n % 4 or k % AWQ_GROUP or n % adanorm_splits:

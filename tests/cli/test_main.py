@@ -8,14 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli import main as cli
-from convert.safetensors_io import CheckpointError
+from convert.safetensors_io import CheckpointError, save_file
 from svdq_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("demo", "convert", "quantize", "sample", "bench")
+COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "bench")
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -98,6 +99,43 @@ def test_convert_and_bench_bad_inputs(tmp_path, capsys):
   _assert_bad_input(*_run(["convert", str(tmp_path / "nope"), str(tmp_path / "dst")],
                           capsys)[::2], "does not exist")
   _assert_bad_input(*_run(["bench", "gpus"], capsys)[::2], "gpus")
+
+
+def test_import_nunchaku_bad_inputs(tmp_path, capsys):
+  plain = tmp_path / "plain.safetensors"
+  save_file({"x": np.zeros(2, np.float32)}, plain)
+  _assert_bad_input(*_run(["import-nunchaku", str(plain), str(tmp_path / "dst")], capsys)[::2],
+                    "svdq-jax import-nunchaku: error:", "not a Nunchaku checkpoint")
+  _assert_bad_input(*_run(["import-nunchaku", str(plain), str(tmp_path / "dst"), "--base",
+                           str(tmp_path)], capsys)[::2], "model_index.json")
+  assert not (tmp_path / "dst").exists()
+
+
+def test_import_nunchaku_writes_a_pipeline_folder_with_base(tmp_path, capsys, np_rng):
+  """A synthetic Nunchaku file (DeepCompressor's packer) with --base: the transformer is the
+  import, the base's other components are copied, and DST is refused a second time."""
+  pytest.importorskip("deepcompressor.backend.nunchaku.convert")
+  from models.flux import FluxTransformer
+  from pipelines.folder import PipelineFolder
+  from tests.convert._nunchaku_file import SMALL, build_nunchaku_file
+  src = tmp_path / "svdq-int4_r32-flux.1-tiny.safetensors"
+  build_nunchaku_file(src, SMALL, np_rng)
+  base = _configs_only_pipeline(tmp_path / "base", "FluxPipeline")
+  dst = tmp_path / "flux-int4"
+  status, _, err = _run(["import-nunchaku", str(src), str(dst), "--base", str(base)], capsys)
+  assert status == 0, err
+  assert f"wrote {dst}" in err
+  assert json.loads((dst / "scheduler" / "scheduler_config.json").read_text()) == {
+      "_class_name": "FlowMatchEulerDiscreteScheduler"}
+  assert PipelineFolder.read(dst).pipeline == "FluxPipeline"
+  model = FluxTransformer.from_pretrained(dst / "transformer")
+  assert model.config.num_layers == SMALL.num_layers
+  assert model.transformer_blocks[0].ff.net[2].kernel.get_value().rank == 32
+  _assert_bad_input(*_run(["import-nunchaku", str(src), str(dst), "--base", str(base)],
+                          capsys)[::2], "already exists")
+  status, _, err = _run(["import-nunchaku", str(src), str(dst), "--overwrite"], capsys)
+  assert status == 0, err
+  assert not (dst / "scheduler").exists()
 
 
 def _write_json(file: Path, content: dict) -> None:
@@ -288,7 +326,6 @@ def test_quantize_then_sample_stays_close_to_float(tmp_path, capsys):
   image (measured: about 60 dB), and only the block linears are quantized."""
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")
-  import numpy as np
 
   import pipelines
   from svdq_jax import is_quantized

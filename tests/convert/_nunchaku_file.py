@@ -1,0 +1,91 @@
+"""A synthetic Nunchaku FLUX.1 single file: DeepCompressor-packed random quantized blocks (see
+_nunchaku_reference), random bf16 for the rest, and the float model it approximates. Shared by the
+import tests of convert and cli."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from convert import flux
+from convert import nunchaku as nk
+from convert import nunchaku_checkpoint as nc
+from convert.safetensors_io import save_file
+from models.flux import FluxConfig, FluxTransformer
+from tests.convert import _nunchaku_reference as ref
+
+BF16 = ml_dtypes.bfloat16
+SHAPES = {"qkv_proj": (1, 3), "qkv_proj_context": (1, 3), "out_proj": (1, 1),
+          "out_proj_context": (1, 1), "mlp_fc1": (1, 4), "mlp_fc2": (4, 1),
+          "mlp_context_fc1": (1, 4), "mlp_context_fc2": (4, 1)}
+SINGLE_SHAPES = {"qkv_proj": (1, 3), "mlp_fc1": (1, 4), "out_proj": (1, 1), "mlp_fc2": (4, 1)}
+
+
+def _diffusers_config(config: FluxConfig) -> dict:
+  values = {k: v for k, v in config.to_dict().items() if k not in ("rope_theta", "mlp_ratio",
+                                                                     "split_proj_out")}
+  return {"_class_name": "FluxTransformer2DModel", **values}
+
+
+def _float_weights(layer: ref.RandomLayer, stored_bias: np.ndarray, shift: float):
+  """The float kernel (K, N) and bias that the quantized layer approximates (notes 3.5 without
+  the activation rounding): R / smooth + down^T up^T, and bias + (shift / smooth) @ R."""
+  residual = layer.values().T / layer.smooth.astype(np.float64)[:, None]
+  kernel = residual + layer.down.astype(np.float64).T @ layer.up.astype(np.float64).T
+  return kernel, stored_bias.astype(np.float64) + shift * residual.sum(axis=0)
+
+
+def build_nunchaku_file(file, config: FluxConfig, np_rng, rank=32):
+  """Writes a Nunchaku single file for `config` (DeepCompressor-packed quantized blocks, random
+  bf16 for the rest) and returns the float parameters of the diffusers-layout model it
+  approximates (our paths, split_proj_out)."""
+  dim = config.inner_dim
+  float_model = FluxTransformer(config, rngs=nnx.Rngs(0))
+  params = {"/".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(float_model, nnx.Param))}
+  tensors = {}
+  for key, entry in flux.key_table(config).items():
+    if not key.startswith(nc.BLOCK_PREFIXES):
+      value = params[entry.ours].astype(BF16)
+      params[entry.ours] = value.astype(np.float32)
+      tensors[key] = np.ascontiguousarray(value.T if entry.transpose else value)
+  for prefix, ours, w4a4, adanorm, norms in nc._block_layers(config):
+    shapes = SHAPES if w4a4 is nc.DOUBLE else SINGLE_SHAPES
+    for lname, (paths, shifted) in w4a4.items():
+      k, n = (dim * f for f in shapes[lname])
+      layer = ref.random_layer(np_rng, k, n, rank)
+      shift = nk.GELU_SHIFT if shifted else 0.0
+      packed = ref.dc_pack(layer, shift=shift or None)
+      tensors |= {f"{prefix}.{lname}.{t}": v for t, v in packed.items()}
+      kernel, bias = _float_weights(layer, nk.unpack_scales(packed["bias"]), shift)
+      for i, path in enumerate(paths):
+        cols = slice(i * dim, (i + 1) * dim) if len(paths) == 3 else slice(None)
+        params[f"{ours}/{path}/kernel"] = kernel[:, cols].astype(np.float32)
+        params[f"{ours}/{path}/bias"] = bias[cols].astype(np.float32)
+    for lname, (path, splits) in adanorm.items():
+      n = splits * dim
+      codes = np_rng.integers(-7, 8, (n, dim)).astype(np.int8)
+      scales = (np_rng.uniform(0.5, 2.0, (dim // 64, n)) * 1e-2).astype(BF16)
+      bias = np_rng.normal(0, 0.2, (n,)).astype(BF16)
+      tensors |= {f"{prefix}.{lname}.{t}": v for t, v in
+                  ref.dc_pack_w4a16(codes, scales, bias, zero=None, splits=splits).items()}
+      s = np.repeat(scales.astype(np.float64).T, 64, axis=1)
+      params[f"{ours}/{path}/kernel"] = (codes * s).T.astype(np.float32)
+      params[f"{ours}/{path}/bias"] = bias.astype(np.float32)
+    for lname, path in norms.items():
+      value = np_rng.uniform(0.5, 1.5, (config.attention_head_dim,)).astype(BF16)
+      tensors[f"{prefix}.{lname}.weight"] = value
+      params[f"{ours}/{path}/scale"] = value.astype(np.float32)
+  quant = {"method": "svdquant", "weight": {"dtype": "int4", "scale_dtype": None,
+                                             "group_size": 64},
+           "activation": {"dtype": "int4", "scale_dtype": None, "group_size": 64}, "rank": rank}
+  save_file(tensors, file, metadata={"config": json.dumps(_diffusers_config(config)),
+                                     "comfy_config": "{}", "model_class": nc.FLUX_CLASS,
+                                     "quantization_config": json.dumps(quant)})
+  return params
+
+
+SMALL = FluxConfig(num_layers=1, num_single_layers=1, num_attention_heads=2,
+                   attention_head_dim=64, axes_dims_rope=(16, 24, 24), joint_attention_dim=64,
+                   pooled_projection_dim=32, in_channels=16)
