@@ -66,6 +66,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry("vae", "convert.vae", "models.vae:AutoencoderKL", "models.vae:VAEConfig"),
     ModelEntry("t5", "convert.t5", "models.t5:T5Encoder", "models.t5:T5Config"),
     ModelEntry("clip", "convert.clip", "models.clip:CLIPTextModel", "models.clip:CLIPTextConfig"),
+    ModelEntry("unet", "convert.sdxl", "models.unet_sdxl:UNetSDXL",
+               "models.unet_sdxl:UNetSDXLConfig"),
 )
 
 
