@@ -180,3 +180,23 @@ def test_bad_inputs_and_folders(tiny, tmp_path):
       json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
   with pytest.raises(CheckpointError, match="noise-prediction scheduler"):
     StableDiffusionXLPipeline.from_pretrained(tmp_path)
+
+
+def test_convert_writes_a_folder_the_pipeline_loads(tiny, tmp_path):
+  """`svdq-jax convert` of an SDXL folder (convert.api): the UNet and both CLIP encoders become
+  our checkpoints, tokenizers and scheduler are copied, and the pipeline loads the result."""
+  from flax import nnx
+
+  from convert import convert
+  from svdq_jax.tree import named_leaves
+
+  folder, _, ours = tiny
+  out = convert(folder, tmp_path / "converted", progress=False)
+  header = json.loads((out / "unet" / "config.json").read_text())["svdq_jax"]
+  assert header["model_type"] == "unet"
+  loaded = StableDiffusionXLPipeline.from_pretrained(out)
+  assert loaded.unet.config == ours.unet.config
+  assert loaded.text_encoder_2.config.projection_dim == 20
+  original = dict(named_leaves(nnx.state(ours.unet)))
+  for path, leaf in named_leaves(nnx.state(loaded.unet)):
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(original[path]))
