@@ -139,8 +139,8 @@ def test_pipeline_bad_components(tmp_path):
   index = json.loads(index_path.read_text())
   (tmp_path / "src" / "unet").mkdir()
   save_file({"w": np.zeros(2, np.float32)}, tmp_path / "src" / "unet" / "model.safetensors")
-  index_path.write_text(json.dumps({**index, "unet": ["diffusers", "UNet2DConditionModel"]}))
-  with pytest.raises(CheckpointError, match=r"unknown model type 'UNet2DConditionModel' for "
+  index_path.write_text(json.dumps({**index, "unet": ["diffusers", "SD3Transformer2DModel"]}))
+  with pytest.raises(CheckpointError, match=r"unknown model type 'SD3Transformer2DModel' for "
                      r"component 'unet'; known: .*'TinyNetModel'"):
     convert(tmp_path / "src", tmp_path / "dst", progress=False)
   index_path.write_text(json.dumps({**index, "vae": ["diffusers", "TinyNetModel"]}))
