@@ -1,10 +1,13 @@
-"""Bytes of the whole FLUX.1-dev transformer in bf16 and in every preset (shapes only).
+"""Bytes of the whole FLUX.1-dev transformer and SDXL UNet in bf16 and every preset (shapes only).
 
 The model is built with `nnx.eval_shape` from its real config (`FluxConfig.dev()`: 19 double and 38
 single blocks, 3072 wide), so nothing is allocated; `quantize_params` on the abstract state gives
 abstract SVDQLinears whose array shapes are exactly those of docs/format.md. Layers the preset
 skips (embedders, final norm and projection) stay bf16; the AdaLN modulation linears are INT4 g64
-W4A16 under the 4-bit presets, as Nunchaku ships FLUX.
+W4A16 under the 4-bit presets, as Nunchaku ships FLUX. The SDXL UNet (`UNetSDXLConfig.sdxl()`) is
+built the same way; its 4-bit layers are the transformer blocks' attention and feed-forward
+linears (not the cross-attention key/value on the text); convolutions, norms, embeddings,
+time_emb_proj and proj_in/proj_out stay bf16, as Nunchaku ships SDXL.
 
 Usage: python benchmarks/memory.py
 """
@@ -17,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.flux import FluxConfig, FluxTransformer
-from svdq_jax import QuantConfig, quantize_params
+from models.unet_sdxl import UNetSDXL, UNetSDXLConfig
+from svdq_jax import QuantConfig, quantize_params, selected_kernels
 from svdq_jax.config import DEFAULT_SKIP, DEFAULT_WEIGHT_ONLY
 from svdq_jax.evaluation import ALL_PRESETS
 from svdq_jax.metrics import model_bytes
@@ -64,7 +68,33 @@ def main() -> int:
   int4 = totals["svdquant-int4"]
   print(f"# svdquant-int4: {bf16_bytes / 1e9:.2f} GB -> {int4 / 1e9:.2f} GB, "
         f"{bf16_bytes / int4:.2f}x smaller (paper: {PAPER_RATIO}x, 22.7 GB -> 6.5 GB)")
+  print()
+  _unet_table()
   return 0
+
+
+def _unet_table() -> None:
+  """The SDXL UNet: total bytes per preset, split into the 4-bit block linears and the rest."""
+  model = nnx.eval_shape(lambda: UNetSDXL(UNetSDXLConfig.sdxl(), param_dtype=jnp.bfloat16,
+                                          rngs=nnx.Rngs(0)))
+  state = nnx.state(model)
+  parameters = sum(int(leaf.size) for _, leaf in named_leaves(state))
+  bf16_bytes = model_bytes(state)
+  print(f"# SDXL UNet (models.unet_sdxl.UNetSDXLConfig.sdxl(), nnx.eval_shape): "
+        f"{parameters / 1e9:.2f} B parameters")
+  print("# 'rest' = convolutions, norms, time/add embeddings, time_emb_proj, proj_in/proj_out and")
+  print("# the cross-attention key/value (bf16).")
+  header = f"{'preset':18s}{'total GB':>10s}{'vs bf16':>9s}{'block linears GB':>18s}{'rest GB':>9s}"
+  print(header)
+  print("-" * len(header))
+  for preset in ALL_PRESETS:
+    config = QuantConfig.preset(preset)
+    quantized = quantize_params(state, None, config, progress=False)
+    selected = selected_kernels(state, config)
+    linears = sum(model_bytes(leaf) for path, leaf in named_leaves(quantized) if path in selected)
+    total = model_bytes(quantized)
+    print(f"{preset:18s}{total / 1e9:10.2f}{bf16_bytes / total:8.2f}x{linears / 1e9:18.2f}"
+          f"{(total - linears) / 1e9:9.2f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from flax import nnx
 from convert import clip as clip_converter
 from convert import flux as flux_converter
 from convert import pixart as pixart_converter
+from convert import sdxl as sdxl_converter
 from convert import t5 as t5_converter
 from convert import vae as vae_converter
 from convert.safetensors_io import CheckpointError
@@ -25,6 +26,7 @@ from models.clip import CLIPTextConfig, CLIPTextModel
 from models.flux import FluxConfig, FluxTransformer
 from models.pixart import PixArtConfig, PixArtSigmaTransformer
 from models.t5 import T5Config, T5Encoder
+from models.unet_sdxl import UNetSDXL, UNetSDXLConfig
 from models.vae import AutoencoderKL, VAEConfig
 
 
@@ -75,6 +77,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry("vae", vae_converter, AutoencoderKL, VAEConfig),
     ModelEntry("t5", t5_converter, T5Encoder, T5Config),
     ModelEntry("clip", clip_converter, CLIPTextModel, CLIPTextConfig),
+    ModelEntry("unet", sdxl_converter, UNetSDXL, UNetSDXLConfig),
 )
 
 

@@ -265,18 +265,41 @@ class GELUProjection(nnx.Module):
     return jax.nn.gelu(self.proj(x), approximate=True)
 
 
+class GEGLU(nnx.Module):
+  """`a * gelu(b)` with `(a, b)` the two halves of `proj(x)`: diffusers' `GEGLU` (exact GELU), the
+  gated feed-forward input layer of the SD / SDXL UNet's transformer blocks. (..., dim) ->
+  (..., hidden) through a `2 * hidden`-wide projection."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.proj = Linear(dim, 2 * hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    value, gate = jnp.split(self.proj(x), 2, axis=-1)
+    return value * jax.nn.gelu(gate, approximate=False)
+
+
+FEED_FORWARD_INPUTS = {"gelu-approximate": GELUProjection, "geglu": GEGLU}
+
+
 class FeedForward(nnx.Module):
-  """`net.2(gelu_tanh(net.0.proj(x)))`: diffusers' `FeedForward(activation_fn="gelu-approximate")`.
+  """`net.2(act(net.0(x)))`: diffusers' `FeedForward` with `activation_fn` "gelu-approximate"
+  (`net.0` is `GELUProjection`, the DiTs') or "geglu" (`net.0` is `GEGLU`, the UNets').
 
   `net` mirrors diffusers' ModuleList([GELU, Dropout, Linear]); index 1 (dropout, nothing at
   inference) is None, kept so that the parameter paths are the checkpoint keys (`ff.net.2`).
   (..., dim) -> (..., dim) through a `hidden`-wide layer.
   """
 
-  def __init__(self, dim: int, hidden: int, *, dtype: jnp.dtype | None = None,
-               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, *, activation_fn: str = "gelu-approximate",
+               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if activation_fn not in FEED_FORWARD_INPUTS:
+      raise ValueError(f"FeedForward: activation_fn {activation_fn!r} is not one of "
+                       f"{sorted(FEED_FORWARD_INPUTS)}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.net = nnx.List([GELUProjection(dim, hidden, **kw), None, Linear(hidden, dim, **kw)])
+    self.net = nnx.List([FEED_FORWARD_INPUTS[activation_fn](dim, hidden, **kw), None,
+                         Linear(hidden, dim, **kw)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.net[2](self.net[0](x))

@@ -12,6 +12,8 @@ Implemented, matching diffusers 0.42:
   DPMSolverMultistepScheduler  DPM-Solver++ of order 1 or 2 ("2M"), midpoint or heun, for epsilon,
                             v_prediction and sample models (PixArt-Sigma, SDXL).
   EulerDiscreteScheduler    deterministic Euler (s_churn = 0) for epsilon and v models (SDXL).
+  EulerAncestralDiscreteScheduler  Euler ancestral (SDXL-Turbo, "trailing" spacing); its step
+                            takes the fresh noise as an argument (`stochastic` schedulers).
 Options a scheduler config asks for that are not implemented raise a ValueError naming them.
 """
 
@@ -141,6 +143,7 @@ class FlowMatchEulerScheduler:
   """
 
   class_name: ClassVar[str] = "FlowMatchEulerDiscreteScheduler"
+  stochastic: ClassVar[bool] = False  # step takes no noise
   num_train_timesteps: int = 1000
   shift: float = 1.0
   use_dynamic_shifting: bool = False
@@ -253,6 +256,7 @@ class DPMSolverMultistepScheduler(_TrainingBetas):
   """
 
   class_name: ClassVar[str] = "DPMSolverMultistepScheduler"
+  stochastic: ClassVar[bool] = False  # step takes no noise
   solver_order: int = 2
   prediction_type: str = "epsilon"
   algorithm_type: str = "dpmsolver++"
@@ -362,6 +366,7 @@ class EulerDiscreteScheduler(_TrainingBetas):
   """
 
   class_name: ClassVar[str] = "EulerDiscreteScheduler"
+  stochastic: ClassVar[bool] = False  # step takes no noise
   prediction_type: str = "epsilon"
   interpolation_type: str = "linear"
   use_karras_sigmas: bool = False
@@ -436,9 +441,88 @@ class EulerDiscreteScheduler(_TrainingBetas):
     return prev.astype(model_output.dtype), state
 
 
-Scheduler = FlowMatchEulerScheduler | DPMSolverMultistepScheduler | EulerDiscreteScheduler
+@dataclass(frozen=True)
+class EulerAncestralDiscreteScheduler(_TrainingBetas):
+  """Euler ancestral (k-diffusion's `sample_euler_ancestral`), SDXL-Turbo's sampler.
+
+  Each step moves deterministically down to sigma_down and adds fresh noise of level sigma_up,
+  with sigma_up^2 = sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2 and
+  sigma_down^2 = sigma_{i+1}^2 - sigma_up^2. The noise is an argument of `step` (`stochastic`
+  is True): the caller draws it from its own key, so that a jitted loop stays pure. Timesteps
+  and sigmas as `EulerDiscreteScheduler` with linear interpolation (SDXL-Turbo: "trailing").
+  """
+
+  class_name: ClassVar[str] = "EulerAncestralDiscreteScheduler"
+  stochastic: ClassVar[bool] = True
+  prediction_type: str = "epsilon"
+  timestep_spacing: str = "linspace"
+  steps_offset: int = 0
+
+  @classmethod
+  def from_dict(cls, cfg: dict) -> EulerAncestralDiscreteScheduler:
+    """From a diffusers `scheduler_config.json` dict."""
+    fields = _config_fields(cls, cfg, ("rescale_betas_zero_snr",))
+    out = cls(**fields)
+    _check_choices(out, prediction_type=("epsilon", "v_prediction"),
+                   timestep_spacing=("linspace", "leading", "trailing"))
+    return out
+
+  def schedule(self, num_inference_steps: int, *, image_seq_len: int | None = None) -> Schedule:
+    """Timesteps spaced as `timestep_spacing` says, sigmas interpolated from the training ones,
+    then a final 0."""
+    _check_num_steps(num_inference_steps)
+    train_sigmas = _train_sigmas(self._alphas_cumprod())
+    timesteps = _spaced_timesteps(self.timestep_spacing, num_inference_steps,
+                                  self.num_train_timesteps, self.num_train_timesteps,
+                                  self.steps_offset, dpm=False)
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    sigmas = _append_final_sigma(sigmas, train_sigmas, "zero")
+    return Schedule(jnp.asarray(timesteps.astype(np.float32)), jnp.asarray(sigmas))
+
+  def init_noise_sigma(self, schedule: Schedule) -> float:
+    """Standard deviation of the initial noise, from the largest sigma (as Euler)."""
+    top = float(np.max(np.asarray(schedule.sigmas)))
+    return top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+
+  def init_state(self, sample: jax.Array) -> tuple:
+    """No state between steps: an empty tuple."""
+    return ()
+
+  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    """sample / sqrt(sigma_i^2 + 1), as Euler."""
+    sigma = schedule.sigmas[i]
+    return (sample / jnp.sqrt(sigma * sigma + 1)).astype(sample.dtype)
+
+  def step(self, schedule: Schedule, state: tuple, i: jax.Array, model_output: jax.Array,
+           sample: jax.Array, *, noise: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+    """One ancestral step from sigmas[i] to sigmas[i+1].
+
+    noise: standard normal, the shape of `sample` (required). Returns model_output's dtype.
+    """
+    if noise is None:
+      raise ValueError("EulerAncestralDiscreteScheduler.step needs noise (a standard normal "
+                       "array shaped like the sample)")
+    sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
+    sample32 = sample.astype(jnp.float32)
+    out32 = model_output.astype(jnp.float32)
+    if self.prediction_type == "epsilon":
+      x0 = sample32 - sigma * out32
+    else:
+      x0 = out32 * (-sigma / jnp.sqrt(sigma * sigma + 1)) + sample32 / (sigma * sigma + 1)
+    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    # sigma_down^2 = sigma_next^4 / sigma^2 is a difference of two nearly equal squares when
+    # sigma_next << sigma (linspace's 999 -> 0 step): float32 rounding can make it negative
+    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
+    prev = sample32 + (sample32 - x0) / sigma * (sigma_down - sigma)
+    prev = prev + noise.astype(jnp.float32) * sigma_up
+    return prev.astype(model_output.dtype), state
+
+
+Scheduler = (FlowMatchEulerScheduler | DPMSolverMultistepScheduler | EulerDiscreteScheduler
+             | EulerAncestralDiscreteScheduler)
 _BY_CLASS_NAME = {cls.class_name: cls for cls in (
-    FlowMatchEulerScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler)}
+    FlowMatchEulerScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler)}
 
 
 def scheduler_from_config(cfg: dict) -> Scheduler:

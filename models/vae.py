@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.layers import Attention, Conv2d, GroupNorm
 from models.pretrained import load_pretrained
+from models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from svdq_jax.config_base import DictConfig
 
 _EPS = 1e-6
@@ -105,50 +106,6 @@ class LatentDistribution:
   def sample(self, key: jax.Array) -> jax.Array:
     """mean + std * N(0, 1) noise drawn from `key`."""
     return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
-
-
-class ResnetBlock2D(nnx.Module):
-  """GroupNorm-SiLU-conv3x3 twice plus a (1x1-conv when the width changes) shortcut; no temb."""
-
-  def __init__(self, in_channels: int, out_channels: int, groups: int, *,
-               dtype: jnp.dtype | None, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    conv = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = GroupNorm(groups, in_channels, eps=_EPS, param_dtype=param_dtype)
-    self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **conv)
-    self.norm2 = GroupNorm(groups, out_channels, eps=_EPS, param_dtype=param_dtype)
-    self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **conv)
-    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, **conv)
-                          if in_channels != out_channels else None)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
-    shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-    return shortcut + h
-
-
-class Downsample2D(nnx.Module):
-  """3x3 stride-2 conv after padding one row/column at the bottom/right (diffusers' padding=0)."""
-
-  def __init__(self, channels: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, stride=2, padding=0, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
-
-
-class Upsample2D(nnx.Module):
-  """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
-
-  def __init__(self, channels: int, *, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
 class SpatialAttention(Attention):

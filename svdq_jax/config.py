@@ -31,6 +31,9 @@ DEFAULT_SMOOTH_GRID = tuple(round(0.1 * i, 2) for i in range(1, 10))
 # fnmatch patterns over "/"-joined state paths (`*` also matches "/"): layers kept in 16 bits.
 # Embedders, the final norm/projection of FLUX and PixArt, SDXL time/add embeddings and the
 # proj_in/proj_out of SDXL transformer blocks (DeepCompressor's skip list for FLUX and SDXL).
+# In the UNet's transformer blocks the cross-attention key and value act on the text features and
+# the ResNet blocks' time_emb_proj on the time embedding: 16-bit, as in Nunchaku's SDXL (its
+# convolutions are 4-D kernels, never selected).
 DEFAULT_SKIP = (
     "*embed*",
     "*embedder*",
@@ -40,6 +43,8 @@ DEFAULT_SKIP = (
     "caption_projection/*",
     "*attentions/*/proj_in/*",
     "*attentions/*/proj_out/*",
+    "*attentions/*/attn2/to_[kv]/*",
+    "*resnets/*/time_emb_proj/*",
 )
 
 # The AdaLN modulation linears of FLUX: int4 weights, 16-bit activations (W4A16), as Nunchaku.

@@ -139,8 +139,8 @@ def test_pipeline_bad_components(tmp_path):
   index = json.loads(index_path.read_text())
   (tmp_path / "src" / "unet").mkdir()
   save_file({"w": np.zeros(2, np.float32)}, tmp_path / "src" / "unet" / "model.safetensors")
-  index_path.write_text(json.dumps({**index, "unet": ["diffusers", "UNet2DConditionModel"]}))
-  with pytest.raises(CheckpointError, match=r"unknown model type 'UNet2DConditionModel' for "
+  index_path.write_text(json.dumps({**index, "unet": ["diffusers", "SD3Transformer2DModel"]}))
+  with pytest.raises(CheckpointError, match=r"unknown model type 'SD3Transformer2DModel' for "
                      r"component 'unet'; known: .*'TinyNetModel'"):
     convert(tmp_path / "src", tmp_path / "dst", progress=False)
   index_path.write_text(json.dumps({**index, "vae": ["diffusers", "TinyNetModel"]}))
@@ -296,7 +296,7 @@ def test_registry_dispatch_on_real_converters():
   assert registry.detect({"_class_name": "AutoencoderKL"}, where="x").name == "vae"
   assert registry.find_entry("clip").model_class().__name__ == "CLIPTextModel"
   with pytest.raises(CheckpointError, match=r"x: unknown model type 'T5ForConditionalGeneration'; "
-                     r"known: \['flux', 'pixart', 'vae', 't5', 'clip', 'tiny'\]"):
+                     r"known: \['flux', 'pixart', 'vae', 't5', 'clip', 'unet', 'tiny'\]"):
     registry.detect({"architectures": ["T5ForConditionalGeneration"]}, where="x")
 
 

@@ -179,3 +179,77 @@ def test_unknown_final_sigmas_type_is_rejected_like_diffusers(name):
     ref.set_timesteps(4)
   with pytest.raises(ValueError, match="final_sigmas_type"):
     schedulers.scheduler_from_config(json.loads(ref.to_json_string()))
+
+
+# SDXL-Turbo's scheduler_config.json (stabilityai/sdxl-turbo): Euler ancestral, trailing spacing.
+SDXL_TURBO_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            num_train_timesteps=1000, prediction_type="epsilon",
+                            steps_offset=1, timestep_spacing="trailing")
+ANCESTRAL_CONFIGS = [
+    SDXL_TURBO_SCHEDULER,
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+         timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"),
+    dict(timestep_spacing="linspace"),
+]
+
+
+@pytest.mark.parametrize("config", ANCESTRAL_CONFIGS, ids=["sdxl_turbo", "leading_v", "linspace"])
+@pytest.mark.parametrize("num_steps", [1, 2, 4, 20])
+def test_euler_ancestral_matches_diffusers_given_the_same_noise(config, num_steps):
+  """diffusers draws each step's noise from a torch generator; we draw the same numbers from an
+  identically seeded generator and hand them to our step."""
+  ref = diffusers.EulerAncestralDiscreteScheduler(**config)
+  ref.set_timesteps(num_steps)
+  sched = schedulers.scheduler_from_config(json.loads(ref.to_json_string()))
+  assert isinstance(sched, schedulers.EulerAncestralDiscreteScheduler) and sched.stochastic
+  schedule = sched.schedule(num_steps)
+  np.testing.assert_allclose(np.asarray(schedule.timesteps), ref.timesteps.float().numpy(),
+                             rtol=2e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(schedule.sigmas), ref.sigmas.float().numpy(),
+                             rtol=5e-5, atol=1e-7)
+  assert sched.init_noise_sigma(schedule) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+  rng = np.random.default_rng(num_steps)
+  shape = (2, 4, 8, 8)
+  sample = rng.standard_normal(shape, dtype=np.float32)
+  outputs = rng.standard_normal((num_steps, *shape), dtype=np.float32)
+  theirs, noise_source = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+  x = torch.from_numpy(sample)
+  for t, out in zip(ref.timesteps, outputs, strict=True):
+    x_in = ref.scale_model_input(x, t)
+    x = ref.step(torch.from_numpy(out) + 0.1 * x_in, t, x, generator=theirs).prev_sample
+  noises = np.stack([torch.randn(shape, generator=noise_source).numpy()
+                     for _ in range(num_steps)])
+  step = jax.jit(lambda i, out, x, noise: sched.step(
+      schedule, (), i, out + 0.1 * sched.scale_model_input(schedule, i, x), x, noise=noise)[0])
+  got = jnp.asarray(sample)
+  for i in range(num_steps):
+    got = step(jnp.int32(i), jnp.asarray(outputs[i]), got, jnp.asarray(noises[i]))
+  expected = x.numpy()
+  err = np.abs(np.asarray(got) - expected).max() / np.abs(expected).max()
+  assert err <= 1e-5, f"relative error {err}"
+
+
+def test_sdxl_turbo_euler_trailing_spacing_matches_diffusers():
+  """SDXL-Turbo also runs with plain Euler and trailing spacing, 1 to 4 steps."""
+  ref = diffusers.EulerDiscreteScheduler(**SDXL_TURBO_SCHEDULER)
+  for num_steps in (1, 2, 3, 4):
+    ref.set_timesteps(num_steps)
+    sched = schedulers.scheduler_from_config(json.loads(ref.to_json_string()))
+    assert isinstance(sched, schedulers.EulerDiscreteScheduler) and not sched.stochastic
+    schedule = sched.schedule(num_steps)
+    assert sched.init_noise_sigma(schedule) == pytest.approx(float(ref.init_noise_sigma),
+                                                             rel=1e-6)
+    _check(sched, ref, schedule, num_steps)
+
+
+def test_euler_ancestral_needs_noise_and_rejects_zero_snr():
+  sched = schedulers.EulerAncestralDiscreteScheduler()
+  x = jnp.zeros((1, 4, 2, 2))
+  with pytest.raises(ValueError, match="needs noise"):
+    sched.step(sched.schedule(2), (), jnp.int32(0), x, x)
+  with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+    schedulers.scheduler_from_config({"_class_name": "EulerAncestralDiscreteScheduler",
+                                      "rescale_betas_zero_snr": True})
+  with pytest.raises(ValueError, match="prediction_type 'sample'"):
+    schedulers.scheduler_from_config({"_class_name": "EulerAncestralDiscreteScheduler",
+                                      "prediction_type": "sample"})

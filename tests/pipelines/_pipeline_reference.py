@@ -1,6 +1,6 @@
 """Tiny random-init diffusers pipelines saved to a folder: FluxPipeline (transformer, VAE, CLIP,
-T5, both tokenizers) and PixArtSigmaPipeline; the reference for the pipeline, CLI and
-quantization tests.
+T5, both tokenizers), PixArtSigmaPipeline and StableDiffusionXLPipeline (UNet, two CLIP
+encoders); the reference for the pipeline, CLI and quantization tests.
 
 The tokenizers are built offline with the `tokenizers`-backed transformers classes (a byte-level
 BPE for CLIP, a Unigram model for T5) over a small word list, and saved with `save_pretrained`, so
@@ -16,11 +16,15 @@ import transformers
 from diffusers import (
   AutoencoderKL,
   DPMSolverMultistepScheduler,
+  EulerAncestralDiscreteScheduler,
+  EulerDiscreteScheduler,
   FlowMatchEulerDiscreteScheduler,
   FluxPipeline,
   FluxTransformer2DModel,
   PixArtSigmaPipeline,
   PixArtTransformer2DModel,
+  StableDiffusionXLPipeline,
+  UNet2DConditionModel,
 )
 
 WORDS = ("a photo of the red blue green cat dog bird sitting on mat in snow under tree with "
@@ -30,8 +34,12 @@ MAX_SEQUENCE_LENGTH = 16  # T5 tokens
 CLIP_LENGTH = 12  # CLIP tokens (max_position_embeddings of the tiny CLIP)
 
 
-def _clip_tokenizer() -> transformers.CLIPTokenizer:
-  """Byte-level BPE over WORDS: every word merges to one '</w>' token; specials at the end."""
+def _clip_tokenizer(pad_token: str | None = None) -> transformers.CLIPTokenizer:
+  """Byte-level BPE over WORDS: every word merges to one '</w>' token; specials at the end.
+
+  pad_token: a token added to the vocabulary to pad with (SDXL's second tokenizer pads with
+  "!"); None pads with the end-of-text token.
+  """
   vocab: dict[str, int] = {}
   merges: list[tuple[str, str]] = []
   for ch in sorted({c for w in WORDS for c in w}):
@@ -44,9 +52,13 @@ def _clip_tokenizer() -> transformers.CLIPTokenizer:
       pieces = [pieces[0] + pieces[1]] + pieces[2:]
       vocab.setdefault(pieces[0], len(vocab))
   merges = list(dict.fromkeys(merges))
+  if pad_token is not None:
+    vocab.setdefault(pad_token, len(vocab))
   vocab["<|startoftext|>"] = len(vocab)
   vocab["<|endoftext|>"] = len(vocab)
-  return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_LENGTH)
+  pad = {} if pad_token is None else {"pad_token": pad_token}
+  return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_LENGTH,
+                                    **pad)
 
 
 def _t5_tokenizer() -> transformers.T5Tokenizer:
@@ -134,5 +146,51 @@ def save_tiny_pixart_pipeline(folder: Path, *, seed: int = 0) -> PixArtSigmaPipe
   pipe = PixArtSigmaPipeline(
       tokenizer=tokenizer, text_encoder=_tiny_t5(len(tokenizer)),
       vae=vae.eval(), transformer=transformer.eval(), scheduler=DPMSolverMultistepScheduler())
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return pipe
+
+
+# SDXL's scheduler configs at their released values: base (Euler, leading spacing) and Turbo
+# (Euler ancestral, trailing spacing).
+SDXL_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      timestep_spacing="leading", steps_offset=1)
+SDXL_TURBO_SCHEDULER = dict(SDXL_SCHEDULER, timestep_spacing="trailing")
+
+
+def save_tiny_sdxl_pipeline(folder: Path, *, turbo: bool = False, force_zeros: bool = True,
+                            seed: int = 0) -> StableDiffusionXLPipeline:
+  """A tiny StableDiffusionXLPipeline saved to `folder`: CLIP ViT-L-like (quick_gelu) and
+  bigG-like (gelu, projection, pad "!") encoders, an SDXL-like UNet (text_time embedding,
+  transformer depth 2 at the bottom), the 4-channel VAE with SDXL's scaling factor; Euler with
+  SDXL's settings, or Euler ancestral with Turbo's (`turbo`)."""
+  torch.manual_seed(seed)
+  tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")
+
+  def clip_config(tok, **kwargs) -> transformers.CLIPTextConfig:
+    return transformers.CLIPTextConfig(
+        vocab_size=len(tok), num_hidden_layers=3, max_position_embeddings=CLIP_LENGTH,
+        bos_token_id=tok.bos_token_id, eos_token_id=2, pad_token_id=tok.pad_token_id, **kwargs)
+
+  text_encoder = transformers.CLIPTextModel(clip_config(
+      tokenizer, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+      hidden_act="quick_gelu"))
+  text_encoder_2 = transformers.CLIPTextModelWithProjection(clip_config(
+      tokenizer_2, hidden_size=40, intermediate_size=64, num_attention_heads=5, hidden_act="gelu",
+      projection_dim=20))
+  unet = UNet2DConditionModel(
+      sample_size=HEIGHT // 2, block_out_channels=(16, 32), layers_per_block=1,
+      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+      attention_head_dim=(2, 4), cross_attention_dim=32 + 40, use_linear_projection=True,
+      addition_embed_type="text_time", addition_time_embed_dim=4,
+      projection_class_embeddings_input_dim=20 + 6 * 4, norm_num_groups=8)
+  vae = _tiny_vae(scaling_factor=0.13025)
+  _perturb((unet, vae), 0.05, seed + 1)
+  scheduler = (EulerAncestralDiscreteScheduler(**SDXL_TURBO_SCHEDULER) if turbo
+               else EulerDiscreteScheduler(**SDXL_SCHEDULER))
+  pipe = StableDiffusionXLPipeline(
+      vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler,
+      force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
