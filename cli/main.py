@@ -5,7 +5,9 @@ Every subcommand hands its input to the library, which checks it before doing an
 preset, an image size the model cannot make) prints one line `svdq-jax <command>: error: <what>`
 on stderr and exits with status 2. Bad input is an `InputError` (`convert.CheckpointError`
 included: a missing, corrupt or mismatched checkpoint file) or an OS error about a path the user
-named; any other exception is a bug and keeps its traceback (exit status 1).
+named; any other exception is a bug and keeps its traceback (exit status 1). A sampling run whose
+latents or pixels turn NaN or inf (`pipelines.NonFiniteError`) prints one line naming the step
+and component, writes no image and exits with status 3.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipelines.folder import PipelineFolder
 from svdq_jax.errors import InputError
 
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
 DTYPES = ("auto", "float32", "bfloat16")
@@ -247,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return args.run(args)
   except Exception as e:
-    if not _is_input_error(e):
+    if not (_is_input_error(e) or isinstance(e, pipelines.NonFiniteError)):
       raise
     print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return EXIT_NON_FINITE if isinstance(e, pipelines.NonFiniteError) else EXIT_BAD_INPUT

@@ -14,10 +14,11 @@ from pipelines.folder import PipelineFolder, pipeline_name, read_model_index
 from pipelines.images import check_png_path, save_images
 from pipelines.inputs import check_image_size
 from pipelines.load import PIPELINES, image_size_multiple, load_pipeline
+from pipelines.loop import NonFiniteError
 from pipelines.pixart import PixArtSigmaPipeline
 from pipelines.quantize import quantize_pipeline, quantize_transformer
 
-__all__ = ["PIPELINES", "FluxPipeline", "PipelineFolder", "PixArtSigmaPipeline",
+__all__ = ["PIPELINES", "FluxPipeline", "NonFiniteError", "PipelineFolder", "PixArtSigmaPipeline",
            "check_image_size", "check_png_path", "image_size_multiple", "load_pipeline",
            "pipeline_name", "quantize_pipeline", "quantize_transformer", "read_model_index",
            "save_images"]

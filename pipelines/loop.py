@@ -8,6 +8,11 @@ replicated, batch split). With a progress bar the one-step body is compiled on i
 once per step from Python, which waits for each step and advances a tqdm bar; that keeps host
 callbacks out of the compiled loop (under data parallelism a callback would fire once per
 device). `python benchmarks/sampling.py --progress-overhead` measures both ways.
+
+Latents that turn NaN or inf (a 16-bit overflow, a broken weight) raise `NonFiniteError` naming
+the first such step, and pixels the VAE decodes to NaN or inf raise it naming the VAE, so no black
+image is ever returned as if the run had worked. The fused loop finds that step with one
+`isfinite` reduction per step inside the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +29,20 @@ from tqdm.auto import tqdm
 from models import schedulers, sharding
 
 
+class NonFiniteError(RuntimeError):
+  """Sampling produced NaN or inf values; the message names the component and the step."""
+
+
+def _finite_rows(x: jax.Array) -> jax.Array:
+  """(B,) bool: whether every value of each batch row of x (B, ...) is finite."""
+  return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+
+
+def _raise_at_step(step: int, num_steps: int) -> None:
+  raise NonFiniteError(f"the transformer made the latents NaN or inf at denoising step {step + 1} "
+                       f"of {num_steps} (a 16-bit overflow, or NaN/inf weights); no image written")
+
+
 def jit_module(module: nnx.Module, method: str = "__call__") -> Callable[..., Any]:
   """`module.method` jitted with the parameters as an argument (not baked in as constants)."""
   graphdef, state = nnx.split(module)
@@ -36,8 +55,15 @@ def jit_module(module: nnx.Module, method: str = "__call__") -> Callable[..., An
 
 
 def to_images(decoded: jax.Array) -> np.ndarray:
-  """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1] (diffusers' "np")."""
+  """VAE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1] (diffusers' "np").
+
+  Raises:
+    NonFiniteError when the VAE decoded NaN or inf pixels.
+  """
   images = np.asarray(decoded, np.float32).transpose(0, 2, 3, 1)
+  if not np.all(np.isfinite(images)):
+    raise NonFiniteError("the vae decoded NaN or inf pixels from finite latents (a 16-bit "
+                         "overflow, or NaN/inf weights); no image written")
   return np.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
@@ -46,11 +72,27 @@ def fused_loop(step: Callable[..., Any], scheduler: schedulers.Scheduler
   """`denoise(state, schedule, latents, *conditions) -> latents`: every step in one fori_loop."""
 
   def denoise(state, schedule, latents, *conditions):
-    def body(i, carry):
-      return step(state, schedule, i, carry, *conditions)
+    return _checked_loop(step, scheduler)(state, schedule, latents, *conditions)[0]
 
-    init = (latents, scheduler.init_state(latents))
-    return jax.lax.fori_loop(0, schedule.num_steps, body, init)[0]
+  return denoise
+
+
+def _checked_loop(step: Callable[..., Any], scheduler: schedulers.Scheduler
+                  ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """Like `fused_loop`, returning (latents, first_bad (B,) int32): per batch row, the first step
+  after which its latents held NaN or inf, or -1; one `isfinite` reduction per step."""
+
+  def denoise(state, schedule, latents, *conditions):
+    def body(i, carry):
+      carry, first_bad = carry
+      carry = step(state, schedule, i, carry, *conditions)
+      first_bad = jnp.where((first_bad < 0) & ~_finite_rows(carry[0]), i, first_bad)
+      return carry, first_bad
+
+    init = ((latents, scheduler.init_state(latents)),
+            jnp.full((latents.shape[0],), -1, jnp.int32))
+    carry, first_bad = jax.lax.fori_loop(0, schedule.num_steps, body, init)
+    return carry[0], first_bad
 
   return denoise
 
@@ -60,6 +102,8 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
              conditions: tuple, condition_axes: tuple, devices: int | None, progress: bool,
              jit: bool) -> jax.Array:
   """Runs the denoising loop and returns the final latents.
+
+  Raises NonFiniteError, naming the first step, when the latents turn NaN or inf.
 
   jit and no progress: the fused loop, jitted (or data-parallel over `devices`). jit and
   progress: the jitted one-step body, called per step with a tqdm bar. Not jit: eager steps in
@@ -71,22 +115,30 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
     step = make_step(True)
     for i in range(num_steps):
       carry = step(state, schedule, jnp.int32(i), carry, *conditions)
+      if not bool(jnp.all(jnp.isfinite(carry[0]))):
+        _raise_at_step(i, num_steps)
     return carry[0]
   count = devices or 1
   key = ("per-step" if progress else "fused", count)
   if key not in runners:
     step = make_step(False)
     fn, axes = ((step, (None, None, None, 0, *condition_axes)) if progress
-                else (fused_loop(step, scheduler), (None, None, 0, *condition_axes)))
+                else (_checked_loop(step, scheduler), (None, None, 0, *condition_axes)))
     runners[key] = (jax.jit(fn) if count == 1
                     else sharding.data_parallel(fn, devices=count, in_axes=axes))
   run = runners[key]
   if not progress:
-    return run(state, schedule, latents, *conditions)
+    latents, first_bad = run(state, schedule, latents, *conditions)
+    bad = np.asarray(first_bad)
+    if np.any(bad >= 0):
+      _raise_at_step(int(bad[bad >= 0].min()), num_steps)
+    return latents
   if count > 1:  # placed once here, so the per-step calls find the weights already replicated
     state, schedule = sharding.replicate((state, schedule), run.mesh)
   with tqdm(total=num_steps, desc="denoising", unit="step") as bar:
     for i in range(num_steps):
       carry = jax.block_until_ready(run(state, schedule, jnp.int32(i), carry, *conditions))
+      if not bool(jnp.all(jnp.isfinite(carry[0]))):
+        _raise_at_step(i, num_steps)
       bar.update(1)
   return carry[0]

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from svdq_jax.errors import InputError
 from svdq_jax.tree import named_leaves
 
 
@@ -97,7 +98,7 @@ class Recorder:
     if rows.shape[0] == 0:  # e.g. an empty text sequence: nothing to add to the statistics
       return
     if not np.all(np.isfinite(rows)):
-      raise ValueError(f"calibrate: layer {path!r} received NaN or inf activations; "
+      raise InputError(f"calibrate: layer {path!r} received NaN or inf activations; "
                        "calibration needs finite inputs")
     record = self._records.setdefault(path, _LayerRecord(rows.shape[1]))
     record.add(rows, self._rng, self._max_samples)
@@ -149,7 +150,7 @@ def calibrate(fn: Callable[[Any], Any], inputs: Iterable[Any], *, model: Any = N
                        "holding the kernels fn uses) unless fn is an nnx.Module")
     model = fn
   if max_samples <= 0:
-    raise ValueError(f"calibrate: max_samples must be positive, got {max_samples}")
+    raise InputError(f"calibrate: max_samples must be positive, got {max_samples}")
   paths_by_id = {id(leaf): path for path, leaf in named_leaves(model)
                  if getattr(leaf, "ndim", 0) == 2}
   recorder = Recorder(paths_by_id, max_samples, seed)

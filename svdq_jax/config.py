@@ -93,31 +93,31 @@ class QuantConfig(DictConfig):
       if isinstance(value, list):
         object.__setattr__(self, name, tuple(value))
     if self.weight_format not in (*WEIGHT_FORMATS, None):
-      raise ValueError(f"QuantConfig: weight_format {self.weight_format!r} is not one of "
+      raise InputError(f"QuantConfig: weight_format {self.weight_format!r} is not one of "
                        f"{WEIGHT_FORMATS} or None")
     if self.act_format not in (*ACT_FORMATS, None):
-      raise ValueError(f"QuantConfig: act_format {self.act_format!r} is not one of "
+      raise InputError(f"QuantConfig: act_format {self.act_format!r} is not one of "
                        f"{ACT_FORMATS} or None")
     if self.act_format is not None and self.weight_format != self.act_format:
-      raise ValueError(f"QuantConfig: act_format {self.act_format!r} needs the same "
+      raise InputError(f"QuantConfig: act_format {self.act_format!r} needs the same "
                        f"weight_format, got {self.weight_format!r}")
     if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
-      raise ValueError(f"QuantConfig: group_size must be a positive even number or None, "
+      raise InputError(f"QuantConfig: group_size must be a positive even number or None, "
                        f"got {self.group_size}")
     if self.weight_format == "nvfp4" and self.group_size != NVFP4_GROUP_SIZE:
-      raise ValueError(f"QuantConfig: NVFP4 needs group_size {NVFP4_GROUP_SIZE}, got "
+      raise InputError(f"QuantConfig: NVFP4 needs group_size {NVFP4_GROUP_SIZE}, got "
                        f"{self.group_size}")
     if self.weight_format == "int8" and self.group_size is not None:
-      raise ValueError(f"QuantConfig: INT8 is per channel / per token (group_size None), "
+      raise InputError(f"QuantConfig: INT8 is per channel / per token (group_size None), "
                        f"got {self.group_size}")
     if self.rank < 0 or self.svd_iters < 0:
-      raise ValueError(f"QuantConfig: rank and svd_iters must be >= 0, got {self.rank}, "
+      raise InputError(f"QuantConfig: rank and svd_iters must be >= 0, got {self.rank}, "
                        f"{self.svd_iters}")
     if self.residual not in RESIDUAL_METHODS:
-      raise ValueError(f"QuantConfig: residual {self.residual!r} is not one of "
+      raise InputError(f"QuantConfig: residual {self.residual!r} is not one of "
                        f"{RESIDUAL_METHODS}")
     if self.smooth is not None and (not self.smooth or any(not 0 < a < 1 for a in self.smooth)):
-      raise ValueError(f"QuantConfig: smooth must be a non-empty grid of alphas in (0, 1), "
+      raise InputError(f"QuantConfig: smooth must be a non-empty grid of alphas in (0, 1), "
                        f"got {self.smooth}")
 
   @classmethod

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Self
 
+from svdq_jax.errors import InputError
+
 
 class DictConfig:
   """Mixin for a frozen config dataclass: a JSON-ready dict of its fields, and back.
@@ -33,6 +35,6 @@ class DictConfig:
     names = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-      raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown} (unknown fields are "
+      raise InputError(f"{cls.__name__}.from_dict: unknown keys {unknown} (unknown fields are "
                        f"not dropped); known: {sorted(names)}")
     return cls(**values)

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from svdq_jax.config_base import DictConfig
+from svdq_jax.errors import InputError
 
 WeightFormat = Literal["int4", "nvfp4", "nf4", "int8"]
 ActFormat = Literal["int4", "nvfp4", "int8"]
@@ -41,19 +42,19 @@ class QuantFormat(DictConfig):
 
   def __post_init__(self):
     if self.weight_format not in WEIGHT_FORMATS:
-      raise ValueError(f"QuantFormat: weight_format {self.weight_format!r} is not one of "
+      raise InputError(f"QuantFormat: weight_format {self.weight_format!r} is not one of "
                        f"{WEIGHT_FORMATS}")
     if self.act_format is not None and self.act_format != self.weight_format:
-      raise ValueError(f"QuantFormat: act_format {self.act_format!r} needs the same "
+      raise InputError(f"QuantFormat: act_format {self.act_format!r} needs the same "
                        f"weight_format, got {self.weight_format!r}")
     if not isinstance(self.group_size, int) or self.group_size <= 0:
-      raise ValueError(f"QuantFormat: group_size must be a positive integer, got "
+      raise InputError(f"QuantFormat: group_size must be a positive integer, got "
                        f"{self.group_size!r}")
     if self.weight_format == "nvfp4" and self.group_size != NVFP4_GROUP_SIZE:
-      raise ValueError(f"QuantFormat: NVFP4 needs group_size {NVFP4_GROUP_SIZE}, got "
+      raise InputError(f"QuantFormat: NVFP4 needs group_size {NVFP4_GROUP_SIZE}, got "
                        f"{self.group_size}")
     if self.act_shift < 0 or (self.act_shift and self.act_format != "int4"):
-      raise ValueError(f"QuantFormat: act_shift {self.act_shift} needs INT4 activations and must "
+      raise InputError(f"QuantFormat: act_shift {self.act_shift} needs INT4 activations and must "
                        f"be >= 0 (act_format {self.act_format!r})")
     object.__setattr__(self, "act_shift", float(self.act_shift))
 

@@ -4,13 +4,17 @@ A kernel is selected when its path ends in "kernel", it is a 2-D float array and
 matches its path (fnmatch, `*` also matches "/", the whole path must match). Kernels matching a
 `weight_only` pattern become INT4 g64 W4A16 (no smoothing, no low-rank branch), the rest get the
 config as given. The layer's own `bias` stays where it is: the SVDQLinear's bias only holds the
-correction it needs (the shift compensation).
+correction it needs (the shift compensation). A kernel whose in_features are not a multiple of its
+group size (e.g. a width-32 test model under a g64 preset) stays 16-bit, and `quantize_params`
+logs one notice per call counting such layers (zero-padding K, as Nunchaku does, would change the
+SVDQLinear layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,9 +27,12 @@ from tqdm.auto import tqdm
 from svdq_jax import quantizers as qz
 from svdq_jax.calibration import ActivationStats
 from svdq_jax.config import QuantConfig
+from svdq_jax.errors import InputError
 from svdq_jax.qlinear import SVDQLinear, expected_shapes
 from svdq_jax.transform import quantize_linear
 from svdq_jax.tree import map_named_leaves, named_leaves
+
+logger = logging.getLogger("svdq_jax")
 
 
 def matches_any(path: str, patterns: tuple[str, ...]) -> bool:
@@ -59,15 +66,36 @@ def abstract_svdq_linear(kernel: jax.ShapeDtypeStruct, config: QuantConfig, *,
   return SVDQLinear(**shapes, format=fmt, in_features=k, out_features=n)
 
 
-def selected_kernels(params: Any, config: QuantConfig) -> dict[str, QuantConfig]:
-  """{kernel path: the layer's config} for every kernel `quantize_params` would replace."""
-  selected = {}
+def fits_group(in_features: int, config: QuantConfig) -> bool:
+  """Whether a layer with `in_features` inputs can be quantized with `config` (K a multiple of
+  the group size and even); always True for weight_format None (a cast to bfloat16)."""
+  if config.weight_format is None:
+    return True
+  group = config.effective_group(in_features)
+  return in_features % group == 0 and in_features % 2 == 0
+
+
+def _selection(params: Any, config: QuantConfig
+               ) -> tuple[dict[str, QuantConfig], dict[str, tuple[int, int]]]:
+  """({path: config} of the kernels to replace, {path: (in_features, group size)} of those whose
+  in_features do not fit their group, which stay as they are)."""
+  selected, unfit = {}, {}
   for path, leaf in named_leaves(params):
     if _is_linear_kernel(path, leaf):
       layer = layer_config(path, config)
       if layer is not None:
-        selected[path] = layer
-  return selected
+        k = leaf.shape[0]
+        if fits_group(k, layer):
+          selected[path] = layer
+        else:
+          unfit[path] = (k, layer.effective_group(k))
+  return selected, unfit
+
+
+def selected_kernels(params: Any, config: QuantConfig) -> dict[str, QuantConfig]:
+  """{kernel path: the layer's config} for every kernel `quantize_params` would replace (not the
+  ones whose in_features are not a multiple of their group size: those stay 16-bit)."""
+  return _selection(params, config)[0]
 
 
 def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
@@ -86,7 +114,12 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
   Returns:
     The same structure with the selected kernels replaced; the input is not modified.
   """
-  selected = selected_kernels(params, config)
+  selected, unfit = _selection(params, config)
+  if unfit:
+    path, (k, group) = next(iter(unfit.items()))
+    logger.warning("quantize: %d linear layer(s) stay 16-bit because their in_features are not a "
+                   "multiple of the group size (e.g. %r: %d inputs, group %d)", len(unfit), path,
+                   k, group)
   bar = tqdm(total=len(selected), desc="quantize", disable=not progress, leave=False)
 
   def replace(path: str, leaf: Any) -> Any:
@@ -104,7 +137,7 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
       return abstract_svdq_linear(leaf, layer)
     if layer_stats is None and (stats is not None and layer.quantizes_activations
                                 or layer.needs_calibration_data):
-      raise ValueError(f"quantize_params: layer {path!r} has no calibration statistics "
+      raise InputError(f"quantize_params: layer {path!r} has no calibration statistics "
                        f"(stats has {len(stats or {})} layers); calibrate with the same model "
                        "or add the layer to config.skip")
     if layer_stats is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from svdq_jax import quantizers as qz
 from svdq_jax.config import QuantConfig
+from svdq_jax.errors import InputError
 from svdq_jax.formats import QuantFormat
 
 FORMAT_VERSION = 2
@@ -120,12 +121,12 @@ class SVDQLinear:
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
-      raise ValueError(f"SVDQLinear.from_arrays: missing arrays {missing}, unexpected {unexpected}")
+      raise InputError(f"SVDQLinear.from_arrays: missing arrays {missing}, unexpected {unexpected}")
     leaves = {}
     for name, spec in expected.items():
       value = arrays[name]
       if tuple(value.shape) != spec.shape or np.dtype(value.dtype) != np.dtype(spec.dtype):
-        raise ValueError(f"SVDQLinear.from_arrays: {name!r} is {value.dtype}{tuple(value.shape)},"
+        raise InputError(f"SVDQLinear.from_arrays: {name!r} is {value.dtype}{tuple(value.shape)},"
                          f" the metadata needs {np.dtype(spec.dtype)}{spec.shape}")
       leaves[name] = jnp.asarray(value)
     leaves.setdefault("bias", None)
@@ -141,7 +142,7 @@ def metadata_format(metadata: Mapping[str, Any]) -> QuantFormat:
   if version == 1:
     config = QuantConfig.from_dict(metadata["config"])
     return config.layer_format(int(metadata["in_features"]), float(metadata["act_shift"]))
-  raise ValueError(f"SVDQLinear.from_arrays: format_version {version} is not supported (this "
+  raise InputError(f"SVDQLinear.from_arrays: format_version {version} is not supported (this "
                    f"svdq-jax reads 1 and {FORMAT_VERSION})")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from svdq_jax import quantizers as qz
 from svdq_jax.config import QuantConfig
+from svdq_jax.errors import InputError
 from svdq_jax.qlinear import SVDQLinear
 
 _OVERSAMPLE = 16
@@ -47,7 +48,7 @@ def _is_concrete(x) -> bool:
 def _check_finite(what: str, x, name: str | None) -> None:
   bad = int(jnp.sum(~jnp.isfinite(jnp.asarray(x)))) if _is_concrete(x) else 0
   if bad:
-    raise ValueError(f"{_layer(name)}: {what} has {bad} NaN or inf values; it needs finite values")
+    raise InputError(f"{_layer(name)}: {what} has {bad} NaN or inf values; it needs finite values")
 
 
 def low_rank(w: jax.Array, rank: int, key: jax.Array, power_iters: int | None = POWER_ITERS
@@ -270,7 +271,7 @@ def _channel_stat(label: str, stat: jax.Array | None, k: int, name: str | None
     return None
   stat = jnp.asarray(stat, jnp.float32)
   if stat.shape != (k,):
-    raise ValueError(f"{_layer(name)}: {label} has shape {tuple(stat.shape)}, needs ({k},)")
+    raise InputError(f"{_layer(name)}: {label} has shape {tuple(stat.shape)}, needs ({k},)")
   _check_finite(label, stat, name)
   return stat
 
@@ -328,35 +329,35 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
   """
   kernel = jnp.asarray(kernel)
   if kernel.ndim != 2 or not jnp.issubdtype(kernel.dtype, jnp.floating):
-    raise ValueError(f"{_layer(name)}: kernel must be a 2-D float array (K, N), got "
+    raise InputError(f"{_layer(name)}: kernel must be a 2-D float array (K, N), got "
                      f"{kernel.dtype}{tuple(kernel.shape)}")
   if config.weight_format is None:
-    raise ValueError(f"{_layer(name)}: config has weight_format None (the 16-bit baseline); "
+    raise InputError(f"{_layer(name)}: config has weight_format None (the 16-bit baseline); "
                      "there is nothing to quantize")
   k, n = kernel.shape
   group = config.effective_group(k)
   if k % group or k % 2:
-    raise ValueError(f"{_layer(name)}: in_features {k} is not a multiple of the group size "
+    raise InputError(f"{_layer(name)}: in_features {k} is not a multiple of the group size "
                      f"{group} ({config.weight_format}); skip this layer or pick another group")
   if config.rank > min(k, n):
-    raise ValueError(f"{_layer(name)}: rank {config.rank} is larger than min(K, N) = "
+    raise InputError(f"{_layer(name)}: rank {config.rank} is larger than min(K, N) = "
                      f"{min(k, n)} for kernel {tuple(kernel.shape)}")
   _check_finite("kernel", kernel, name)
   if bias is not None:
     bias = jnp.asarray(bias)
     if bias.shape != (n,):
-      raise ValueError(f"{_layer(name)}: bias has shape {tuple(bias.shape)}, needs ({n},)")
+      raise InputError(f"{_layer(name)}: bias has shape {tuple(bias.shape)}, needs ({n},)")
     _check_finite("bias", bias, name)
   if act_samples is None:
     if config.needs_calibration_data:
-      raise ValueError(f"{_layer(name)}: smoothing/GPTQ need calibration activations "
+      raise InputError(f"{_layer(name)}: smoothing/GPTQ need calibration activations "
                        f"(act_samples (T, {k})), got None")
     samples = jnp.zeros((1, k), jnp.float32)
   else:
     samples = jnp.asarray(act_samples)
     if (samples.ndim != 2 or samples.shape[1] != k or samples.shape[0] == 0
         or not jnp.issubdtype(samples.dtype, jnp.floating)):
-      raise ValueError(f"{_layer(name)}: act_samples must be a float array (T, {k}) with T > 0, "
+      raise InputError(f"{_layer(name)}: act_samples must be a float array (T, {k}) with T > 0, "
                        f"got {samples.dtype}{tuple(samples.shape)}")
     _check_finite("calibration activations", samples, name)
   act_absmax, act_max = (_channel_stat(label, stat, k, name)
@@ -366,13 +367,13 @@ def quantize_linear(kernel: jax.Array, bias: jax.Array | None, act_samples: jax.
     if config.shift_activations and config.act_format == "int4":
       if act_min is None and act_samples is not None:
         if not _is_concrete(samples):
-          raise ValueError(f"{_layer(name)}: under jax.jit pass act_shift or act_min (whether "
+          raise InputError(f"{_layer(name)}: under jax.jit pass act_shift or act_min (whether "
                            "the input follows a GELU cannot be read from traced samples)")
         act_min = float(jnp.min(samples))
       if act_min is not None and act_min >= -qz.GELU_SHIFT:
         act_shift = qz.GELU_SHIFT
   elif act_shift not in (0.0, qz.GELU_SHIFT) or (act_shift and config.act_format != "int4"):
-    raise ValueError(f"{_layer(name)}: act_shift must be 0 or {qz.GELU_SHIFT} (INT4 activations "
+    raise InputError(f"{_layer(name)}: act_shift must be 0 or {qz.GELU_SHIFT} (INT4 activations "
                      f"only), got {act_shift} with act_format {config.act_format!r}")
 
   span_x = _activation_spans(samples, act_absmax, act_max, float(act_shift))

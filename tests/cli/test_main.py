@@ -359,3 +359,57 @@ def test_bench_runs_the_benchmark_script_with_its_arguments(capfd):
   out = capfd.readouterr().out
   assert status == 0
   assert "usage: sampling.py" in out and "--progress-overhead" in out
+
+
+def test_nan_weights_fail_naming_the_step_and_component_without_writing(tmp_path, capsys):
+  """NaN in a transformer weight: `sample` (the fused jitted loop) prints one line naming the
+  first denoising step and the transformer, exits 3 and writes no PNG; NaN in a VAE decoder
+  weight (finite latents): NonFiniteError naming the vae."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  import pipelines
+  from tests.pipelines._pipeline_reference import build_tiny_flux_pipeline
+
+  bad_transformer = build_tiny_flux_pipeline()
+  with torch.no_grad():
+    bad_transformer.transformer.proj_out.weight[0, 0] = float("nan")
+  bad_transformer.save_pretrained(tmp_path / "flux", safe_serialization=True)
+  capsys.readouterr()
+  out = tmp_path / "cat.png"
+  status, stdout, err = _run(["sample", str(tmp_path / "flux"), "--prompt", "a red cat", "--steps",
+                              "2", "--height", "32", "--width", "32", "--out", str(out),
+                              "--quiet"], capsys)
+  assert status == cli.EXIT_NON_FINITE, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert "transformer" in lines[0] and "denoising step 1 of 2" in lines[0], lines[0]
+  assert stdout == "" and not list(tmp_path.glob("*.png"))
+
+  bad_vae = build_tiny_flux_pipeline()
+  with torch.no_grad():
+    bad_vae.vae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+  bad_vae.save_pretrained(tmp_path / "flux-vae", safe_serialization=True)
+  pipe = pipelines.load_pipeline(tmp_path / "flux-vae")
+  with pytest.raises(pipelines.NonFiniteError, match="the vae decoded NaN or inf"):
+    pipe("a red cat", height=32, width=32, num_inference_steps=2, max_sequence_length=16)
+
+
+@pytest.mark.slow
+def test_quantize_keeps_layers_narrower_than_the_group_16_bit(tmp_path, capsys, caplog):
+  """The default tiny FLUX has width 32, below svdquant-int4's group of 64: `quantize` exits 0,
+  with one notice counting the layers it kept 16-bit, instead of a traceback."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
+
+  src, dst = tmp_path / "flux", tmp_path / "flux-int4"
+  save_tiny_flux_pipeline(src)
+  calib = tmp_path / "calib.txt"
+  calib.write_text("a red cat\n")
+  with caplog.at_level("WARNING", logger="svdq_jax"):
+    status, _, err = _run(["quantize", str(src), str(dst), "--preset", "svdquant-int4", "--calib",
+                           str(calib), "--steps", "1", "--height", "32", "--width", "32"], capsys)
+  assert status == 0, err
+  notices = [r.getMessage() for r in caplog.records if r.name == "svdq_jax"]
+  assert len(notices) == 1 and "stay 16-bit" in notices[0], notices
+  assert (dst / "transformer").is_dir()

@@ -1,5 +1,8 @@
 """calibrate + quantize_params on a small NNX model: selection, skipping, purity, jit, errors."""
 
+import dataclasses
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,7 @@ from svdq_jax import (
     svdq_dot,
 )
 from svdq_jax import quantizers as qz
+from svdq_jax.errors import InputError
 from svdq_jax.metrics import model_bytes, relative_error
 
 D = 128
@@ -172,8 +176,38 @@ def test_calibration_and_selection_errors(calibrated):
   with pytest.raises(ValueError, match="pass model="):
     calibrate(lambda inputs: model(inputs), _inputs(0, 1), progress=False)
   partial = {k: v for k, v in stats.items() if "to_q" not in k}
-  with pytest.raises(ValueError, match="'transformer_blocks/0/to_q/kernel' has no calibration"):
+  with pytest.raises(InputError, match="'transformer_blocks/0/to_q/kernel' has no calibration"):
     quantize_params(nnx.state(model), partial, QuantConfig.preset("w4a4"), progress=False)
   bad = [(jnp.full((2, 24, 16), jnp.nan), jnp.zeros((2, D)))]
-  with pytest.raises(ValueError, match="'x_embedder/kernel' received NaN"):
+  with pytest.raises(InputError, match="'x_embedder/kernel' received NaN"):
     calibrate(model, bad, progress=False)
+  state = nnx.state(model)
+  nan_params = {"fc": {"kernel": jnp.ones((D, 64)).at[2, 5].set(jnp.inf)}}
+  with pytest.raises(InputError, match="'fc/kernel': kernel has 1 NaN or inf"):
+    quantize_params(nan_params, None, QuantConfig.preset("w4a4"), progress=False)
+  poisoned = dict(stats)
+  name = "transformer_blocks/0/to_q/kernel"
+  nan_max = np.full_like(stats[name].maximum, np.nan)
+  poisoned[name] = dataclasses.replace(stats[name], maximum=nan_max)
+  with pytest.raises(InputError, match=f"'{name}': act_absmax has {D} NaN"):
+    quantize_params(state, poisoned, QuantConfig.preset("svdquant-int4"), progress=False)
+
+
+def test_layers_narrower_than_the_group_stay_16_bit_with_one_notice(caplog):
+  rng = np.random.default_rng(0)
+  params = {"narrow": {"kernel": jnp.asarray(rng.normal(size=(32, 64)), jnp.float32)},
+            "odd": {"kernel": jnp.asarray(rng.normal(size=(96, 64)), jnp.float32)},
+            "wide": {"kernel": jnp.asarray(rng.normal(size=(D, 64)), jnp.float32)}}
+  config = QuantConfig.preset("w4a4")
+  assert set(selected_kernels(params, config)) == {"wide/kernel"}
+  with caplog.at_level(logging.WARNING, logger="svdq_jax"):
+    out = quantize_params(params, None, config, progress=False)
+  assert out["narrow"]["kernel"] is params["narrow"]["kernel"]
+  assert out["odd"]["kernel"] is params["odd"]["kernel"]
+  assert isinstance(out["wide"]["kernel"], SVDQLinear)
+  notices = [r.getMessage() for r in caplog.records if r.name == "svdq_jax"]
+  assert len(notices) == 1, notices
+  assert "2 linear layer(s) stay 16-bit" in notices[0] and "group 64" in notices[0]
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  abstract = quantize_params(shapes, None, config, progress=False)
+  assert abstract["narrow"]["kernel"] is shapes["narrow"]["kernel"]

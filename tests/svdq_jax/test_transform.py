@@ -11,6 +11,7 @@ import pytest
 
 from svdq_jax import QuantConfig, merge_lora, quantize_linear, svdq_dot
 from svdq_jax import quantizers as qz
+from svdq_jax.errors import InputError
 from svdq_jax.evaluation import evaluate_preset, outlier_layer
 from svdq_jax.metrics import relative_error
 from svdq_jax.transform import POWER_ITERS, gptq, low_rank, smooth_candidates
@@ -253,27 +254,27 @@ def test_merge_lora_adds_exactly_the_lora_product(outliers):
 # ---- bad input ---------------------------------------------------------------------------------
 
 
-def test_bad_inputs_raise_value_errors_naming_the_layer():
+def test_bad_inputs_raise_input_errors_naming_the_layer():
   kernel = jnp.ones((128, 64))
   x = jnp.ones((8, 128))
   w4a4 = QuantConfig.preset("w4a4")
-  with pytest.raises(ValueError, match=r"'blocks/0/fc'.*in_features 96.*group size 64"):
+  with pytest.raises(InputError, match=r"'blocks/0/fc'.*in_features 96.*group size 64"):
     quantize_linear(jnp.ones((96, 64)), None, x[:, :96], w4a4, name="blocks/0/fc")
-  with pytest.raises(ValueError, match=r"rank 80 is larger than min\(K, N\) = 64"):
+  with pytest.raises(InputError, match=r"rank 80 is larger than min\(K, N\) = 64"):
     quantize_linear(kernel, None, x, QuantConfig.preset("svdquant-int4", rank=80), name="fc")
-  with pytest.raises(ValueError, match="'fc'.*kernel has 1 NaN or inf"):
+  with pytest.raises(InputError, match="'fc'.*kernel has 1 NaN or inf"):
     quantize_linear(kernel.at[3, 4].set(jnp.nan), None, x, w4a4, name="fc")
-  with pytest.raises(ValueError, match="calibration activations has 1 NaN or inf"):
+  with pytest.raises(InputError, match="calibration activations has 1 NaN or inf"):
     quantize_linear(kernel, None, x.at[0, 0].set(jnp.inf), w4a4, name="fc")
-  with pytest.raises(ValueError, match="2-D float array"):
+  with pytest.raises(InputError, match="2-D float array"):
     quantize_linear(jnp.ones((128, 64), jnp.int32), None, x, w4a4, name="fc")
-  with pytest.raises(ValueError, match=r"act_samples must be a float array \(T, 128\)"):
+  with pytest.raises(InputError, match=r"act_samples must be a float array \(T, 128\)"):
     quantize_linear(kernel, None, jnp.ones((8, 64)), w4a4, name="fc")
-  with pytest.raises(ValueError, match="need calibration activations"):
+  with pytest.raises(InputError, match="need calibration activations"):
     quantize_linear(kernel, None, None, QuantConfig.preset("smoothquant-w4a4"), name="fc")
-  with pytest.raises(ValueError, match="bias has shape"):
+  with pytest.raises(InputError, match="bias has shape"):
     quantize_linear(kernel, jnp.ones((3,)), x, w4a4, name="fc")
-  with pytest.raises(ValueError, match="nothing to quantize"):
+  with pytest.raises(InputError, match="nothing to quantize"):
     quantize_linear(kernel, None, x, QuantConfig.preset("bf16"))
 
 
