@@ -77,11 +77,23 @@ def build_vae(configs: DemoConfigs, seed: int) -> AutoencoderKL:
   return AutoencoderKL(configs.vae, rngs=nnx.Rngs(seed))
 
 
+def zero_modulation(transformer: FluxTransformer) -> FluxTransformer:
+  """Zeroes the AdaLN modulation linears and the output projection (DiT's adaLN-Zero start:
+  every block begins as the identity and the first prediction is zero), in place."""
+  for path, module in nnx.iter_modules(transformer):
+    zero = (len(path) >= 2 and path[-1] == "linear" and str(path[-2]).startswith("norm")) or (
+        tuple(path) == ("proj_out",))
+    if zero:
+      module.kernel.set_value(jnp.zeros_like(module.kernel.get_value()))
+      module.bias.set_value(jnp.zeros_like(module.bias.get_value()))
+  return transformer
+
+
 def build_denoiser(configs: DemoConfigs, seed: int) -> dict[str, nnx.Module]:
-  """Freshly initialized transformer and text encoders (float32), keyed by pipeline component."""
+  """Freshly initialized transformer (adaLN-Zero) and text encoders (float32), by component."""
   return {
-      "transformer": FluxTransformer(configs.transformer, param_dtype=jnp.float32,
-                                     rngs=nnx.Rngs(seed)),
+      "transformer": zero_modulation(FluxTransformer(configs.transformer, param_dtype=jnp.float32,
+                                                     rngs=nnx.Rngs(seed))),
       "text_encoder": CLIPTextModel(configs.text_encoder, rngs=nnx.Rngs(seed + 1)),
       "text_encoder_2": T5Encoder(configs.text_encoder_2, rngs=nnx.Rngs(seed + 2)),
   }

@@ -58,7 +58,7 @@ class TrainConfig:
   vae_batch: int = 32
   vae_lr: float = 2e-3
   vae_kl_weight: float = 1e-4
-  steps: int = 2400
+  steps: int = 2600
   batch: int = 32
   lr: float = 1e-3
   warmup: int = 100
