@@ -54,7 +54,7 @@ class TrainConfig:
   """Hyperparameters of a demo training run (the defaults are the shipped model's)."""
 
   seed: int = 0
-  vae_steps: int = 200
+  vae_steps: int = 400
   vae_batch: int = 32
   vae_lr: float = 2e-3
   vae_kl_weight: float = 1e-4
