@@ -26,6 +26,9 @@ from models.vae import AutoencoderKL, VAEConfig
 
 VOCAB_SIZE = 1024
 TEXT_WIDTH = 128
+# Channels per GroupNorm group must be > 1: one channel per group (instance norm) erases each
+# channel's mean over the image, and with it the colours (a VAE trained so draws all emoji brown).
+VAE_NORM_GROUPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,7 @@ def demo_configs(*, width: int = 128, double_blocks: int = 2, single_blocks: int
       joint_attention_dim=text_width, pooled_projection_dim=text_width, guidance_embeds=False,
       axes_dims_rope=(8, 28, 28))
   vae = VAEConfig(in_channels=3, out_channels=3, block_out_channels=vae_channels,
-                  layers_per_block=1, latent_channels=16, norm_num_groups=min(vae_channels),
+                  layers_per_block=1, latent_channels=16, norm_num_groups=VAE_NORM_GROUPS,
                   scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False,
                   use_post_quant_conv=False, mid_block_add_attention=False)
   clip = CLIPTextConfig(vocab_size=vocab_size, hidden_size=text_width,

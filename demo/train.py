@@ -54,11 +54,11 @@ class TrainConfig:
   """Hyperparameters of a demo training run (the defaults are the shipped model's)."""
 
   seed: int = 0
-  vae_steps: int = 400
+  vae_steps: int = 240
   vae_batch: int = 32
   vae_lr: float = 2e-3
   vae_kl_weight: float = 1e-4
-  steps: int = 2600
+  steps: int = 1500
   batch: int = 32
   lr: float = 1e-3
   warmup: int = 100
