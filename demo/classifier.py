@@ -44,7 +44,7 @@ class ClassifierConfig:
   """Widths of the four stages (32, 16, 8, 4 pixels) and the number of classes."""
 
   num_classes: int
-  widths: tuple[int, ...] = (32, 64, 96, FEATURE_WIDTH)
+  widths: tuple[int, ...] = (16, 32, 64, FEATURE_WIDTH)
 
   def to_dict(self) -> dict:
     return {"num_classes": self.num_classes, "widths": list(self.widths)}
@@ -162,7 +162,7 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.clip(out * gain + offset + noise, 0.0, 1.0).astype(np.float32)
 
 
-def train_classifier(images: np.ndarray, *, steps: int, batch: int = 128, lr: float = 2e-3,
+def train_classifier(images: np.ndarray, *, steps: int, batch: int = 64, lr: float = 2e-3,
                      seed: int = 0, widths: tuple[int, ...] = ClassifierConfig(1).widths,
                      progress: bool = True) -> EmojiClassifier:
   """Trains on uint8 renders (N, 32, 32, 3), class i = image i; deterministic for a seed."""
@@ -240,7 +240,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description="Trains the demo's emoji classifier.")
   parser.add_argument("--out", type=Path, required=True, help="classifier folder to write")
-  parser.add_argument("--steps", type=int, default=1200)
+  parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   emoji = data.select_emoji()
