@@ -131,7 +131,9 @@ about {sampling.NUM_STEPS} steps; there is no guidance.
 ## Training
 
 VAE: {config['vae_steps']} steps of batch {config['vae_batch']} (AdamW, lr {config['vae_lr']},
-L1 + L2 + {config['vae_kl_weight']} KL). Transformer and both text encoders jointly:
+L1 + L2 reconstruction from the posterior mean plus noise of std 0.1, {config['vae_latent_weight']}
+times the latents' mean square; the posterior variance is not trained: use the mean).
+Transformer and both text encoders jointly:
 {steps} steps of batch {config['batch']} (AdamW, lr {config['lr']}, warmup {config['warmup']},
 cosine decay planned over {config['steps']} steps, weight decay {config['weight_decay']}),
 FLUX's rectified-flow loss with logit-normal noise levels, EMA of the weights (decay up to

@@ -5,11 +5,11 @@ state, EMA, step and the base PRNG key), so an interrupted run continues where i
 
   1. data: the training split of `demo.data` rendered at 32x32; tokenizers learned from its names
      (DIR/tokenizer, DIR/tokenizer_2);
-  2. vae: the AutoencoderKL, AdamW on L1 + L2 reconstruction + a small KL term;
-  3. latents: each training image's posterior (mean, std) and the latent shift and scale that
-     make the scaled latents zero-mean and unit-variance;
+  2. vae: the AutoencoderKL, AdamW on L1 + L2 reconstruction from the noised posterior mean;
+  3. latents: each training image's posterior mean and the latent shift and scale that make the
+     scaled latents zero-mean and unit-variance;
   4. denoiser: the FLUX transformer and both text encoders jointly, AdamW with warmup and cosine
-     decay, FLUX's rectified-flow loss on posterior samples of the cached latents, EMA weights;
+     decay, FLUX's rectified-flow loss on the cached latents, EMA weights;
   5. export: DIR/pipeline, a FluxPipeline folder in our checkpoint format (EMA weights), with the
      loss curve (loss.png), the model card (MODEL_CARD.md) and a sample grid (samples.png).
 
@@ -54,11 +54,11 @@ class TrainConfig:
   """Hyperparameters of a demo training run (the defaults are the shipped model's)."""
 
   seed: int = 0
-  vae_steps: int = 240
+  vae_steps: int = 160
   vae_batch: int = 32
   vae_lr: float = 2e-3
-  vae_kl_weight: float = 1e-4
-  steps: int = 1500
+  vae_latent_weight: float = 1e-3
+  steps: int = 900
   batch: int = 32
   lr: float = 1e-3
   warmup: int = 100
@@ -275,7 +275,7 @@ def train_vae(config: TrainConfig, training: TrainingData, out: Path, *,
     idx = batch_indices(config.seed + 100, step, len(images), config.vae_batch)
     return (jnp.asarray(images[idx]),)
 
-  step_fn = make_step(objectives.vae_loss_fn(graphdef, config.vae_kl_weight), optimizer, 0.99)
+  step_fn = make_step(objectives.vae_loss_fn(graphdef, config.vae_latent_weight), optimizer, 0.99)
   if state.step < config.vae_steps:
     state = run_loop("vae", folder, state, step_fn, batch_fn, config.vae_steps,
                      checkpoint_every=config.checkpoint_every, deadline=deadline,
@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
   vae, vae_steps = train_vae(config, training, out, deadline=deadline)
   if args.stage == "vae" or vae_steps < config.vae_steps:
     return
-  mean, std = encode_latents(vae, training.images)
+  mean, _ = encode_latents(vae, training.images)
+  std = np.zeros_like(mean)  # the autoencoder's latent is its posterior mean (no trained variance)
   vae = with_normalization(vae, *latent_normalization(mean, std))
   modules, steps = train_denoiser(config, training, mean, std, vae, out, deadline=deadline)
   pipeline = export_pipeline(out, modules, vae)
