@@ -4,7 +4,8 @@ Samples one image per evaluation prompt (`demo.data.EVAL_PROMPTS`, seed 0) and p
 with the run's pipeline (DIR/pipeline), and measures with the classifier (DIR/classifier) the
 prompt accuracy of each set, plus the Frechet distance of the evaluation samples' features to
 those of the renders of the same emoji. Writes DIR/pipeline/evaluation.json, the sample grids
-(samples.png, held_out.png), loss.png and MODEL_CARD.md into DIR/pipeline.
+(samples.png, held_out.png), the VAE's reconstructions of the evaluation renders
+(vae_reconstructions.png), loss.png and MODEL_CARD.md into DIR/pipeline.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def evaluate(run: Path, *, seed: int = 0) -> dict:
   plots.image_grid(held_images, [e.prompt for e in held_out]).save(pipeline_dir / "held_out.png")
   renders = data.render_all([by_prompt[p] for p in data.EVAL_PROMPTS]).astype(np.float32) / 255
   train_renders = data.render_all(train).astype(np.float32) / 255
+  recon = np.asarray(pipe.vae(jax.numpy.asarray(data.to_model_range(
+      (renders * 255).round().astype(np.uint8)))), np.float32).transpose(0, 2, 3, 1)
+  recon = np.clip(recon / 2 + 0.5, 0.0, 1.0)
+  plots.image_grid(np.concatenate([renders, recon]), list(data.EVAL_PROMPTS) * 2).save(
+      pipeline_dir / "vae_reconstructions.png")
   record = {
       "seed": seed,
       "num_inference_steps": sampling.NUM_STEPS,
@@ -64,6 +70,8 @@ def evaluate(run: Path, *, seed: int = 0) -> dict:
           model, labels, renders, data.EVAL_PROMPTS),
       "classifier_accuracy_on_renders_train": classifier.prompt_accuracy(
           model, labels, train_renders, [e.prompt for e in train]),
+      "classifier_accuracy_on_vae_reconstructions_eval": classifier.prompt_accuracy(
+          model, labels, recon, data.EVAL_PROMPTS),
       "held_out_prompts": len(held_out),
       "parameters": component_sizes(pipe),
       "classifier_parameters": _count(model),
@@ -151,6 +159,9 @@ and colour jitter) assigns each generated image to an emoji name.
   {record['prompt_accuracy_held_out']:.3f} (`held_out.png`)
 - the classifier on the renders themselves: {record['classifier_accuracy_on_renders_train']:.3f}
   (training emoji), {record['classifier_accuracy_on_renders_eval']:.3f} (evaluation prompts)
+- the classifier on the VAE's reconstructions of the evaluation renders (the ceiling the
+  decoder allows): {record['classifier_accuracy_on_vae_reconstructions_eval']:.3f}
+  (`vae_reconstructions.png`)
 """
 
 
