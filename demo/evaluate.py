@@ -15,6 +15,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,15 +24,14 @@ from flax import nnx
 from demo import classifier, data, plots, sampling
 from demo.tokenizer import MAX_LENGTH
 from demo.train import PIPELINE_DIR
-from models.pipelines import FluxPipeline
 
 
 def _count(module: nnx.Module) -> int:
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
 
 
-def component_sizes(pipeline: FluxPipeline) -> dict[str, int]:
-  """Parameters of each trained component."""
+def component_sizes(pipeline: Any) -> dict[str, int]:
+  """Parameters of each trained component of a FluxPipeline."""
   return {"transformer": _count(pipeline.transformer), "vae": _count(pipeline.vae),
           "text_encoder": _count(pipeline.text_encoder),
           "text_encoder_2": _count(pipeline.text_encoder_2)}
