@@ -13,6 +13,7 @@ Usage: python -m benchmarks.unet_projections (from the repository root)
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 
@@ -74,6 +75,8 @@ def _rel(a: jax.Array, b: jax.Array) -> float:
 
 
 def main() -> int:
+  argparse.ArgumentParser(description="Layer and final-latent error of a random SDXL-style UNet "
+                          "with proj_in/proj_out kept 16-bit (default) or made INT4.").parse_args()
   model = UNetSDXL(CONFIG, rngs=nnx.Rngs(0))
   state = nnx.state(model)
 

@@ -101,7 +101,8 @@ def test_config_from_json(tmp_path):
 ])
 def test_config_from_json_rejects(change, message):
   raw = {"_class_name": "FluxTransformer2DModel", **FluxConfig.dev().to_dict(), **change}
-  raw.pop("rope_theta"), raw.pop("mlp_ratio")  # ours, not diffusers' fields
+  for ours in ("rope_theta", "mlp_ratio", "split_proj_out"):  # ours, not diffusers' fields
+    raw.pop(ours)
   with pytest.raises(CheckpointError, match=message):
     convert_flux.config_from_json(raw)
 
