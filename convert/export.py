@@ -33,6 +33,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from convert import registry
+from convert.api import _float_dtype
 from convert.checkpoint import HEADER_KEY, atomic_folder, read_arrays, read_header
 from convert.loading import checkpoint_config, path_str, read_json_object
 from convert.mapping import export_tensors
@@ -52,16 +53,6 @@ _FLUX_MODELS = {"transformer": "flux", "vae": "vae", "text_encoder": "clip", "te
 _FLUX_TOKENIZERS = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast"}
 
 
-def _float_dtype(dtype: Any) -> np.dtype | None:
-  if dtype is None:
-    return None
-  try:
-    resolved = np.dtype(jnp.dtype(dtype))
-  except TypeError as e:
-    raise InputError(f"dtype {dtype!r}: not a dtype ({e})") from None
-  if not jnp.issubdtype(resolved, jnp.floating):
-    raise InputError(f"dtype {dtype!r}: needs a floating dtype (float32, bfloat16, ...)")
-  return resolved
 
 
 def _check_float(arrays: Mapping[str, Any], *, name: str) -> None:
