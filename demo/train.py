@@ -45,6 +45,7 @@ from convert.checkpoint import atomic_folder, save_checkpoint
 from demo import architecture, data, objectives, plots, sampling
 from demo import tokenizer as demo_tokenizer
 from models.tokenizers import Tokenizer
+from pipelines.folder import SAMPLE_DEFAULTS_FILE
 
 PIPELINE_DIR = "pipeline"
 
@@ -381,10 +382,12 @@ def model_index() -> dict:
 
 
 def export_pipeline(out: Path, modules: dict[str, nnx.Module], vae: nnx.Module) -> Path:
-  """Writes DIR/pipeline: model_index.json, scheduler, tokenizers and each component (ours)."""
+  """Writes DIR/pipeline: model_index.json, sample_defaults.json, scheduler, tokenizers and each
+  component (ours)."""
   types = {"transformer": "flux", "text_encoder": "clip", "text_encoder_2": "t5", "vae": "vae"}
   with atomic_folder(out / PIPELINE_DIR, overwrite=True) as tmp:
     (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    (tmp / SAMPLE_DEFAULTS_FILE).write_text(json.dumps(sampling.SAMPLE_DEFAULTS, indent=2) + "\n")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(architecture.scheduler_config(), indent=2) + "\n")
