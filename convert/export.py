@@ -263,7 +263,8 @@ def export_pipeline(pipe_or_folder: Any, dst: str | os.PathLike, *, dtype: Any =
     pipe_or_folder: our `FluxPipeline` object (models, tokenizers, scheduler in memory); or a
       folder: a pipeline folder whose model components are our checkpoints (what `svdq-jax
       convert` writes; components already in diffusers form, tokenizers, the scheduler and the
-      folder's other files are copied as they are), or a single checkpoint of ours (written as one component folder).
+      folder's other files are copied as they are), or a single checkpoint of ours (written
+      as one component folder).
     dst: the folder to create (absent, or replaced when `overwrite`).
     dtype: cast floating parameters to this dtype ("bfloat16"); None keeps the stored ones.
     overwrite: replace an existing `dst`.
