@@ -13,6 +13,7 @@ and component, writes no image and exits with status 3.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import subprocess
 import sys
@@ -122,25 +123,43 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
   return 0
 
 
+SAMPLE_BUILTIN_DEFAULTS = {"num_inference_steps": 28, "height": 1024, "width": 1024}
+"""Sampling settings when neither a flag nor the folder's sample_defaults.json gives one."""
+
+
+def _sample_settings(args: argparse.Namespace, folder: PipelineFolder) -> dict:
+  """The call arguments of `sample`: flags > the folder's sample_defaults.json > built-ins."""
+  flags = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
+           "guidance_scale": args.guidance, "true_cfg_scale": args.true_cfg,
+           "negative_prompt": args.negative_prompt}
+  return {**SAMPLE_BUILTIN_DEFAULTS, **folder.sample_defaults,
+          **{k: v for k, v in flags.items() if v is not None}}
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
   if args.lora is not None:
     raise InputError("--lora: LoRA files are not supported yet")
   out = pipelines.check_png_path(args.out)
   sharding.check_device_count(args.devices)
   folder = PipelineFolder.read(args.model)
+  settings = _sample_settings(args, folder)
   pipeline = pipelines.PIPELINES[folder.pipeline]
+  accepted = inspect.signature(pipeline.__call__).parameters
+  for name in settings:
+    if name not in accepted:
+      raise InputError(f"{folder.pipeline} in {str(folder.path)!r} has no {name} setting "
+                       "(from a flag or its sample_defaults.json)")
   prompts = pipeline.check_call(f"{folder.pipeline} in {str(folder.path)!r}", args.prompt,
-                                args.negative_prompt, height=args.height, width=args.width,
-                                size_multiple=folder.size_multiple,
+                                settings.get("negative_prompt"), height=settings["height"],
+                                width=settings["width"], size_multiple=folder.size_multiple,
                                 num_images_per_prompt=args.num_images)
   pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype))
-  images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height,
-                width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                seed=args.seed, num_images_per_prompt=args.num_images, devices=args.devices,
-                progress=not args.quiet)
+  images = pipe(prompts, seed=args.seed, num_images_per_prompt=args.num_images,
+                devices=args.devices, progress=not args.quiet, **settings)
   per_image_prompts = [p for p in prompts for _ in range(args.num_images)]
   paths = pipelines.save_images(images, out, prompts=per_image_prompts, seed=args.seed,
-                                extra={"model": str(folder.path), "steps": str(args.steps)})
+                                extra={"model": str(folder.path),
+                                       "steps": str(settings["num_inference_steps"])})
   for path in paths:
     print(path)
   return 0
@@ -192,8 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibration prompts, one per line (default: the shipped file)")
   quant.add_argument("--steps", type=_positive("--steps"), default=4,
                      help="denoising steps per calibration prompt (default: 4)")
-  quant.add_argument("--height", type=_positive("--height"), default=512)
-  quant.add_argument("--width", type=_positive("--width"), default=512)
+  quant.add_argument("--height", type=_positive("--height"), default=None,
+                     help="calibration height (default: the folder's sample_defaults.json, else "
+                     "512)")
+  quant.add_argument("--width", type=_positive("--width"), default=None,
+                     help="calibration width (default: the folder's sample_defaults.json, else "
+                     "512)")
   quant.add_argument("--seed", type=int, default=0)
   quant.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   quant.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -205,15 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
   sample.add_argument("--prompt", action="append", required=True,
                       help="text prompt; repeat for a batch of prompts")
   sample.add_argument("--negative-prompt", default=None,
-                      help="negative prompt (classifier-free guidance models)")
-  sample.add_argument("--steps", type=_positive("--steps"), default=28)
+                      help="negative prompt (classifier-free guidance models; FLUX.1: with "
+                      "--true-cfg)")
+  sample.add_argument("--steps", type=_positive("--steps"), default=None,
+                      help="denoising steps (default: the folder's sample_defaults.json, else 28)")
   sample.add_argument("--seed", type=int, default=0)
   sample.add_argument("--out", type=Path, default=Path("out.png"),
                       help="PNG path; several images get _<index> before .png")
-  sample.add_argument("--height", type=_positive("--height"), default=1024)
-  sample.add_argument("--width", type=_positive("--width"), default=1024)
+  sample.add_argument("--height", type=_positive("--height"), default=None,
+                      help="image height (default: the folder's sample_defaults.json, else 1024)")
+  sample.add_argument("--width", type=_positive("--width"), default=None,
+                      help="image width (default: the folder's sample_defaults.json, else 1024)")
   sample.add_argument("--guidance", type=float, default=None,
                       help="guidance scale (default: the pipeline's own)")
+  sample.add_argument("--true-cfg", type=float, default=None,
+                      help="FLUX.1: true classifier-free guidance scale, used above 1 with "
+                      "--negative-prompt (default: the folder's sample_defaults.json, else 1)")
   sample.add_argument("--num-images", type=_positive("--num-images"), default=1,
                       help="images per prompt")
   sample.add_argument("--devices", type=_positive("--devices"), default=1,

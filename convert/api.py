@@ -186,7 +186,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model: str | None = 
           convert_component(src / name, tmp / name, dtype=dtype, progress=progress)
         else:
           shutil.copytree(src / name, tmp / name)
-      shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+      for name in ("model_index.json", "sample_defaults.json"):
+        if (src / name).exists():
+          shutil.copy2(src / name, tmp / name)
   elif src.is_dir() and not (src / "config.json").exists():
     raise CheckpointError(f"{src}: not a checkpoint (no model_index.json or config.json)")
   else:

@@ -210,6 +210,9 @@ def _export_folder(src: Path, tmp: Path, *, dtype: Any, progress: bool) -> None:
                                      name=str(src / name), dtype=dtype)
     else:
       shutil.copytree(src / name, tmp / name)
+  for file in src.iterdir():  # sample_defaults.json, a model card, a licence: as they are
+    if file.is_file() and file.name != "model_index.json":
+      shutil.copy2(file, tmp / file.name)
   (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
@@ -259,8 +262,9 @@ def export_pipeline(pipe_or_folder: Any, dst: str | os.PathLike, *, dtype: Any =
   Args:
     pipe_or_folder: our `FluxPipeline` object (models, tokenizers, scheduler in memory); or a
       folder: a pipeline folder whose model components are our checkpoints (what `svdq-jax
-      convert` writes; components already in diffusers form, tokenizers and the scheduler are
-      copied as they are), or a single checkpoint of ours (written as one component folder).
+      convert` writes; components already in diffusers form, tokenizers, the scheduler and the
+      folder's other files are copied as they are), or a single checkpoint of ours (written
+      as one component folder).
     dst: the folder to create (absent, or replaced when `overwrite`).
     dtype: cast floating parameters to this dtype ("bfloat16"); None keeps the stored ones.
     overwrite: replace an existing `dst`.

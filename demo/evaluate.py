@@ -61,6 +61,10 @@ def evaluate(run: Path, *, seed: int = 0) -> dict:
       "seed": seed,
       "num_inference_steps": sampling.NUM_STEPS,
       "max_sequence_length": MAX_LENGTH,
+      "true_cfg_scale": sampling.TRUE_CFG_SCALE,
+      "prompt_accuracy_eval_without_guidance": classifier.prompt_accuracy(
+          model, labels, sampling.generate(pipe, data.EVAL_PROMPTS, seed=seed,
+                                           true_cfg_scale=1.0), data.EVAL_PROMPTS),
       "eval_prompts": len(data.EVAL_PROMPTS),
       "prompt_accuracy_eval": classifier.prompt_accuracy(model, labels, eval_images,
                                                          data.EVAL_PROMPTS),
@@ -134,7 +138,9 @@ order) to measure generalisation to unseen names.
 - scheduler: FlowMatchEulerDiscreteScheduler, shift 1.
 
 Use `max_sequence_length={MAX_LENGTH}` (the T5 length it was trained with), 32x32 images,
-about {sampling.NUM_STEPS} steps; there is no guidance.
+about {sampling.NUM_STEPS} steps, and true classifier-free guidance against the empty prompt
+(`negative_prompt=""`, `true_cfg_scale={sampling.TRUE_CFG_SCALE}`): `sample_defaults.json` holds
+these settings, so `svdq-jax sample` needs only `--prompt`.
 
 ## Training
 
@@ -142,8 +148,10 @@ VAE: {config['vae_steps']} steps of batch {config['vae_batch']} (AdamW, lr {conf
 L1 + L2 reconstruction from the posterior mean plus noise of std 0.1, {config['vae_latent_weight']}
 times the latents' mean square; the posterior variance is not trained: use the mean).
 Transformer and both text encoders jointly:
-{steps} steps of batch {config['batch']} (AdamW, lr {config['lr']}, warmup {config['warmup']},
-cosine decay planned over {config['steps']} steps, weight decay {config['weight_decay']}),
+{steps} steps of batch {config['batch']} (AdamW, weight decay {config['weight_decay']}): first
+{config['steps']} steps (lr {config['lr']}, warmup {config['warmup']}, cosine decay), then
+{config['guidance_steps']} steps with {config['guidance_dropout']:.0%} of the prompts replaced by
+the empty prompt (for classifier-free guidance; lr {config['lr'] / 2}, warmup and cosine again),
 FLUX's rectified-flow loss with logit-normal noise levels, EMA of the weights (decay up to
 {config['ema_decay']}, the exported weights). Seed {config['seed']}. Wall time
 {seconds / 60:.0f} min on 2 shared CPU cores. Loss curves: `loss.png`.
@@ -155,6 +163,8 @@ and colour jitter) assigns each generated image to an emoji name.
 
 - prompt accuracy on the {record['eval_prompts']} evaluation prompts:
   {record['prompt_accuracy_eval']:.3f} (samples: `samples.png`, seed {record['seed']})
+- the same without guidance (`true_cfg_scale=1`):
+  {record['prompt_accuracy_eval_without_guidance']:.3f}
 - prompt accuracy on the {record['held_out_prompts']} held-out names:
   {record['prompt_accuracy_held_out']:.3f} (`held_out.png`)
 - the classifier on the renders themselves: {record['classifier_accuracy_on_renders_train']:.3f}

@@ -13,6 +13,12 @@ from demo.tokenizer import MAX_LENGTH
 from pipelines import FluxPipeline
 
 NUM_STEPS = 20
+TRUE_CFG_SCALE = 4.0
+SAMPLE_DEFAULTS = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE,
+                   "num_inference_steps": NUM_STEPS, "max_sequence_length": MAX_LENGTH,
+                   "negative_prompt": "", "true_cfg_scale": TRUE_CFG_SCALE}
+"""How the demo model samples (its folder's sample_defaults.json): 32x32, 12 text tokens, true
+classifier-free guidance against the empty prompt (it was trained with 10% of prompts dropped)."""
 
 
 def load_pipeline(folder: str | os.PathLike) -> FluxPipeline:
@@ -21,13 +27,15 @@ def load_pipeline(folder: str | os.PathLike) -> FluxPipeline:
 
 
 def generate(pipeline: FluxPipeline, prompts: Sequence[str], *, seed: int = 0,
-             num_steps: int = NUM_STEPS, batch: int = 32) -> np.ndarray:
-  """Images (N, 32, 32, 3) float32 in [0, 1], one per prompt; the seed of batch k is seed + k."""
+             batch: int = 32, **settings: object) -> np.ndarray:
+  """Images (N, 32, 32, 3) float32 in [0, 1], one per prompt; the seed of batch k is seed + k.
+
+  `settings` override `SAMPLE_DEFAULTS` (e.g. true_cfg_scale=1.0 for no guidance).
+  """
+  settings = {**SAMPLE_DEFAULTS, **settings}
   out = []
   for k, i in enumerate(range(0, len(prompts), batch)):
-    out.append(pipeline(list(prompts[i:i + batch]), height=data.IMAGE_SIZE,
-                        width=data.IMAGE_SIZE, num_inference_steps=num_steps, seed=seed + k,
-                        max_sequence_length=MAX_LENGTH))
+    out.append(pipeline(list(prompts[i:i + batch]), seed=seed + k, **settings))
   return np.concatenate(out)
 
 

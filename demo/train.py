@@ -45,6 +45,7 @@ from convert.checkpoint import atomic_folder, save_checkpoint
 from demo import architecture, data, objectives, plots, sampling
 from demo import tokenizer as demo_tokenizer
 from models.tokenizers import Tokenizer
+from pipelines.folder import SAMPLE_DEFAULTS_FILE
 
 PIPELINE_DIR = "pipeline"
 
@@ -54,11 +55,13 @@ class TrainConfig:
   """Hyperparameters of a demo training run (the defaults are the shipped model's)."""
 
   seed: int = 0
-  vae_steps: int = 160
+  vae_steps: int = 1500
   vae_batch: int = 32
   vae_lr: float = 2e-3
   vae_latent_weight: float = 1e-3
-  steps: int = 900
+  steps: int = 5000
+  guidance_steps: int = 6000  # second phase: prompts dropped at guidance_dropout, for true CFG
+  guidance_dropout: float = 0.1
   batch: int = 32
   lr: float = 1e-3
   warmup: int = 100
@@ -87,12 +90,16 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
-  """Training images (N, 3, 32, 32) float32 in [-1, 1], their prompts and token ids (N, T)."""
+  """Training images (N, 3, 32, 32) float32 in [-1, 1], their prompts and token ids (N, T).
+
+  `empty_ids` holds the CLIP and T5 ids (T,) of the empty prompt, which replaces a dropped prompt.
+  """
 
   emoji: list[data.Emoji]
   images: np.ndarray
   clip_ids: np.ndarray
   t5_ids: np.ndarray
+  empty_ids: tuple[np.ndarray, np.ndarray]
 
 
 def prepare_data(config: TrainConfig, out: Path) -> TrainingData:
@@ -105,7 +112,9 @@ def prepare_data(config: TrainConfig, out: Path) -> TrainingData:
   demo_tokenizer.save_tokenizer(demo_tokenizer.clip_tokenizer(base), out / "tokenizer")
   demo_tokenizer.save_tokenizer(demo_tokenizer.t5_tokenizer(base), out / "tokenizer_2")
   clip_ids, t5_ids = tokenize(out, prompts)
-  return TrainingData(train, data.to_model_range(data.render_all(train)), clip_ids, t5_ids)
+  empty_clip, empty_t5 = tokenize(out, [""])
+  return TrainingData(train, data.to_model_range(data.render_all(train)), clip_ids, t5_ids,
+                      (empty_clip[0], empty_t5[0]))
 
 
 def tokenize(folder: Path, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -317,9 +326,15 @@ def train_denoiser(config: TrainConfig, training: TrainingData, latent_mean: np.
   graphdefs, params = {}, {}
   for name, module in modules.items():
     graphdefs[name], params[name] = nnx.split(module, nnx.Param)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup,
-                                                max(config.steps, config.warmup + 1),
-                                                config.lr * 0.05)
+  schedule = optax.join_schedules(
+      [optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup,
+                                          max(config.steps, config.warmup + 1), config.lr * 0.05),
+       optax.warmup_cosine_decay_schedule(0.0, config.lr * 0.5, config.warmup,
+                                          max(config.guidance_steps, config.warmup + 1),
+                                          config.lr * 0.05)],
+      [config.steps])
+  total_steps = config.steps + config.guidance_steps
+  empty_clip, empty_t5 = training.empty_ids
   optimizer = _optimizer(schedule, config.weight_decay)
   template = TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params), 0,
                         jax.random.key(config.seed))
@@ -333,12 +348,17 @@ def train_denoiser(config: TrainConfig, training: TrainingData, latent_mean: np.
     eps = np.random.default_rng([config.seed, 7, step]).standard_normal(
         latent_mean[idx].shape).astype(np.float32)
     latents = (latent_mean[idx] + latent_std[idx] * eps - shift) * scale
-    return (jnp.asarray(latents), jnp.asarray(training.clip_ids[idx]),
-            jnp.asarray(training.t5_ids[idx]))
+    clip_ids, t5_ids = training.clip_ids[idx], training.t5_ids[idx]
+    if step >= config.steps:
+      drop = np.random.default_rng([config.seed, 11, step]).random(len(idx)) < (
+          config.guidance_dropout)
+      clip_ids = np.where(drop[:, None], empty_clip, clip_ids)
+      t5_ids = np.where(drop[:, None], empty_t5, t5_ids)
+    return (jnp.asarray(latents), jnp.asarray(clip_ids), jnp.asarray(t5_ids))
 
   step_fn = make_step(objectives.flow_loss_fn(graphdefs), optimizer, config.ema_decay)
-  if state.step < config.steps:
-    state = run_loop("denoiser", folder, state, step_fn, batch_fn, config.steps,
+  if state.step < total_steps:
+    state = run_loop("denoiser", folder, state, step_fn, batch_fn, total_steps,
                      checkpoint_every=config.checkpoint_every, deadline=deadline,
                      loss_file=out / "denoiser_loss.csv")
   return ({name: nnx.merge(graphdefs[name], state.ema[name]) for name in graphdefs},
@@ -362,10 +382,12 @@ def model_index() -> dict:
 
 
 def export_pipeline(out: Path, modules: dict[str, nnx.Module], vae: nnx.Module) -> Path:
-  """Writes DIR/pipeline: model_index.json, scheduler, tokenizers and each component (ours)."""
+  """Writes DIR/pipeline: model_index.json, sample_defaults.json, scheduler, tokenizers and each
+  component (ours)."""
   types = {"transformer": "flux", "text_encoder": "clip", "text_encoder_2": "t5", "vae": "vae"}
   with atomic_folder(out / PIPELINE_DIR, overwrite=True) as tmp:
     (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    (tmp / SAMPLE_DEFAULTS_FILE).write_text(json.dumps(sampling.SAMPLE_DEFAULTS, indent=2) + "\n")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(architecture.scheduler_config(), indent=2) + "\n")

@@ -57,22 +57,37 @@ def flux_step_fn(transformer: nnx.Module, scheduler: schedulers.FlowMatchEulerSc
   """One FLUX denoising step as a pure function.
 
   Returns `step(state, schedule, i, (latents, scheduler_state), prompt_embeds, pooled, guidance,
-  img_ids, txt_ids) -> (latents, scheduler_state)` where `state` is `nnx.state(transformer)`
-  (plain or quantized), latents (B, S, 4C), prompt_embeds (B, T, D), pooled (B, P), guidance (B,)
-  (unused without a guidance embedding), img_ids (S, 3), txt_ids (T, 3). `eager` runs the
-  transformer object itself, so that `calibrate` sees its kernels; `fused_loop(step, scheduler)`
-  makes the whole loop.
+  img_ids, txt_ids, *negative) -> (latents, scheduler_state)` where `state` is
+  `nnx.state(transformer)` (plain or quantized), latents (B, S, 4C), prompt_embeds (B, T, D), pooled
+  (B, P), guidance (B,) (unused without a guidance embedding), img_ids (S, 3), txt_ids (T, 3).
+  `negative`, when given, is (negative_embeds (B, T, D), negative_pooled (B, P), true_cfg_scale
+  (B,)): true classifier-free guidance as diffusers' `true_cfg_scale`, velocity = v_neg +
+  scale * (v - v_neg), both halves in one batch of 2B. `eager` runs the transformer object itself,
+  so that `calibrate` sees its kernels; `fused_loop(step, scheduler)` makes the whole loop.
   """
   graphdef, _ = nnx.split(transformer)
   guidance_embeds = bool(transformer.config.guidance_embeds)
 
-  def step(state, schedule, i, carry, prompt_embeds, pooled, guidance, img_ids, txt_ids):
+  def step(state, schedule, i, carry, prompt_embeds, pooled, guidance, img_ids, txt_ids,
+           *negative):
     model = transformer if eager else nnx.merge(graphdef, state)
     x, scheduler_state = carry
-    timestep = jnp.broadcast_to(schedule.timesteps[i], x.shape[:1]).astype(x.dtype)
-    velocity = model(hidden_states=x, encoder_hidden_states=prompt_embeds,
+    batch = x.shape[0]
+    inputs = x
+    if negative:
+      negative_embeds, negative_pooled, true_cfg_scale = negative
+      inputs = jnp.concatenate([x, x])
+      prompt_embeds = jnp.concatenate([prompt_embeds, negative_embeds])
+      pooled = jnp.concatenate([pooled, negative_pooled])
+      guidance = jnp.concatenate([guidance, guidance])
+    timestep = jnp.broadcast_to(schedule.timesteps[i], inputs.shape[:1]).astype(x.dtype)
+    velocity = model(hidden_states=inputs, encoder_hidden_states=prompt_embeds,
                      pooled_projections=pooled, timestep=timestep / 1000, img_ids=img_ids,
                      txt_ids=txt_ids, guidance=guidance if guidance_embeds else None)
+    if negative:
+      positive, negative_velocity = velocity[:batch], velocity[batch:]
+      scale = true_cfg_scale.astype(velocity.dtype)[:, None, None]
+      velocity = negative_velocity + scale * (positive - negative_velocity)
     return scheduler.step(schedule, scheduler_state, i, velocity, x)
 
   return step
@@ -137,15 +152,20 @@ class FluxPipeline:
   of (`pipelines.folder.flux_size_multiple`)."""
 
   @classmethod
-  def check_call(cls, what: str, prompt: str | Sequence[str], negative_prompt: str | None = None,
-                 *, height: int, width: int, size_multiple: int, num_images_per_prompt: int = 1,
+  def check_call(cls, what: str, prompt: str | Sequence[str],
+                 negative_prompt: str | Sequence[str] | None = None, *, height: int, width: int,
+                 size_multiple: int, num_images_per_prompt: int = 1,
                  output_type: str = "np") -> list[str]:
     """The checks of `__call__` (its Raises), without a loaded model; returns the prompts."""
+    prompts = check_call(what, prompt, height=height, width=width, size_multiple=size_multiple,
+                         num_images_per_prompt=num_images_per_prompt, output_type=output_type)
     if negative_prompt is not None:
-      raise InputError(f"{what}: negative_prompt is not supported (FLUX.1 is guidance-"
-                       "distilled; use guidance_scale)")
-    return check_call(what, prompt, height=height, width=width, size_multiple=size_multiple,
-                      num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+      negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+      if (not isinstance(negatives, Sequence) or len(negatives) not in (1, len(prompts))
+          or not all(isinstance(p, str) for p in negatives)):
+        raise InputError(f"{what}: negative_prompt must be a string or a list of "
+                         f"{len(prompts)} strings (one per prompt)")
+    return prompts
 
   def encode_prompt(self, prompts: Sequence[str], *, max_sequence_length: int = 512
                     ) -> tuple[jax.Array, jax.Array]:
@@ -160,9 +180,11 @@ class FluxPipeline:
     f = self.vae_scale_factor * 2
     return 2 * (height // f), 2 * (width // f)
 
-  def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None, *,
+  def __call__(self, prompt: str | Sequence[str],
+               negative_prompt: str | Sequence[str] | None = None, *,
                height: int = 1024, width: int = 1024, num_inference_steps: int = 28,
-               guidance_scale: float | None = None, seed: int | None = 0,
+               guidance_scale: float | None = None, true_cfg_scale: float = 1.0,
+               seed: int | None = 0,
                key: jax.Array | None = None, num_images_per_prompt: int = 1,
                latents: jax.Array | None = None, max_sequence_length: int = 512,
                devices: int | None = None, progress: bool = False,
@@ -171,10 +193,14 @@ class FluxPipeline:
 
     Args:
       prompt: one prompt or a list (the batch).
-      negative_prompt: not used by FLUX.1 (guidance-distilled); must be None.
+      negative_prompt: with true_cfg_scale > 1, true classifier-free guidance against this
+        prompt ("" for the unconditional one), as diffusers' FluxPipeline; ignored otherwise.
       height, width: image size, multiples of 16 (the VAE factor times the 2x2 packing).
       num_inference_steps: denoising steps (dev: 28-50, schnell: 1-4).
       guidance_scale: the distilled guidance of FLUX.1-dev (default 3.5); ignored by schnell.
+      true_cfg_scale: scale of true classifier-free guidance (two transformer passes per step);
+        used when above 1 and a negative_prompt is given. A model trained with dropped prompts
+        (the embedded demo model) needs it; FLUX.1-dev and schnell do not.
       seed / key: randomness of the initial latents (key wins when both are given).
       num_images_per_prompt: images per prompt; the batch is B = len(prompts) * this.
       latents: packed initial latents (B, h/2 * w/2, 4C) instead of drawn ones.
@@ -189,7 +215,8 @@ class FluxPipeline:
       (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
 
     Raises:
-      InputError for a negative prompt, an empty or non-string prompt, num_images_per_prompt
+      InputError for a negative prompt that is not one string or one per prompt, an empty or
+      non-string prompt, num_images_per_prompt
       below 1, an unknown output_type, a size that is not a positive multiple of
       `size_multiple`, or latents of the wrong shape.
     """
@@ -215,12 +242,22 @@ class FluxPipeline:
     guidance = jnp.full((batch,), 3.5 if guidance_scale is None else guidance_scale,
                         jnp.float32)
     txt_ids = jnp.zeros((prompt_embeds.shape[1], 3), jnp.float32)
+    conditions = (prompt_embeds, pooled, guidance, latent_image_ids(h, w), txt_ids)
+    condition_axes = (0, 0, 0, None, None)
+    if negative_prompt is not None and true_cfg_scale > 1:
+      negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+      negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+      negative_embeds, negative_pooled = self.encode_prompt(
+          negatives, max_sequence_length=max_sequence_length)
+      conditions += (jnp.repeat(negative_embeds, num_images_per_prompt, axis=0),
+                     jnp.repeat(negative_pooled, num_images_per_prompt, axis=0),
+                     jnp.full((batch,), true_cfg_scale, jnp.float32))
+      condition_axes += (0, 0, 0)
     latents = denoise(
         lambda eager: flux_step_fn(self.transformer, self.scheduler, eager=eager),
         self.scheduler, self._runners, state=nnx.state(self.transformer), schedule=schedule,
-        latents=latents, conditions=(prompt_embeds, pooled, guidance, latent_image_ids(h, w),
-                                     txt_ids),
-        condition_axes=(0, 0, 0, None, None), devices=devices, progress=progress, jit=jit)
+        latents=latents, conditions=conditions, condition_axes=condition_axes, devices=devices,
+        progress=progress, jit=jit)
     if output_type == "latent":
       return np.asarray(latents)
     raw = self.vae.unscale_latents(unpack_latents(latents, h, w))

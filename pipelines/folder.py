@@ -85,6 +85,37 @@ def pipeline_name(path: str | os.PathLike) -> str:
   return _supported_name(Path(path), read_model_index(path))
 
 
+SAMPLE_DEFAULTS_FILE = "sample_defaults.json"
+SAMPLE_SETTINGS: dict[str, tuple[type, ...]] = {
+    "height": (int,), "width": (int,), "num_inference_steps": (int,),
+    "guidance_scale": (int, float), "true_cfg_scale": (int, float), "negative_prompt": (str,),
+    "max_sequence_length": (int,)}
+"""The pipeline call arguments a folder's sample_defaults.json may set, with their JSON types."""
+
+
+def read_sample_defaults(path: Path) -> dict[str, Any]:
+  """The folder's recommended sampling settings (`sample_defaults.json`, optional; {} if absent).
+
+  A model trained for one size and sequence length (the embedded demo model: 32x32, 12 tokens,
+  true classifier-free guidance) names them there, so `svdq-jax sample FOLDER --prompt ...`
+  needs no further flags; flags and call arguments override them.
+
+  Raises:
+    CheckpointError naming the file: not a JSON object, an unknown key or a value of a wrong type.
+  """
+  file = path / SAMPLE_DEFAULTS_FILE
+  if not file.exists():
+    return {}
+  settings = read_json_object(file)
+  for key, value in settings.items():
+    if key not in SAMPLE_SETTINGS:
+      raise CheckpointError(f"{file}: unknown setting {key!r} (known: {sorted(SAMPLE_SETTINGS)})")
+    if isinstance(value, bool) or not isinstance(value, SAMPLE_SETTINGS[key]):
+      raise CheckpointError(f"{file}: {key} must be of type "
+                            f"{'/'.join(t.__name__ for t in SAMPLE_SETTINGS[key])}, got {value!r}")
+  return dict(settings)
+
+
 def read_scheduler(path: Path) -> schedulers.Scheduler:
   """The scheduler of a pipeline folder; errors name its scheduler_config.json."""
   file = path / "scheduler" / "scheduler_config.json"
@@ -107,6 +138,7 @@ class PipelineFolder:
     vae, transformer: those components' configs (`convert.component.ComponentConfig`).
     scheduler: the scheduler its scheduler_config.json describes.
     size_multiple: what height and width must be multiples of for this pipeline.
+    sample_defaults: the folder's recommended call arguments (`read_sample_defaults`).
   """
 
   path: Path
@@ -116,11 +148,13 @@ class PipelineFolder:
   transformer: ComponentConfig
   scheduler: schedulers.Scheduler
   size_multiple: int
+  sample_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def read(cls, path: str | os.PathLike | PipelineFolder) -> PipelineFolder:
-    """Reads model_index.json, the scheduler's config and the VAE's and the transformer's
-    config.json, in this order (no weight); a `PipelineFolder` is returned as it is.
+    """Reads model_index.json, the scheduler's config, the VAE's and the transformer's
+    config.json and sample_defaults.json if present, in this order (no weight); a
+    `PipelineFolder` is returned as it is.
 
     Raises:
       CheckpointError (an InputError) naming the folder or file: as `read_model_index`, a
@@ -137,7 +171,8 @@ class PipelineFolder:
     transformer = read_component_config(path / "transformer", kind.transformer)
     return cls(path=path, pipeline=name, model_index=index, vae=vae, transformer=transformer,
                scheduler=scheduler,
-               size_multiple=kind.size_multiple(vae.config, transformer.config))
+               size_multiple=kind.size_multiple(vae.config, transformer.config),
+               sample_defaults=read_sample_defaults(path))
 
   def check_image_size(self, height: int, width: int) -> None:
     """Raises InputError naming the pipeline and folder unless this pipeline can make

@@ -107,7 +107,8 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
 
   jit and no progress: the fused loop, jitted (or data-parallel over `devices`). jit and
   progress: the jitted one-step body, called per step with a tqdm bar. Not jit: eager steps in
-  Python (calibration). `runners` caches the compiled functions per (mode, device count).
+  Python (calibration). `runners` caches the compiled functions per (mode, device count, number
+  of conditions).
   """
   num_steps = schedule.num_steps
   carry = (latents, scheduler.init_state(latents))
@@ -119,7 +120,7 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
         _raise_at_step(i, num_steps)
     return carry[0]
   count = devices or 1
-  key = ("per-step" if progress else "fused", count)
+  key = ("per-step" if progress else "fused", count, len(conditions))
   if key not in runners:
     step = make_step(False)
     fn, axes = ((step, (None, None, None, 0, *condition_axes)) if progress

@@ -25,19 +25,20 @@ from svdq_jax.config import QuantConfig
 def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
                          prompts: str | Sequence[str], *, num_inference_steps: int = 4,
                          height: int = 512, width: int = 512, seed: int = 0,
-                         progress: bool = True) -> None:
+                         progress: bool = True, **sampling: Any) -> None:
   """Calibrates `pipe.transformer` on prompts and quantizes it in place with `config`.
 
   Every prompt is sampled eagerly for `num_inference_steps` steps while `svdq_jax.calibrate`
   records the input of every linear layer at every step; `svdq_jax.quantize_model` then applies
   the config (a `QuantConfig`; its `skip` patterns keep the embedders and the final norm and
-  projection in 16 bits). Progress bars run per prompt and per layer.
+  projection in 16 bits). Progress bars run per prompt and per layer. `sampling` holds further
+  call arguments of the pipeline (negative_prompt, true_cfg_scale, max_sequence_length).
   """
   prompts = prompt_list(prompts)
 
   def run(prompt: str) -> None:
     pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
-         output_type="latent", jit=False)
+         output_type="latent", jit=False, **sampling)
 
   stats = svdq_jax.calibrate(run, prompts, model=pipe.transformer, progress=progress)
   svdq_jax.quantize_model(pipe.transformer, stats, config, progress=progress)
@@ -46,7 +47,8 @@ def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
 
 def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.PathLike, *,
                       preset: str, prompts: str | Sequence[str], num_inference_steps: int = 4,
-                      height: int = 512, width: int = 512, seed: int = 0, overwrite: bool = False,
+                      height: int | None = None, width: int | None = None, seed: int = 0,
+                      overwrite: bool = False,
                       dtype: jnp.dtype | None = None, progress: bool = True) -> Path:
   """Writes a copy of a pipeline folder with its transformer calibrated and quantized.
 
@@ -59,7 +61,9 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
     dst: output folder, written atomically (replaced only with `overwrite`).
     preset: a `QuantConfig.preset` name, e.g. "svdquant-int4".
     prompts: calibration prompts, one eager sampling run each (a string is one prompt).
-    num_inference_steps, height, width, seed: the calibration runs' sampling settings.
+    num_inference_steps, height, width, seed: the calibration runs' sampling settings; height
+      and width default to the folder's sample_defaults.json, else 512. Its other settings
+      (negative prompt, true CFG scale, sequence length) apply to the calibration runs too.
     dtype: the models' dtype during calibration (None: float32); the unquantized layers of the
       written transformer keep it.
     progress: progress bars per prompt and per layer.
@@ -75,11 +79,16 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
   config = QuantConfig.preset(preset)
   prompts = prompt_list(prompts)
   folder = PipelineFolder.read(src)
+  sampling = dict(folder.sample_defaults)
+  height = sampling.pop("height", 512) if height is None else height
+  width = sampling.pop("width", 512) if width is None else width
+  sampling = {k: v for k, v in sampling.items()
+              if k in ("negative_prompt", "true_cfg_scale", "max_sequence_length")}
   check_image_size(f"quantize_pipeline {str(folder.path)!r}", height, width, folder.size_multiple)
   with atomic_folder(dst, overwrite=overwrite) as out:
     pipe = load_pipeline(folder, dtype=dtype)
     quantize_transformer(pipe, config, prompts, num_inference_steps=num_inference_steps,
-                         height=height, width=width, seed=seed, progress=progress)
+                         height=height, width=width, seed=seed, progress=progress, **sampling)
     for entry in folder.path.iterdir():
       if entry.name == "transformer":
         continue

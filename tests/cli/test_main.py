@@ -205,8 +205,6 @@ def test_sizes_the_model_can_make_reach_the_load(tmp_path, capsys, monkeypatch):
 
 def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys, no_model_load):
   flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
-  _assert_bad_input(*_run(["sample", flux, "--prompt", "x", "--negative-prompt", "blurry"],
-                          capsys)[::2], "negative_prompt is not supported", "FLUX.1")
   (tmp_path / "done").mkdir()
   _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "done")], capsys)[::2],
                     "already exists", "overwrite")
@@ -413,3 +411,24 @@ def test_quantize_keeps_layers_narrower_than_the_group_16_bit(tmp_path, capsys, 
   notices = [r.getMessage() for r in caplog.records if r.name == "svdq_jax"]
   assert len(notices) == 1 and "stay 16-bit" in notices[0], notices
   assert (dst / "transformer").is_dir()
+
+
+def test_sample_defaults_of_the_folder_apply_below_the_flags(tmp_path, capsys, no_model_load):
+  """sample_defaults.json sets the size (and the rest) unless a flag does; a setting the pipeline
+  has no argument for, or a damaged file, is one line and exit 2 before any model is loaded."""
+  flux = _configs_only_pipeline(tmp_path / "flux", "FluxPipeline")
+  _write_json(flux / "sample_defaults.json", {"height": 40, "width": 32, "true_cfg_scale": 4.0,
+                                              "negative_prompt": ""})
+  _assert_bad_input(*_run(["sample", str(flux), "--prompt", "x"], capsys)[::2],
+                    "multiples of 16", "40x32")
+  _assert_bad_input(*_run(["sample", str(flux), "--prompt", "x", "--width", "8"], capsys)[::2],
+                    "multiples of 16", "40x8")
+  pixart = _configs_only_pipeline(tmp_path / "pixart", "PixArtSigmaPipeline", patch_size=4)
+  _assert_bad_input(*_run(["sample", str(pixart), "--prompt", "x", "--true-cfg", "2"],
+                          capsys)[::2], "PixArtSigmaPipeline", "has no true_cfg_scale setting")
+  _write_json(flux / "sample_defaults.json", {"hieght": 32})
+  _assert_bad_input(*_run(["sample", str(flux), "--prompt", "x"], capsys)[::2],
+                    "sample_defaults.json: unknown setting 'hieght'")
+  _write_json(flux / "sample_defaults.json", {"height": "32"})
+  _assert_bad_input(*_run(["sample", str(flux), "--prompt", "x"], capsys)[::2],
+                    "sample_defaults.json: height must be of type int, got '32'")

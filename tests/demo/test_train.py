@@ -10,8 +10,9 @@ import pytest
 from demo import architecture, train
 from demo.tokenizer import MAX_LENGTH
 
-TINY = train.TrainConfig(steps=4, batch=4, warmup=1, checkpoint_every=2, vocab_size=32, width=64,
-                         double_blocks=1, single_blocks=1, text_width=64, text_layers=1,
+TINY = train.TrainConfig(steps=2, guidance_steps=2, guidance_dropout=0.5, batch=4, warmup=1,
+                         checkpoint_every=2, vocab_size=32, width=64, double_blocks=1,
+                         single_blocks=1, text_width=64, text_layers=1,
                          vae_channels=(8, 8, 8))
 
 
@@ -31,7 +32,8 @@ def _fake_data(np_rng):
   images = np.zeros((n, 3, 32, 32), np.float32)
   mean = np_rng.normal(size=(n, 16, 8, 8)).astype(np.float32)
   std = np.full_like(mean, 0.1)
-  return train.TrainingData([], images, ids, ids), mean, std
+  empty = np.zeros(MAX_LENGTH, np.int32)
+  return train.TrainingData([], images, ids, ids, (empty, empty)), mean, std
 
 
 def _run(out, data, mean, std, deadline=None):
@@ -47,7 +49,8 @@ def test_denoiser_is_deterministic_and_resumes_exactly(tmp_path, np_rng):
   data, mean, std = _fake_data(np_rng)
   params_a, steps_a, losses_a = _run(tmp_path / "a", data, mean, std)
   params_b, _, losses_b = _run(tmp_path / "b", data, mean, std)
-  assert steps_a == TINY.steps and len(losses_a.splitlines()) == TINY.steps
+  assert steps_a == TINY.steps + TINY.guidance_steps
+  assert len(losses_a.splitlines()) == TINY.steps + TINY.guidance_steps
   assert losses_a == losses_b  # same seed, same losses
   for a, b in zip(params_a, params_b, strict=True):
     np.testing.assert_array_equal(a, b)
@@ -55,6 +58,6 @@ def test_denoiser_is_deterministic_and_resumes_exactly(tmp_path, np_rng):
   _, stopped, _ = _run(tmp_path / "c", data, mean, std, deadline=0.0)
   assert stopped == 1
   params_c, steps_c, losses_c = _run(tmp_path / "c", data, mean, std)
-  assert steps_c == TINY.steps and losses_c == losses_a
+  assert steps_c == TINY.steps + TINY.guidance_steps and losses_c == losses_a
   for a, c in zip(params_a, params_c, strict=True):
     np.testing.assert_array_equal(a, c)

@@ -59,6 +59,26 @@ def test_flux_pipeline_matches_diffusers(tiny):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("tiny", [False], indirect=True, ids=["schnell"])
+def test_flux_true_cfg_matches_diffusers(tiny):
+  """diffusers' `true_cfg_scale` with a negative prompt: v_neg + s (v - v_neg) per step."""
+  _, reference, ours = tiny
+  latents = _initial_latents(1)
+  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3,
+                max_sequence_length=MAX_SEQUENCE_LENGTH)
+  negative = ["", "a small dog"]
+  with torch.no_grad():
+    expected = reference(PROMPTS, negative_prompt=negative, true_cfg_scale=4.0,
+                         latents=torch.from_numpy(latents), output_type="np", **kwargs).images
+  got = ours(PROMPTS, negative_prompt=negative, true_cfg_scale=4.0, latents=latents, **kwargs)
+  assert np.abs(got - expected).max() <= 1e-3
+  plain = ours(PROMPTS, latents=latents, **kwargs)
+  assert np.abs(plain - got).max() > 1e-2  # the guidance changed the images
+  ignored = ours(PROMPTS, negative_prompt="", true_cfg_scale=1.0, latents=latents, **kwargs)
+  np.testing.assert_array_equal(ignored, plain)  # as diffusers: no CFG at scale 1
+
+
+@pytest.mark.parity
 def test_pixart_pipeline_with_guidance_matches_diffusers(tmp_path):
   """Classifier-free guidance with a negative prompt, DPM-Solver++ 2M, learned-sigma split."""
   reference = save_tiny_pixart_pipeline(tmp_path)
@@ -172,8 +192,9 @@ def test_pipeline_folder_errors(tmp_path, tiny):
 def test_bad_call_arguments_are_input_errors(tiny):
   _, _, ours = tiny
   kwargs = dict(height=HEIGHT, width=WIDTH, max_sequence_length=MAX_SEQUENCE_LENGTH)
-  with pytest.raises(InputError, match="FluxPipeline: negative_prompt is not supported"):
-    ours(PROMPTS, negative_prompt="blurry", **kwargs)
+  with pytest.raises(InputError, match="FluxPipeline: negative_prompt must be a string or a list "
+                     "of 2 strings"):
+    ours(PROMPTS, negative_prompt=["a", "b", "c"], true_cfg_scale=2.0, **kwargs)
   for prompt in ([], ["a cat", 3]):
     with pytest.raises(InputError, match=re.escape(f"non-empty list of strings, got {prompt!r}")):
       ours(prompt, **kwargs)
