@@ -236,7 +236,8 @@ def test_model_index_and_pipeline_name(tmp_path):
                                                   "vae": ["diffusers", "X"]}
   with pytest.raises(InputError, match=re.escape(f"{tmp_path}: pipeline 'StableCascadePipeline' "
                                                  "is not supported (supported: ['FluxPipeline', "
-                                                 "'PixArtSigmaPipeline'])")):
+                                                 "'PixArtSigmaPipeline', "
+                                                 "'StableDiffusionXLPipeline'])")):
     pipelines.pipeline_name(tmp_path)
   index.write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
   assert pipelines.pipeline_name(tmp_path) == "PixArtSigmaPipeline"
@@ -261,7 +262,7 @@ def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, n
 
 
 @pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
-def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
+def test_quantize_denoiser_takes_one_string_as_one_prompt(tiny, monkeypatch):
   _, _, ours = tiny
   calibrated = []
 
@@ -271,7 +272,7 @@ def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
 
   monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
   with pytest.raises(InterruptedError):
-    pipelines.quantize_transformer(ours, None, "a red cat")
+    pipelines.quantize_denoiser(ours, None, "a red cat")
   assert calibrated == ["a red cat"]
 
 
