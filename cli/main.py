@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint")
   conv.add_argument("src", help="diffusers/transformers component folder or .safetensors file")
   conv.add_argument("dst", help="output folder (written atomically)")
-  conv.add_argument("--model", default=None, help="model type (flux, pixart, vae, t5, clip); "
+  conv.add_argument("--model", default=None, help="model type (flux, pixart, unet, vae, t5, clip); "
                     "default: read from the source's config.json")
   conv.set_defaults(run=_cmd_convert)
 

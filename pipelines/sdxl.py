@@ -37,7 +37,7 @@ from models.tokenizers import Tokenizer
 from models.unet_sdxl import UNetSDXL
 from models.vae import AutoencoderKL
 from pipelines.folder import PipelineFolder, unet_size_multiple
-from pipelines.inputs import check_call, prompt_list
+from pipelines.inputs import check_call
 from pipelines.loop import denoise, to_images
 from svdq_jax.errors import InputError
 
@@ -58,7 +58,10 @@ def _pair(name: str, value: Any) -> tuple[int, int]:
 
 def _negative_prompts(negative_prompt: str | Sequence[str], count: int) -> list[str]:
   """One negative prompt per prompt: a single one is repeated; InputError on a count mismatch."""
-  negatives = prompt_list(negative_prompt)
+  negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+  if not negatives or not all(isinstance(p, str) for p in negatives):
+    raise InputError(f"{PIPELINE_CLASS}: negative_prompt must be a string or a non-empty list of "
+                     f"strings, got {negative_prompt!r}")
   if len(negatives) == 1:
     negatives = negatives * count
   if len(negatives) != count:

@@ -232,6 +232,10 @@ def test_bad_inputs_and_folders(tiny, tmp_path):
     ours(PROMPTS, crops_coords_top_left=(1,), **kwargs)
   with pytest.raises(InputError, match="2 negative prompts for 1 prompts"):
     ours(PROMPTS[:1], negative_prompt=["a", "b"], **kwargs)
+  with pytest.raises(InputError, match=re.escape("negative_prompt must be a string or a non-empty "
+                                                 "list of strings, got []")):
+    StableDiffusionXLPipeline.check_call("here", PROMPTS, [], height=32, width=32,
+                                         size_multiple=4)
   with pytest.raises(InputError, match="latents must be"):
     ours(PROMPTS, latents=np.zeros((1, 4, 8, 8), np.float32), **kwargs)
   with pytest.raises(InputError, match="output_type must be 'np' or 'latent'"):
