@@ -102,6 +102,7 @@ def _turbo(tiny, scheduler_class):
   return turbo_reference, turbo
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_turbo_one_step_without_guidance_matches_diffusers(tiny):
   """SDXL-Turbo's settings: Euler ancestral, trailing spacing, 1 step, guidance 0 (at one step
@@ -122,6 +123,7 @@ def test_turbo_one_step_without_guidance_matches_diffusers(tiny):
   assert np.abs(ours(PROMPTS, seed=4, **steps) - first).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_turbo_trailing_euler_steps_match_diffusers(tiny):
   """SDXL-Turbo with plain Euler and trailing spacing, 2 and 4 steps without guidance: the whole
