@@ -23,22 +23,24 @@ from svdq_jax.config import QuantConfig
 
 def quantize_denoiser(pipe: Pipeline, config: Any, prompts: str | Sequence[str], *,
                       num_inference_steps: int = 4, height: int = 512, width: int = 512,
-                      seed: int = 0, progress: bool = True) -> None:
+                      seed: int = 0, guidance_scale: float | None = None,
+                      progress: bool = True) -> None:
   """Calibrates `pipe.denoiser` (FLUX.1's and PixArt's transformer, SDXL's UNet) on prompts and
   quantizes it in place with `config`.
 
-  Every prompt is sampled eagerly for `num_inference_steps` steps (with the pipeline's default
-  guidance, so a guided pipeline calibrates on both branches) while `svdq_jax.calibrate` records
-  the input of every linear layer at every step; `svdq_jax.quantize_model` then applies the
-  config (a `QuantConfig`; its `skip` patterns keep the embedders, the final norm and projection,
-  and the UNet's projections, cross-attention key/value and ResNet time projections in 16 bits).
+  Every prompt is sampled eagerly for `num_inference_steps` steps (with `guidance_scale`, None:
+  the pipeline's default; a guided pipeline calibrates on both branches) while
+  `svdq_jax.calibrate` records the input of every linear layer at every step;
+  `svdq_jax.quantize_model` then applies the config (a `QuantConfig`; its `skip` patterns keep the
+  embedders, the final norm and projection, and the UNet's projections, cross-attention
+  key/value and ResNet time projections in 16 bits).
   Progress bars run per prompt and per layer.
   """
   prompts = prompt_list(prompts)
 
   def run(prompt: str) -> None:
     pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
-         output_type="latent", jit=False)
+         guidance_scale=guidance_scale, output_type="latent", jit=False)
 
   stats = svdq_jax.calibrate(run, prompts, model=pipe.denoiser, progress=progress)
   svdq_jax.quantize_model(pipe.denoiser, stats, config, progress=progress)
@@ -47,7 +49,8 @@ def quantize_denoiser(pipe: Pipeline, config: Any, prompts: str | Sequence[str],
 
 def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.PathLike, *,
                       preset: str, prompts: str | Sequence[str], num_inference_steps: int = 4,
-                      height: int = 512, width: int = 512, seed: int = 0, overwrite: bool = False,
+                      height: int = 512, width: int = 512, seed: int = 0,
+                      guidance_scale: float | None = None, overwrite: bool = False,
                       dtype: jnp.dtype | None = None, progress: bool = True) -> Path:
   """Writes a copy of a pipeline folder with its denoiser (transformer/ or unet/) calibrated and
   quantized.
@@ -61,7 +64,9 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
     dst: output folder, written atomically (replaced only with `overwrite`).
     preset: a `QuantConfig.preset` name, e.g. "svdquant-int4".
     prompts: calibration prompts, one eager sampling run each (a string is one prompt).
-    num_inference_steps, height, width, seed: the calibration runs' sampling settings.
+    num_inference_steps, height, width, seed, guidance_scale: the calibration runs' sampling
+      settings (guidance None: the pipeline's default; 0 for SDXL-Turbo, which samples without
+      guidance).
     dtype: the models' dtype during calibration (None: float32); the unquantized layers of the
       written denoiser keep it.
     progress: progress bars per prompt and per layer.
@@ -81,7 +86,8 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
   with atomic_folder(dst, overwrite=overwrite) as out:
     pipe = load_pipeline(folder, dtype=dtype)
     quantize_denoiser(pipe, config, prompts, num_inference_steps=num_inference_steps,
-                      height=height, width=width, seed=seed, progress=progress)
+                      height=height, width=width, seed=seed, guidance_scale=guidance_scale,
+                      progress=progress)
     for entry in folder.path.iterdir():
       if entry.name == folder.denoiser_name:
         continue
@@ -91,6 +97,6 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
                     model_type=folder.denoiser.entry.name, config=pipe.denoiser.config)
     quant_note = {"preset": preset, "quant_config": config.to_dict(), "calibration": {
         "prompts": len(prompts), "num_inference_steps": num_inference_steps, "height": height,
-        "width": width, "seed": seed}}
+        "width": width, "seed": seed, "guidance_scale": guidance_scale}}
     (out / "svdq_quantization.json").write_text(json.dumps(quant_note, indent=2) + "\n")
   return Path(dst)

@@ -234,6 +234,23 @@ def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys
                     f"{tmp_path / 'bare' / 'scheduler' / 'scheduler_config.json'}: missing")
 
 
+def test_quantize_passes_its_settings(tmp_path, capsys, monkeypatch):
+  import pipelines
+
+  calls = []
+  monkeypatch.setattr(pipelines, "quantize_pipeline", lambda *a, **kw: calls.append((a, kw)))
+  calib = tmp_path / "calib.txt"
+  calib.write_text("a red cat\n")
+  status, _, err = _run(["quantize", "src", "dst", "--calib", str(calib), "--guidance", "0",
+                         "--steps", "1", "--dtype", "float32"], capsys)
+  assert status == 0, err
+  (args, kwargs), = calls
+  assert args == ("src", "dst") and kwargs["prompts"] == ["a red cat"]
+  assert kwargs["guidance_scale"] == 0.0 and kwargs["num_inference_steps"] == 1
+  status, _, err = _run(["quantize", "src", "dst", "--calib", str(calib)], capsys)
+  assert status == 0 and calls[1][1]["guidance_scale"] is None
+
+
 def _convert_raising(error: Exception, tmp_path: Path, monkeypatch) -> list[str]:
   """`svdq-jax convert` arguments that pass the CLI's own checks, with `convert.api.convert`
   replaced by one that raises `error`."""

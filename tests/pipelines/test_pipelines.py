@@ -276,6 +276,28 @@ def test_quantize_denoiser_takes_one_string_as_one_prompt(tiny, monkeypatch):
   assert calibrated == ["a red cat"]
 
 
+def test_quantize_denoiser_samples_with_the_guidance_it_is_given(monkeypatch):
+  """The calibration runs get `guidance_scale` (SDXL-Turbo calibrates at 0, as it samples)."""
+  calls = []
+
+  class Pipe:
+    denoiser = None
+
+    def __call__(self, prompt, **kwargs):
+      calls.append((prompt, kwargs["guidance_scale"], kwargs["jit"]))
+
+  def calibrate(run, prompts, **kwargs):
+    for prompt in prompts:
+      run(prompt)
+    raise InterruptedError("stop after calibration")
+
+  monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
+  for guidance in (0.0, None):
+    with pytest.raises(InterruptedError):
+      pipelines.quantize_denoiser(Pipe(), None, ["a", "b"], guidance_scale=guidance)
+  assert calls == [("a", 0.0, False), ("b", 0.0, False), ("a", None, False), ("b", None, False)]
+
+
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
   from PIL import Image
 
