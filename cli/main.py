@@ -117,8 +117,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
   prompts = read_prompt_file(args.calib)
   pipelines.quantize_pipeline(args.src, args.dst, preset=args.preset, prompts=prompts,
                               num_inference_steps=args.steps, height=args.height,
-                              width=args.width, seed=args.seed, overwrite=args.overwrite,
-                              dtype=_dtype(args.dtype))
+                              width=args.width, seed=args.seed, guidance_scale=args.guidance,
+                              overwrite=args.overwrite, dtype=_dtype(args.dtype))
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint")
   conv.add_argument("src", help="diffusers/transformers component folder or .safetensors file")
   conv.add_argument("dst", help="output folder (written atomically)")
-  conv.add_argument("--model", default=None, help="model type (flux, pixart, vae, t5, clip); "
+  conv.add_argument("--model", default=None, help="model type (flux, pixart, unet, vae, t5, clip); "
                     "default: read from the source's config.json")
   conv.set_defaults(run=_cmd_convert)
 
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibration width (default: the folder's sample_defaults.json, else "
                      "512)")
   quant.add_argument("--seed", type=int, default=0)
+  quant.add_argument("--guidance", type=float, default=None,
+                     help="guidance scale of the calibration runs (default: the pipeline's own; "
+                     "0 for SDXL-Turbo)")
   quant.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   quant.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="models' dtype while calibrating (auto: bfloat16 on GPU, else float32)")

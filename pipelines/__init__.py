@@ -1,5 +1,5 @@
-"""Text-to-image pipelines: the jitted denoising loop, FLUX.1, PixArt-Sigma, pipeline folders,
-image saving and the quantize workflow.
+"""Text-to-image pipelines: the jitted denoising loop, FLUX.1, PixArt-Sigma, SDXL, pipeline
+folders, image saving and the quantize workflow.
 
     pipe = load_pipeline("FLUX.1-schnell")                 # or FluxPipeline.from_pretrained(...)
     images = pipe("a red cat", height=1024, width=1024)   # (B, H, W, 3) float32 in [0, 1]
@@ -16,9 +16,10 @@ from pipelines.inputs import check_image_size
 from pipelines.load import PIPELINES, image_size_multiple, load_pipeline
 from pipelines.loop import NonFiniteError
 from pipelines.pixart import PixArtSigmaPipeline
-from pipelines.quantize import quantize_pipeline, quantize_transformer
+from pipelines.quantize import quantize_denoiser, quantize_pipeline
+from pipelines.sdxl import StableDiffusionXLPipeline
 
 __all__ = ["PIPELINES", "FluxPipeline", "NonFiniteError", "PipelineFolder", "PixArtSigmaPipeline",
-           "check_image_size", "check_png_path", "image_size_multiple", "load_pipeline",
-           "pipeline_name", "quantize_pipeline", "quantize_transformer", "read_model_index",
-           "save_images"]
+           "StableDiffusionXLPipeline", "check_image_size", "check_png_path",
+           "image_size_multiple", "load_pipeline", "pipeline_name", "quantize_denoiser",
+           "quantize_pipeline", "read_model_index", "save_images"]

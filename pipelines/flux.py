@@ -122,6 +122,11 @@ class FluxPipeline:
     self._decode = jit_module(vae, "decode")
     self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
 
+  @property
+  def denoiser(self) -> FluxTransformer:
+    """The model the quantize workflow calibrates and quantizes: the transformer."""
+    return self.transformer
+
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
                       dtype: jnp.dtype | None = None) -> FluxPipeline:

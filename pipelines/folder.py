@@ -30,23 +30,32 @@ def pixart_size_multiple(vae_config: Any, transformer_config: Any) -> int:
   return vae_config.downsample_factor * transformer_config.patch_size
 
 
+def unet_size_multiple(vae_config: Any, unet_config: Any) -> int:
+  """SDXL: the VAE's downsampling times the UNet's (8 x 4 = 32). diffusers accepts multiples of
+  8 and pads inside the UNet's upsampling; `models.unet_sdxl.UNetSDXL` needs whole multiples."""
+  return vae_config.downsample_factor * unet_config.downsample_factor
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderKind:
   """What a supported pipeline class needs of its folder.
 
   Attributes:
-    transformer: the `convert.registry` family of its transformer/ component.
-    size_multiple: `rule(vae_config, transformer_config)`: what height and width must be
+    family: the `convert.registry` family of its denoiser component.
+    size_multiple: `rule(vae_config, denoiser_config)`: what height and width must be
       multiples of.
+    denoiser: the denoiser's component folder: "transformer" (DiTs) or "unet" (SDXL).
   """
 
-  transformer: str
+  family: str
   size_multiple: Callable[[Any, Any], int]
+  denoiser: str = "transformer"
 
 
 KINDS: dict[str, FolderKind] = {
     "FluxPipeline": FolderKind("flux", flux_size_multiple),
     "PixArtSigmaPipeline": FolderKind("pixart", pixart_size_multiple),
+    "StableDiffusionXLPipeline": FolderKind("unet", unet_size_multiple, denoiser="unet"),
 }
 """The pipeline classes a folder's model_index.json may name."""
 
@@ -135,7 +144,9 @@ class PipelineFolder:
     path: the folder.
     pipeline: the pipeline class its model_index.json names (a key of `KINDS`).
     model_index: the model_index.json object.
-    vae, transformer: those components' configs (`convert.component.ComponentConfig`).
+    vae: the VAE's config (`convert.component.ComponentConfig`).
+    denoiser_name: the denoiser's component folder, "transformer" or "unet" (`FolderKind`).
+    denoiser: its config (`convert.component.ComponentConfig`).
     scheduler: the scheduler its scheduler_config.json describes.
     size_multiple: what height and width must be multiples of for this pipeline.
     sample_defaults: the folder's recommended call arguments (`read_sample_defaults`).
@@ -145,16 +156,17 @@ class PipelineFolder:
   pipeline: str
   model_index: Mapping[str, Any]
   vae: ComponentConfig
-  transformer: ComponentConfig
+  denoiser_name: str
+  denoiser: ComponentConfig
   scheduler: schedulers.Scheduler
   size_multiple: int
   sample_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def read(cls, path: str | os.PathLike | PipelineFolder) -> PipelineFolder:
-    """Reads model_index.json, the scheduler's config, the VAE's and the transformer's
-    config.json and sample_defaults.json if present, in this order (no weight); a
-    `PipelineFolder` is returned as it is.
+    """Reads model_index.json, the scheduler's config, the VAE's and the denoiser's
+    (transformer/ or unet/) config.json and sample_defaults.json if present, in this order (no
+    weight); a `PipelineFolder` is returned as it is.
 
     Raises:
       CheckpointError (an InputError) naming the folder or file: as `read_model_index`, a
@@ -168,10 +180,10 @@ class PipelineFolder:
     kind = KINDS[name]
     scheduler = read_scheduler(path)
     vae = read_component_config(path / "vae", "vae")
-    transformer = read_component_config(path / "transformer", kind.transformer)
-    return cls(path=path, pipeline=name, model_index=index, vae=vae, transformer=transformer,
-               scheduler=scheduler,
-               size_multiple=kind.size_multiple(vae.config, transformer.config),
+    denoiser = read_component_config(path / kind.denoiser, kind.family)
+    return cls(path=path, pipeline=name, model_index=index, vae=vae, denoiser_name=kind.denoiser,
+               denoiser=denoiser, scheduler=scheduler,
+               size_multiple=kind.size_multiple(vae.config, denoiser.config),
                sample_defaults=read_sample_defaults(path))
 
   def check_image_size(self, height: int, width: int) -> None:

@@ -14,12 +14,16 @@ import convert.loading  # noqa: F401  (registers the loader every from_pretraine
 from pipelines.flux import FluxPipeline
 from pipelines.folder import PipelineFolder
 from pipelines.pixart import PixArtSigmaPipeline
+from pipelines.sdxl import StableDiffusionXLPipeline
 
-PIPELINES = {"FluxPipeline": FluxPipeline, "PixArtSigmaPipeline": PixArtSigmaPipeline}
+Pipeline = FluxPipeline | PixArtSigmaPipeline | StableDiffusionXLPipeline
+
+PIPELINES = {"FluxPipeline": FluxPipeline, "PixArtSigmaPipeline": PixArtSigmaPipeline,
+             "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
 def load_pipeline(path: str | os.PathLike | PipelineFolder, dtype: jnp.dtype | None = None
-                  ) -> FluxPipeline | PixArtSigmaPipeline:
+                  ) -> Pipeline:
   """The pipeline a folder names (read into a `PipelineFolder` unless it is one), loaded with its
   class's `from_pretrained`."""
   folder = PipelineFolder.read(path)

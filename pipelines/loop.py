@@ -38,8 +38,8 @@ def _finite_rows(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
-def _raise_at_step(step: int, num_steps: int) -> None:
-  raise NonFiniteError(f"the transformer made the latents NaN or inf at denoising step {step + 1} "
+def _raise_at_step(step: int, num_steps: int, denoiser: str) -> None:
+  raise NonFiniteError(f"the {denoiser} made the latents NaN or inf at denoising step {step + 1} "
                        f"of {num_steps} (a 16-bit overflow, or NaN/inf weights); no image written")
 
 
@@ -100,10 +100,11 @@ def _checked_loop(step: Callable[..., Any], scheduler: schedulers.Scheduler
 def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedulers.Scheduler,
              runners: dict, *, state: Any, schedule: schedulers.Schedule, latents: jax.Array,
              conditions: tuple, condition_axes: tuple, devices: int | None, progress: bool,
-             jit: bool) -> jax.Array:
+             jit: bool, denoiser: str = "transformer") -> jax.Array:
   """Runs the denoising loop and returns the final latents.
 
-  Raises NonFiniteError, naming the first step, when the latents turn NaN or inf.
+  Raises NonFiniteError, naming the first step and the `denoiser` ("transformer", "unet"), when
+  the latents turn NaN or inf.
 
   jit and no progress: the fused loop, jitted (or data-parallel over `devices`). jit and
   progress: the jitted one-step body, called per step with a tqdm bar. Not jit: eager steps in
@@ -117,7 +118,7 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
     for i in range(num_steps):
       carry = step(state, schedule, jnp.int32(i), carry, *conditions)
       if not bool(jnp.all(jnp.isfinite(carry[0]))):
-        _raise_at_step(i, num_steps)
+        _raise_at_step(i, num_steps, denoiser)
     return carry[0]
   count = devices or 1
   key = ("per-step" if progress else "fused", count, len(conditions))
@@ -132,7 +133,7 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
     latents, first_bad = run(state, schedule, latents, *conditions)
     bad = np.asarray(first_bad)
     if np.any(bad >= 0):
-      _raise_at_step(int(bad[bad >= 0].min()), num_steps)
+      _raise_at_step(int(bad[bad >= 0].min()), num_steps, denoiser)
     return latents
   if count > 1:  # placed once here, so the per-step calls find the weights already replicated
     state, schedule = sharding.replicate((state, schedule), run.mesh)
@@ -140,6 +141,6 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
     for i in range(num_steps):
       carry = jax.block_until_ready(run(state, schedule, jnp.int32(i), carry, *conditions))
       if not bool(jnp.all(jnp.isfinite(carry[0]))):
-        _raise_at_step(i, num_steps)
+        _raise_at_step(i, num_steps, denoiser)
       bar.update(1)
   return carry[0]

@@ -45,6 +45,11 @@ class PixArtSigmaPipeline:
     self._decode = jit_module(vae, "decode")
     self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
 
+  @property
+  def denoiser(self) -> PixArtSigmaTransformer:
+    """The model the quantize workflow calibrates and quantizes: the transformer."""
+    return self.transformer
+
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
                       dtype: jnp.dtype | None = None) -> PixArtSigmaPipeline:

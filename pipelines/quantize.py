@@ -1,4 +1,5 @@
-"""Quantizing a whole pipeline: calibrate its transformer on prompts, quantize it, write the folder.
+"""Quantizing a whole pipeline: calibrate its denoiser (the DiTs' transformer, SDXL's UNet) on
+prompts, quantize it, write the folder.
 """
 
 from __future__ import annotations
@@ -14,45 +15,48 @@ import jax.numpy as jnp
 
 import svdq_jax
 from convert.checkpoint import atomic_folder, save_checkpoint
-from pipelines.flux import FluxPipeline
 from pipelines.folder import PipelineFolder
 from pipelines.inputs import check_image_size, prompt_list
-from pipelines.load import load_pipeline
-from pipelines.pixart import PixArtSigmaPipeline
+from pipelines.load import Pipeline, load_pipeline
 from svdq_jax.config import QuantConfig
 
 
-def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
-                         prompts: str | Sequence[str], *, num_inference_steps: int = 4,
-                         height: int = 512, width: int = 512, seed: int = 0,
-                         progress: bool = True, **sampling: Any) -> None:
-  """Calibrates `pipe.transformer` on prompts and quantizes it in place with `config`.
+def quantize_denoiser(pipe: Pipeline, config: Any, prompts: str | Sequence[str], *,
+                      num_inference_steps: int = 4, height: int = 512, width: int = 512,
+                      seed: int = 0, guidance_scale: float | None = None,
+                      progress: bool = True, **sampling: Any) -> None:
+  """Calibrates `pipe.denoiser` (FLUX.1's and PixArt's transformer, SDXL's UNet) on prompts and
+  quantizes it in place with `config`.
 
-  Every prompt is sampled eagerly for `num_inference_steps` steps while `svdq_jax.calibrate`
-  records the input of every linear layer at every step; `svdq_jax.quantize_model` then applies
-  the config (a `QuantConfig`; its `skip` patterns keep the embedders and the final norm and
-  projection in 16 bits). Progress bars run per prompt and per layer. `sampling` holds further
-  call arguments of the pipeline (negative_prompt, true_cfg_scale, max_sequence_length).
+  Every prompt is sampled eagerly for `num_inference_steps` steps (with `guidance_scale`, None:
+  the pipeline's default; a guided pipeline calibrates on both branches) while
+  `svdq_jax.calibrate` records the input of every linear layer at every step;
+  `svdq_jax.quantize_model` then applies the config (a `QuantConfig`; its `skip` patterns keep the
+  embedders, the final norm and projection, and the UNet's projections, cross-attention
+  key/value and ResNet time projections in 16 bits).
+  Progress bars run per prompt and per layer. `sampling` holds further call arguments of the
+  pipeline (FLUX.1: negative_prompt, true_cfg_scale, max_sequence_length).
   """
   prompts = prompt_list(prompts)
 
   def run(prompt: str) -> None:
     pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
-         output_type="latent", jit=False, **sampling)
+         guidance_scale=guidance_scale, output_type="latent", jit=False, **sampling)
 
-  stats = svdq_jax.calibrate(run, prompts, model=pipe.transformer, progress=progress)
-  svdq_jax.quantize_model(pipe.transformer, stats, config, progress=progress)
-  pipe._runners.clear()  # the quantized transformer has other parameter shapes
+  stats = svdq_jax.calibrate(run, prompts, model=pipe.denoiser, progress=progress)
+  svdq_jax.quantize_model(pipe.denoiser, stats, config, progress=progress)
+  pipe._runners.clear()  # the quantized denoiser has other parameter shapes
 
 
 def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.PathLike, *,
                       preset: str, prompts: str | Sequence[str], num_inference_steps: int = 4,
                       height: int | None = None, width: int | None = None, seed: int = 0,
-                      overwrite: bool = False,
+                      guidance_scale: float | None = None, overwrite: bool = False,
                       dtype: jnp.dtype | None = None, progress: bool = True) -> Path:
-  """Writes a copy of a pipeline folder with its transformer calibrated and quantized.
+  """Writes a copy of a pipeline folder with its denoiser (transformer/ or unet/) calibrated and
+  quantized.
 
-  `dst` gets the source folder's other components unchanged and the transformer as our
+  `dst` gets the source folder's other components unchanged and the denoiser as our
   checkpoint, so `load_pipeline(dst)` (and `svdq-jax sample dst`) reads it directly; the preset
   and calibration settings are recorded in `dst/svdq_quantization.json`.
 
@@ -61,11 +65,13 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
     dst: output folder, written atomically (replaced only with `overwrite`).
     preset: a `QuantConfig.preset` name, e.g. "svdquant-int4".
     prompts: calibration prompts, one eager sampling run each (a string is one prompt).
-    num_inference_steps, height, width, seed: the calibration runs' sampling settings; height
-      and width default to the folder's sample_defaults.json, else 512. Its other settings
-      (negative prompt, true CFG scale, sequence length) apply to the calibration runs too.
+    num_inference_steps, height, width, seed, guidance_scale: the calibration runs' sampling
+      settings (guidance None: the pipeline's default; 0 for SDXL-Turbo, which samples without
+      guidance). height, width and guidance default to the folder's sample_defaults.json (else
+      512, 512 and the pipeline's default); its negative prompt, true CFG scale and sequence
+      length apply to the calibration runs too.
     dtype: the models' dtype during calibration (None: float32); the unquantized layers of the
-      written transformer keep it.
+      written denoiser keep it.
     progress: progress bars per prompt and per layer.
 
   Returns:
@@ -82,22 +88,25 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
   sampling = dict(folder.sample_defaults)
   height = sampling.pop("height", 512) if height is None else height
   width = sampling.pop("width", 512) if width is None else width
+  guidance_scale = sampling.pop("guidance_scale", None) if guidance_scale is None else (
+      guidance_scale)
   sampling = {k: v for k, v in sampling.items()
               if k in ("negative_prompt", "true_cfg_scale", "max_sequence_length")}
   check_image_size(f"quantize_pipeline {str(folder.path)!r}", height, width, folder.size_multiple)
   with atomic_folder(dst, overwrite=overwrite) as out:
     pipe = load_pipeline(folder, dtype=dtype)
-    quantize_transformer(pipe, config, prompts, num_inference_steps=num_inference_steps,
-                         height=height, width=width, seed=seed, progress=progress, **sampling)
+    quantize_denoiser(pipe, config, prompts, num_inference_steps=num_inference_steps,
+                      height=height, width=width, seed=seed, guidance_scale=guidance_scale,
+                      progress=progress, **sampling)
     for entry in folder.path.iterdir():
-      if entry.name == "transformer":
+      if entry.name == folder.denoiser_name:
         continue
       copy = shutil.copytree if entry.is_dir() else shutil.copy2
       copy(entry, out / entry.name)
-    save_checkpoint(pipe.transformer, out / "transformer", model_type=folder.transformer.entry.name,
-                    config=pipe.transformer.config)
+    save_checkpoint(pipe.denoiser, out / folder.denoiser_name,
+                    model_type=folder.denoiser.entry.name, config=pipe.denoiser.config)
     quant_note = {"preset": preset, "quant_config": config.to_dict(), "calibration": {
         "prompts": len(prompts), "num_inference_steps": num_inference_steps, "height": height,
-        "width": width, "seed": seed}}
+        "width": width, "seed": seed, "guidance_scale": guidance_scale}}
     (out / "svdq_quantization.json").write_text(json.dumps(quant_note, indent=2) + "\n")
   return Path(dst)

@@ -13,6 +13,7 @@ import pytest
 
 from cli import main as cli
 from convert.safetensors_io import CheckpointError, save_file
+from models.unet_sdxl import UNetSDXLConfig
 from svdq_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,8 +149,9 @@ def _configs_only_pipeline(folder: Path, pipeline: str, *, patch_size: int = 2) 
   transformer's config.json but no weights: any attempt to load a model from it fails. The VAE
   downsamples 8x."""
   _write_json(folder / "model_index.json", {"_class_name": pipeline})
-  scheduler = ("DPMSolverMultistepScheduler" if pipeline == "PixArtSigmaPipeline"
-               else "FlowMatchEulerDiscreteScheduler")
+  scheduler = {"PixArtSigmaPipeline": "DPMSolverMultistepScheduler",
+               "StableDiffusionXLPipeline": "EulerDiscreteScheduler"}.get(
+                   pipeline, "FlowMatchEulerDiscreteScheduler")
   _write_json(folder / "scheduler" / "scheduler_config.json", {"_class_name": scheduler})
   _write_json(folder / "vae" / "config.json", {
       "_class_name": "AutoencoderKL", "block_out_channels": [32, 64, 64, 64],
@@ -158,6 +160,9 @@ def _configs_only_pipeline(folder: Path, pipeline: str, *, patch_size: int = 2) 
     _write_json(folder / "transformer" / "config.json", {
         "_class_name": "PixArtTransformer2DModel", "patch_size": patch_size, "sample_size": 128,
         "use_additional_conditions": False, "caption_channels": 4096})
+  elif pipeline == "StableDiffusionXLPipeline":
+    _write_json(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel",
+                                                  **UNetSDXLConfig.sdxl().to_dict()})
   else:
     _write_json(folder / "transformer" / "config.json", {"_class_name": "FluxTransformer2DModel"})
   return folder
@@ -181,6 +186,11 @@ def test_bad_image_size_fails_before_the_model_is_touched(tmp_path, capsys, no_m
   pixart = str(_configs_only_pipeline(tmp_path / "pixart", "PixArtSigmaPipeline", patch_size=4))
   _assert_bad_input(*_run(["sample", pixart, "--prompt", "x", "--height", "48", "--width", "64"],
                           capsys)[::2], "multiples of 32", "PixArtSigmaPipeline", "48x64")
+  sdxl = str(_configs_only_pipeline(tmp_path / "sdxl", "StableDiffusionXLPipeline"))
+  _assert_bad_input(*_run(["sample", sdxl, "--prompt", "x", "--height", "1016"], capsys)[::2],
+                    f"StableDiffusionXLPipeline in {sdxl!r}", "multiples of 32", "1016x1024")
+  _assert_bad_input(*_run(["quantize", sdxl, str(tmp_path / "q"), "--width", "500"],
+                          capsys)[::2], "multiples of 32", "512x500")
 
 
 def test_sizes_the_model_can_make_reach_the_load(tmp_path, capsys, monkeypatch):
@@ -191,16 +201,18 @@ def test_sizes_the_model_can_make_reach_the_load(tmp_path, capsys, monkeypatch):
   loads = []
 
   def load(path, model_type, dtype=None):
-    loads.append(Path(path).parent.name)
+    loads.append(f"{Path(path).parent.name}/{Path(path).name}")
     raise InputError("stop after the load was reached")
 
   monkeypatch.setattr(pretrained, "_loaders", [load])
   flux = str(_configs_only_pipeline(tmp_path / "flux", "FluxPipeline"))
   pixart = str(_configs_only_pipeline(tmp_path / "pixart", "PixArtSigmaPipeline", patch_size=4))
-  for folder, height, width in ((flux, "1024", "528"), (pixart, "96", "64")):
+  sdxl = str(_configs_only_pipeline(tmp_path / "sdxl", "StableDiffusionXLPipeline"))
+  for folder, height, width in ((flux, "1024", "528"), (pixart, "96", "64"),
+                                (sdxl, "512", "800")):
     _assert_bad_input(*_run(["sample", folder, "--prompt", "x", "--height", height, "--width",
                              width], capsys)[::2], "stop after the load was reached")
-  assert loads == ["flux", "pixart"]
+  assert loads == ["flux/transformer", "pixart/transformer", "sdxl/unet"]
 
 
 def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys, no_model_load):
@@ -218,6 +230,23 @@ def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys
   _write_json(tmp_path / "bare" / "model_index.json", {"_class_name": "FluxPipeline"})
   _assert_bad_input(*_run(["sample", str(tmp_path / "bare"), "--prompt", "x"], capsys)[::2],
                     f"{tmp_path / 'bare' / 'scheduler' / 'scheduler_config.json'}: missing")
+
+
+def test_quantize_passes_its_settings(tmp_path, capsys, monkeypatch):
+  import pipelines
+
+  calls = []
+  monkeypatch.setattr(pipelines, "quantize_pipeline", lambda *a, **kw: calls.append((a, kw)))
+  calib = tmp_path / "calib.txt"
+  calib.write_text("a red cat\n")
+  status, _, err = _run(["quantize", "src", "dst", "--calib", str(calib), "--guidance", "0",
+                         "--steps", "1", "--dtype", "float32"], capsys)
+  assert status == 0, err
+  (args, kwargs), = calls
+  assert args == ("src", "dst") and kwargs["prompts"] == ["a red cat"]
+  assert kwargs["guidance_scale"] == 0.0 and kwargs["num_inference_steps"] == 1
+  status, _, err = _run(["quantize", "src", "dst", "--calib", str(calib)], capsys)
+  assert status == 0 and calls[1][1]["guidance_scale"] is None
 
 
 def _convert_raising(error: Exception, tmp_path: Path, monkeypatch) -> list[str]:
@@ -350,6 +379,46 @@ def test_quantize_then_sample_stays_close_to_float(tmp_path, capsys):
   got = quant_pipe(["a red cat sitting on a mat"], **kwargs)
   psnr = 10 * np.log10(1.0 / np.mean((got - expected) ** 2))
   assert 40.0 <= psnr < 200.0, psnr  # close, but not identical: the 4-bit path did run
+
+
+@pytest.mark.slow
+def test_sdxl_quantize_then_sample(tmp_path, capsys):
+  """`svdq-jax quantize` on a tiny SDXL folder writes unet/ as our checkpoint (the feed-forward
+  output linears, 128 wide, are INT4; narrower layers and the cross-attention key/value stay
+  16-bit); `sample` reads it and writes one PNG per prompt, close to the float folder's image."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  from PIL import Image
+
+  import pipelines
+  from svdq_jax import is_quantized
+  from tests.pipelines._pipeline_reference import save_tiny_sdxl_pipeline
+
+  src, dst = tmp_path / "sdxl", tmp_path / "sdxl-int4"
+  save_tiny_sdxl_pipeline(src)
+  calib = tmp_path / "calib.txt"
+  calib.write_text("a red cat on a mat\n")
+  status, _, err = _run(["quantize", str(src), str(dst), "--calib", str(calib), "--steps", "1",
+                         "--height", "32", "--width", "32"], capsys)
+  assert status == 0, err
+  assert json.loads((dst / "unet" / "config.json").read_text())["svdq_jax"]["model_type"] == "unet"
+  assert (dst / "text_encoder_2").is_dir() and (dst / "tokenizer_2").is_dir()
+  unet = pipelines.load_pipeline(dst).unet
+  block = unet.mid_block.attentions[0].transformer_blocks[1]
+  assert is_quantized(block.ff.net[2].kernel.get_value())
+  assert not is_quantized(block.attn2.to_k.kernel.get_value())
+  images = {}
+  for name, folder in (("float", src), ("int4", dst)):
+    out = tmp_path / f"{name}.png"
+    status, stdout, err = _run(["sample", str(folder), "--prompt", "a red cat", "--steps", "2",
+                                "--height", "32", "--width", "32", "--negative-prompt", "a dog",
+                                "--out", str(out), "--quiet"], capsys)
+    assert status == 0, err
+    assert stdout.split() == [str(out)]
+    with Image.open(out) as image:
+      images[name] = np.asarray(image, np.float32) / 255
+  err = np.abs(images["int4"] - images["float"]).mean()
+  assert 0 < err < 0.05, err
 
 
 def test_bench_runs_the_benchmark_script_with_its_arguments(capfd):

@@ -257,7 +257,8 @@ def test_model_index_and_pipeline_name(tmp_path):
                                                   "vae": ["diffusers", "X"]}
   with pytest.raises(InputError, match=re.escape(f"{tmp_path}: pipeline 'StableCascadePipeline' "
                                                  "is not supported (supported: ['FluxPipeline', "
-                                                 "'PixArtSigmaPipeline'])")):
+                                                 "'PixArtSigmaPipeline', "
+                                                 "'StableDiffusionXLPipeline'])")):
     pipelines.pipeline_name(tmp_path)
   index.write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
   assert pipelines.pipeline_name(tmp_path) == "PixArtSigmaPipeline"
@@ -282,7 +283,7 @@ def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, n
 
 
 @pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
-def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
+def test_quantize_denoiser_takes_one_string_as_one_prompt(tiny, monkeypatch):
   _, _, ours = tiny
   calibrated = []
 
@@ -292,8 +293,30 @@ def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
 
   monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
   with pytest.raises(InterruptedError):
-    pipelines.quantize_transformer(ours, None, "a red cat")
+    pipelines.quantize_denoiser(ours, None, "a red cat")
   assert calibrated == ["a red cat"]
+
+
+def test_quantize_denoiser_samples_with_the_guidance_it_is_given(monkeypatch):
+  """The calibration runs get `guidance_scale` (SDXL-Turbo calibrates at 0, as it samples)."""
+  calls = []
+
+  class Pipe:
+    denoiser = None
+
+    def __call__(self, prompt, **kwargs):
+      calls.append((prompt, kwargs["guidance_scale"], kwargs["jit"]))
+
+  def calibrate(run, prompts, **kwargs):
+    for prompt in prompts:
+      run(prompt)
+    raise InterruptedError("stop after calibration")
+
+  monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
+  for guidance in (0.0, None):
+    with pytest.raises(InterruptedError):
+      pipelines.quantize_denoiser(Pipe(), None, ["a", "b"], guidance_scale=guidance)
+  assert calls == [("a", 0.0, False), ("b", 0.0, False), ("a", None, False), ("b", None, False)]
 
 
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
