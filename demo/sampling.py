@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from demo import data, plots
+from demo import data
 from demo.tokenizer import MAX_LENGTH
-from pipelines import FluxPipeline
+from pipelines import FluxPipeline, plots
 
 NUM_STEPS = 20
 
@@ -21,13 +21,14 @@ def load_pipeline(folder: str | os.PathLike) -> FluxPipeline:
 
 
 def generate(pipeline: FluxPipeline, prompts: Sequence[str], *, seed: int = 0,
-             num_steps: int = NUM_STEPS, batch: int = 32) -> np.ndarray:
-  """Images (N, 32, 32, 3) float32 in [0, 1], one per prompt; the seed of batch k is seed + k."""
+             num_steps: int = NUM_STEPS, batch: int = 32, loras=None) -> np.ndarray:
+  """Images (N, 32, 32, 3) float32 in [0, 1], one per prompt; the seed of batch k is seed + k;
+  `loras` as the pipeline's (file, strength) pairs."""
   out = []
   for k, i in enumerate(range(0, len(prompts), batch)):
     out.append(pipeline(list(prompts[i:i + batch]), height=data.IMAGE_SIZE,
                         width=data.IMAGE_SIZE, num_inference_steps=num_steps, seed=seed + k,
-                        max_sequence_length=MAX_LENGTH))
+                        max_sequence_length=MAX_LENGTH, loras=loras))
   return np.concatenate(out)
 
 
