@@ -111,8 +111,8 @@ def test_train_lora_bad_inputs_fail_before_the_model_loads(flux, tmp_path, capsy
   _bad_input(_run(["train-lora", folder, data, out], capsys), "captions.txt:1",
              "<image file><TAB><caption>")
   (data / "captions.txt").write_text("img0.png\ta red cat\n")
-  _bad_input(_run(["train-lora", folder, data, out, "--resolution", "40"], capsys),
-             "multiples of 16", "40x40")
+  _bad_input(_run(["train-lora", folder, data, out, "--resolution", "30"], capsys),
+             "multiples of 4", "30x30")
   _bad_input(_run(["train-lora", folder, data, out, "--quantize", "int3"], capsys), "int3")
   listing = tmp_path / "data.json"
   listing.write_text(json.dumps([{"image": "data/img0.png"}]))

@@ -1,6 +1,9 @@
 """pipelines.train_lora: a LoRA trained on a tiny 4-bit FLUX transformer lowers the loss, leaves
 the base untouched, resumes exactly from its checkpoint, and its file gives in diffusers (peft)
-and in our apply path what the training forward computed."""
+and in our apply path what the training forward computed.
+
+Each test compiles a training step or forward of a (one double, one single block) model: slow.
+"""
 
 import json
 import sys
@@ -28,13 +31,15 @@ from _flux_reference import TINY  # noqa: E402
 
 from models.flux import FluxConfig, FluxTransformer  # noqa: E402
 
+pytestmark = pytest.mark.slow
+BLOCKS = dict(num_layers=1, num_single_layers=1)
 CONFIG = LoRATrainConfig(rank=4, alpha=8.0, steps=8, batch_size=2, learning_rate=3e-2,
                          checkpoint_every=4, max_sequence_length=8)
 QUANT = QuantConfig.preset(group_size=16, smooth=None, svd_iters=1, rank=8)
 
 
 def _transformer(quantized: bool = True) -> FluxTransformer:
-  config = FluxConfig(**{k: v for k, v in TINY.items() if k != "patch_size"})
+  config = FluxConfig(**{**{k: v for k, v in TINY.items() if k != "patch_size"}, **BLOCKS})
   model = FluxTransformer(config, rngs=nnx.Rngs(0))
   if quantized:
     quantize_model(model, None, QUANT, progress=False)
@@ -61,7 +66,7 @@ def trained(tmp_path_factory):
   return model, before, out, result
 
 
-def _mean_loss(model, factors, data, keys: int = 16) -> float:
+def _mean_loss(model, factors, data, keys: int = 8) -> float:
   """The loss averaged over fixed keys and the whole data set (a deterministic measure)."""
   loss = jax.jit(make_loss(model, CONFIG, data.latent_hw))
   state = nnx.state(model)
@@ -118,7 +123,6 @@ def test_the_trained_file_applies_as_the_training_forward_computed(trained):
   assert np.abs(applied - trained_out).max() < 0.05 * delta  # bf16 branch factors
 
 
-@pytest.mark.slow
 def test_resume_from_the_checkpoint_is_exact(trained, tmp_path):
   """N/2 steps, then the same run to N in the same folder: identical factors and losses."""
   _, _, _, full = trained
@@ -143,11 +147,11 @@ def test_a_lora_trained_here_loads_in_diffusers(tmp_path):
   pytest.importorskip("peft")
   from _flux_reference import make_inputs, reference_forward, save_reference
 
-  reference = save_reference(tmp_path / "transformer")
+  reference = save_reference(tmp_path / "transformer", **BLOCKS)
   model = FluxTransformer.from_pretrained(tmp_path / "transformer")
   config = LoRATrainConfig(**{**CONFIG.to_dict(), "steps": 3})
   result = train_adapter(model, _data(), tmp_path / "run", config, progress=False)
-  inputs = make_inputs(TINY)
+  inputs = make_inputs({**TINY, **BLOCKS})
   graphdef, state = nnx.split(model)
   ours = np.asarray(nnx.merge(graphdef, with_lora_branches(state, result.factors, config.scale))(
       **{k: jnp.asarray(v) for k, v in inputs.items()}))
