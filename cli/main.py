@@ -1,4 +1,4 @@
-"""The `svdq-jax` command line: demo, convert, import-nunchaku, quantize, sample, bench.
+"""The `svdq-jax` command line: demo, convert, import-nunchaku, quantize, sample, train-lora, bench.
 
 Every subcommand hands its input to the library, which checks it before doing any work; bad input
 (a missing folder, a wrong model type, a bad prompt file, more devices than exist, an unknown
@@ -22,13 +22,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pipelines
 from convert import api
+from convert.lora import parse_lora_spec
 from convert.nunchaku_checkpoint import import_nunchaku
 from demo import layer_errors
 from models import sharding
+from pipelines import captions, train_lora
 from pipelines.folder import PipelineFolder
+from svdq_jax.config import QuantConfig
 from svdq_jax.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -36,7 +40,7 @@ EXIT_NON_FINITE = 3
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
 DTYPES = ("auto", "float32", "bfloat16")
-COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "bench")
+COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "train-lora", "bench")
 # OS errors about a path the user named; other OS errors (a full disk, an I/O error) are not input.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError)
@@ -137,12 +141,13 @@ def _sample_settings(args: argparse.Namespace, folder: PipelineFolder) -> dict:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-  if args.lora is not None:
-    raise InputError("--lora: LoRA files are not supported yet")
+  loras = [parse_lora_spec(spec) for spec in args.lora]
   out = pipelines.check_png_path(args.out)
   sharding.check_device_count(args.devices)
   folder = PipelineFolder.read(args.model)
   settings = _sample_settings(args, folder)
+  if loras:
+    settings["loras"] = loras
   pipeline = pipelines.PIPELINES[folder.pipeline]
   accepted = inspect.signature(pipeline.__call__).parameters
   for name in settings:
@@ -157,11 +162,62 @@ def _cmd_sample(args: argparse.Namespace) -> int:
   images = pipe(prompts, seed=args.seed, num_images_per_prompt=args.num_images,
                 devices=args.devices, progress=not args.quiet, **settings)
   per_image_prompts = [p for p in prompts for _ in range(args.num_images)]
+  extra = {"model": str(folder.path), "steps": str(settings["num_inference_steps"])}
+  if loras:
+    extra["loras"] = " ".join(f"{path}:{strength:g}" for path, strength in loras)
   paths = pipelines.save_images(images, out, prompts=per_image_prompts, seed=args.seed,
-                                extra={"model": str(folder.path),
-                                       "steps": str(settings["num_inference_steps"])})
+                                extra=extra)
   for path in paths:
     print(path)
+  return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+  """--resolution: "S" (square) or "HxW"."""
+  try:
+    parts = [int(p) for p in text.lower().split("x")]
+  except ValueError:
+    parts = []
+  if len(parts) not in (1, 2) or min(parts) < 1:
+    raise argparse.ArgumentTypeError(f"--resolution must be S or HxW (positive), got {text!r}")
+  return (parts[0], parts[-1])
+
+
+def _mib(value: int | None) -> str:
+  return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _cmd_train_lora(args: argparse.Namespace) -> int:
+  examples = captions.read_examples(args.data)
+  folder = PipelineFolder.read(args.model)
+  if folder.pipeline != "FluxPipeline":
+    raise InputError(f"train-lora: {str(folder.path)!r} is a {folder.pipeline}; LoRA training "
+                     "supports FluxPipeline models")
+  height, width = args.resolution
+  pipelines.check_image_size(f"train-lora {str(folder.path)!r}", height, width,
+                             folder.size_multiple)
+  config = train_lora.LoRATrainConfig(
+      rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+      learning_rate=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+      max_sequence_length=args.max_sequence_length, guidance_scale=args.guidance,
+      **({"targets": tuple(args.target)} if args.target else {}))
+  quant_config = None if args.quantize is None else QuantConfig.preset(args.quantize)
+  images = np.stack([captions.load_image(e.image, height, width) for e in examples])
+  texts = [e.caption for e in examples]
+  pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype))
+  if quant_config is not None:
+    pipelines.quantize_transformer(pipe, quant_config, texts, num_inference_steps=4,
+                                   height=height, width=width, progress=not args.quiet)
+  result = train_lora.train_lora(pipe, images, texts, args.out, config, progress=not args.quiet)
+  record = result.record
+  memory = record["step_memory"]
+  print(f"wrote {result.lora_file} ({len(examples)} images, {record['steps']} steps, final loss "
+        f"{record['final_loss']:.4f}); loss curve {Path(args.out) / 'loss.png'}", file=sys.stderr)
+  print(f"memory: peak resident {_mib(record['peak_rss_bytes'])}, device peak "
+        f"{_mib(record['device_peak_bytes'])}, training step (XLA) "
+        f"{_mib(memory.get('argument_bytes'))} arguments + {_mib(memory.get('temp_bytes'))} "
+        f"temporaries; transformer {_mib(record['base_parameter_bytes'])}", file=sys.stderr)
+  print(result.lora_file)
   return 0
 
 
@@ -176,7 +232,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The argument parser of `svdq-jax` with its six subcommands."""
+  """The argument parser of `svdq-jax` with its subcommands (`COMMANDS`)."""
   parser = _Parser(prog="svdq-jax", description="SVDQuant for JAX: convert, quantize and sample "
                    "diffusion models with 4-bit weights and activations.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -251,11 +307,44 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images per prompt")
   sample.add_argument("--devices", type=_positive("--devices"), default=1,
                       help="data-parallel devices (the batch is sharded over them)")
-  sample.add_argument("--lora", default=None, help="LoRA file (not supported yet)")
+  sample.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                      help="LoRA file (diffusers/PEFT, kohya or XLabs), strength 1 unless "
+                      "given; repeat for several")
   sample.add_argument("--dtype", choices=DTYPES, default="auto",
                       help="models' dtype (auto: bfloat16 on GPU, else float32)")
   sample.add_argument("--quiet", action="store_true", help="no progress bar")
   sample.set_defaults(run=_cmd_sample)
+
+  train = sub.add_parser("train-lora", help="train a LoRA on a (4-bit) FLUX pipeline's "
+                         "transformer")
+  train.add_argument("model", help="FluxPipeline folder (svdq-jax quantized, or float)")
+  train.add_argument("data", help="folder of images with captions.txt (<file><TAB><caption>) or "
+                     "<image>.txt captions, or a JSON list of {\"image\", \"caption\"}")
+  train.add_argument("out", help="run folder: the LoRA file, loss curve, memory record and "
+                     "checkpoints (an interrupted run in it is resumed)")
+  train.add_argument("--rank", type=_positive("--rank"), default=16)
+  train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+  train.add_argument("--steps", type=_positive("--steps"), default=1000)
+  train.add_argument("--batch-size", type=_positive("--batch-size"), default=1)
+  train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+  train.add_argument("--seed", type=int, default=0)
+  train.add_argument("--resolution", type=_size, default=(512, 512), metavar="S|HxW",
+                     help="training image size (default 512)")
+  train.add_argument("--max-sequence-length", type=_positive("--max-sequence-length"),
+                     default=512, help="T5 tokens of the captions")
+  train.add_argument("--guidance", type=float, default=3.5,
+                     help="guidance input of a FLUX.1-dev-like model (default 3.5)")
+  train.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=100)
+  train.add_argument("--target", action="append", default=[], metavar="PATTERN",
+                     help="kernel path pattern to train (fnmatch); repeat; default: every "
+                     "attention and MLP linear of the blocks")
+  train.add_argument("--quantize", default=None, metavar="PRESET",
+                     help="quantize the transformer first with this preset, calibrated on the "
+                     "captions (for a float MODEL)")
+  train.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="models' dtype (auto: bfloat16 on GPU, else float32)")
+  train.add_argument("--quiet", action="store_true", help="no progress bars")
+  train.set_defaults(run=_cmd_train_lora)
 
   bench = sub.add_parser("bench", help="run a benchmark script and print its table")
   bench.add_argument("suite", nargs="?", default="models", choices=sorted(BENCH_SCRIPTS),

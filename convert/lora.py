@@ -18,6 +18,13 @@ lora_up; lora_down is shared), a single block's `linear1` onto to_q / to_k / to_
 diffusers' (scale, shift). Rank components whose lora_up part is all zero for a layer (a block-
 diagonal qkv LoRA) are dropped from that layer, which changes nothing but the rank.
 
+`write_lora` writes an adapter (e.g. one trained by `pipelines.train_lora`) as a diffusers/PEFT
+file: `transformer.<module>.lora_A.weight` (r, K) and `.lora_B.weight` (N, r) with PEFT's config
+(r, lora_alpha, target_modules) in the `lora_adapter_metadata` entry, as diffusers'
+`save_lora_weights` writes it. The scale is folded into lora_B and lora_alpha = r, so every
+reader gets the same product, whether it reads the metadata or not (diffusers'
+`load_lora_adapter` on a file path without `use_safetensors=True` does not).
+
 Scaling, applied once (`LayerLoRA.scale`, used by `apply_loras` times the strength):
   scale = alpha / r, with r the module's rank (rows of its lora_down) and alpha from, in order,
   the module's `.alpha` tensor, the diffusers metadata `lora_adapter_metadata` (its
@@ -40,10 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.mapping import FLOAT_DTYPES
-from convert.safetensors_io import CheckpointError, CheckpointReader
+from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
 from svdq_jax.lora import Adapter, LayerLoRA, linear_shapes
 
 MODEL_TYPES: tuple[str, ...] = ("flux", "pixart", "sdxl")
+COMPONENT_PREFIX = {"flux": "transformer", "pixart": "transformer", "sdxl": "unet"}
+"""The key prefix of the denoiser's LoRA in a diffusers pipeline's LoRA file, by model type."""
 _SHOWN = 5  # unmatched keys named by the error
 
 # Key prefixes that name the component, stripped before the module is looked up.
@@ -399,3 +408,47 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
   if not Path(path).is_file():
     raise CheckpointError(f"--lora {spec!r}: no file {path!r}")
   return Path(path), strength
+
+
+def write_lora(path: str | os.PathLike, adapter: Mapping[str, LayerLoRA], model_type: str, *,
+               dtype: Any = np.float32) -> Path:
+  """Writes an adapter as a diffusers/PEFT LoRA file (see the module docstring); atomically.
+
+  Args:
+    path: the .safetensors file to write.
+    adapter: `{our kernel path: LayerLoRA}`, every layer with the same rank (PEFT's config
+      holds one r); each layer's scale is folded into its lora_B.
+    model_type: "flux", "pixart" or "sdxl" (the key prefix, `COMPONENT_PREFIX`).
+    dtype: the factors' dtype in the file (float32, or e.g. ml_dtypes.bfloat16).
+
+  Raises:
+    InputError: an empty adapter, a path that is not a diffusers module's kernel, or layers
+      of different ranks.
+  """
+  if model_type not in COMPONENT_PREFIX:
+    raise CheckpointError(f"write_lora: unknown model type {model_type!r}; known: "
+                          f"{sorted(COMPONENT_PREFIX)}")
+  if not adapter:
+    raise CheckpointError(f"{path}: write_lora got an empty adapter")
+  ranks = {int(np.shape(lora.lora_down)[1]) for lora in adapter.values()}
+  if len(ranks) != 1:
+    raise CheckpointError(f"{path}: write_lora needs one rank for every layer, got ranks "
+                          f"{sorted(ranks)}")
+  prefix = COMPONENT_PREFIX[model_type]
+  tensors, modules = {}, []
+  for layer, lora in sorted(adapter.items()):
+    if not layer.endswith("/kernel") or layer.endswith("proj_out_mlp/kernel"):
+      raise CheckpointError(f"{path}: layer {layer!r} is not the kernel of a diffusers module")
+    module = layer.removesuffix("/kernel").replace("/", ".")
+    modules.append(module)
+    tensors[f"{prefix}.{module}.lora_A.weight"] = np.asarray(lora.lora_down, np.float32).T.astype(
+        dtype)
+    up = np.float32(lora.scale) * np.asarray(lora.lora_up, np.float32)
+    tensors[f"{prefix}.{module}.lora_B.weight"] = up.T.astype(dtype)
+  rank = ranks.pop()
+  config = {f"{prefix}.r": rank, f"{prefix}.lora_alpha": rank,
+            f"{prefix}.target_modules": modules, f"{prefix}.init_lora_weights": True,
+            f"{prefix}.use_dora": False, f"{prefix}.lora_bias": False}
+  save_file(tensors, path, metadata={"format": "pt",
+                                     _METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
+  return Path(path)

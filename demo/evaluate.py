@@ -21,9 +21,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from demo import classifier, data, plots, sampling
+from demo import classifier, data, sampling
 from demo.tokenizer import MAX_LENGTH
 from demo.train import PIPELINE_DIR
+from pipelines import plots
 
 
 def _count(module: nnx.Module) -> int:

@@ -2,10 +2,8 @@
 
 VAE: L1 + squared error of the reconstruction from the noised posterior mean, plus a small
 penalty on the latents' scale.
-Denoiser: FLUX's rectified-flow objective. For clean packed latents x0, noise e and a noise level
-t drawn logit-normally (SD3 / FLUX training), x_t = (1 - t) x0 + t e and the transformer predicts
-the velocity e - x0 (the Euler scheduler steps x along it from t = 1 to 0); the loss is the mean
-squared error.
+Denoiser: FLUX's rectified-flow objective (`pipelines.flow_matching`), the transformer run on
+the text encoders' features of the prompts.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pipelines.flow_matching import flow_matching_loss
 from pipelines.flux import latent_image_ids, pack_latents
 
 LATENT_NOISE = 0.1  # std of the noise added to the VAE latents in training
@@ -67,13 +66,9 @@ def flow_loss_fn(graphdefs: dict[str, nnx.GraphDef]) -> Callable[..., jax.Array]
 
   def loss(params, latents, clip_ids, t5_ids, key):
     modules = {name: nnx.merge(graphdefs[name], params[name]) for name in graphdefs}
-    key_t, key_noise = jax.random.split(key)
-    x0 = pack_latents(latents)
-    noise = jax.random.normal(key_noise, x0.shape, x0.dtype)
-    t = jax.nn.sigmoid(jax.random.normal(key_t, (x0.shape[0],), x0.dtype))
-    x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * noise
     prompt_embeds, pooled = encode_text(modules, clip_ids, t5_ids)
-    v = velocity(modules, x_t, t, prompt_embeds, pooled, latents.shape[2:])
-    return jnp.square(v - (noise - x0)).mean()
+    return flow_matching_loss(
+        lambda x_t, t: velocity(modules, x_t, t, prompt_embeds, pooled, latents.shape[2:]),
+        pack_latents(latents), key)
 
   return loss

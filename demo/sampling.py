@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from demo import data, plots
+from demo import data
 from demo.tokenizer import MAX_LENGTH
-from pipelines import FluxPipeline
+from pipelines import FluxPipeline, plots
 
 NUM_STEPS = 20
 TRUE_CFG_SCALE = 4.0
@@ -30,7 +30,8 @@ def generate(pipeline: FluxPipeline, prompts: Sequence[str], *, seed: int = 0,
              batch: int = 32, **settings: object) -> np.ndarray:
   """Images (N, 32, 32, 3) float32 in [0, 1], one per prompt; the seed of batch k is seed + k.
 
-  `settings` override `SAMPLE_DEFAULTS` (e.g. true_cfg_scale=1.0 for no guidance).
+  `settings` override `SAMPLE_DEFAULTS` (e.g. true_cfg_scale=1.0 for no guidance) or add
+  pipeline arguments (loras=[(file, strength)]).
   """
   settings = {**SAMPLE_DEFAULTS, **settings}
   out = []

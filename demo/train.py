@@ -42,9 +42,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from convert.checkpoint import atomic_folder, save_checkpoint
-from demo import architecture, data, objectives, plots, sampling
+from demo import architecture, data, objectives, sampling
 from demo import tokenizer as demo_tokenizer
 from models.tokenizers import Tokenizer
+from pipelines import plots
 from pipelines.folder import SAMPLE_DEFAULTS_FILE
 
 PIPELINE_DIR = "pipeline"

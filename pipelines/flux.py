@@ -29,6 +29,7 @@ from models.vae import AutoencoderKL
 from pipelines.folder import PipelineFolder, flux_size_multiple
 from pipelines.inputs import check_call
 from pipelines.loop import denoise, jit_module, to_images
+from pipelines.loras import LoRALoader, LoRASpec
 from svdq_jax.errors import InputError
 
 
@@ -121,6 +122,7 @@ class FluxPipeline:
     self._t5 = jit_module(text_encoder_2)
     self._decode = jit_module(vae, "decode")
     self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
+    self._loras = LoRALoader("flux")
 
   @property
   def denoiser(self) -> FluxTransformer:
@@ -193,7 +195,8 @@ class FluxPipeline:
                key: jax.Array | None = None, num_images_per_prompt: int = 1,
                latents: jax.Array | None = None, max_sequence_length: int = 512,
                devices: int | None = None, progress: bool = False,
-               output_type: str = "np", jit: bool = True) -> np.ndarray:
+               output_type: str = "np", jit: bool = True,
+               loras: Sequence[LoRASpec] | None = None) -> np.ndarray:
     """Generates images.
 
     Args:
@@ -215,6 +218,8 @@ class FluxPipeline:
       output_type: "np" for images, "latent" for the final packed latents.
       jit: False runs the steps eagerly in Python, one model call at a time (for `calibrate`;
         slow, and without data parallelism).
+      loras: (LoRA file, strength) pairs applied for this call (`pipelines.loras`): diffusers/
+        PEFT, kohya or XLabs FLUX.1 LoRAs; None or [] samples from the base model.
 
     Returns:
       (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
@@ -223,12 +228,14 @@ class FluxPipeline:
       InputError for a negative prompt that is not one string or one per prompt, an empty or
       non-string prompt, num_images_per_prompt
       below 1, an unknown output_type, a size that is not a positive multiple of
-      `size_multiple`, or latents of the wrong shape.
+      `size_multiple`, latents of the wrong shape, or a LoRA file that is missing, of another
+      model or of an unknown format (naming the file and its first unmatched keys).
     """
     prompts = self.check_call(
         "FluxPipeline", prompt, negative_prompt, height=height, width=width,
         size_multiple=self.size_multiple(self.vae.config, self.transformer.config),
         num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+    state = self._loras.state(self.transformer, loras, jit=jit)
     batch = len(prompts) * num_images_per_prompt
     prompt_embeds, pooled = self.encode_prompt(prompts, max_sequence_length=max_sequence_length)
     prompt_embeds = jnp.repeat(prompt_embeds, num_images_per_prompt, axis=0)
@@ -260,7 +267,7 @@ class FluxPipeline:
       condition_axes += (0, 0, 0)
     latents = denoise(
         lambda eager: flux_step_fn(self.transformer, self.scheduler, eager=eager),
-        self.scheduler, self._runners, state=nnx.state(self.transformer), schedule=schedule,
+        self.scheduler, self._runners, state=state, schedule=schedule,
         latents=latents, conditions=conditions, condition_axes=condition_axes, devices=devices,
         progress=progress, jit=jit)
     if output_type == "latent":

@@ -22,6 +22,7 @@ from models.vae import AutoencoderKL
 from pipelines.folder import PipelineFolder, pixart_size_multiple
 from pipelines.inputs import check_call
 from pipelines.loop import denoise, jit_module, to_images
+from pipelines.loras import LoRALoader, LoRASpec
 from svdq_jax.errors import InputError
 
 
@@ -44,6 +45,7 @@ class PixArtSigmaPipeline:
     self._t5 = jit_module(text_encoder)
     self._decode = jit_module(vae, "decode")
     self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
+    self._loras = LoRALoader("pixart")
 
   @property
   def denoiser(self) -> PixArtSigmaTransformer:
@@ -121,7 +123,8 @@ class PixArtSigmaPipeline:
                key: jax.Array | None = None, num_images_per_prompt: int = 1,
                latents: jax.Array | None = None, max_sequence_length: int = 300,
                devices: int | None = None, progress: bool = False,
-               output_type: str = "np", jit: bool = True) -> np.ndarray:
+               output_type: str = "np", jit: bool = True,
+               loras: Sequence[LoRASpec] | None = None) -> np.ndarray:
     """Generates images; arguments as `FluxPipeline.__call__`, and:
 
     Args:
@@ -129,11 +132,13 @@ class PixArtSigmaPipeline:
       guidance_scale: classifier-free guidance (default 4.5; <= 1 turns guidance off).
       latents: initial noise (B, 4, H/8, W/8); like diffusers, it is multiplied by the
         scheduler's initial noise sigma.
+      loras: (LoRA file, strength) pairs, diffusers/PEFT or kohya PixArt-Sigma LoRAs.
     """
     prompts = self.check_call(
         "PixArtSigmaPipeline", prompt, negative_prompt, height=height, width=width,
         size_multiple=self.size_multiple(self.vae.config, self.transformer.config),
         num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+    state = self._loras.state(self.transformer, loras, jit=jit)
     guidance_scale = 4.5 if guidance_scale is None else guidance_scale
     guided = guidance_scale > 1.0
     batch = len(prompts) * num_images_per_prompt
@@ -158,7 +163,7 @@ class PixArtSigmaPipeline:
     guidance = jnp.full((batch,), guidance_scale, jnp.float32)
     latents = denoise(
         lambda eager: self._step_fn(guided, eager), self.scheduler,
-        self._runners.setdefault(guided, {}), state=nnx.state(self.transformer),
+        self._runners.setdefault(guided, {}), state=state,
         schedule=schedule, latents=latents,
         conditions=(embeds, mask, neg_embeds, neg_mask, guidance),
         condition_axes=(0, 0, 0, 0, 0), devices=devices, progress=progress, jit=jit)

@@ -15,6 +15,7 @@ _EXPORTS = {
     "calibrate": "svdq_jax.calibration",
     "apply_loras": "svdq_jax.lora",
     "LayerLoRA": "svdq_jax.lora",
+    "LoRAKernel": "svdq_jax.lora",
     "PRESETS": "svdq_jax.config",
     "QuantConfig": "svdq_jax.config",
     "Impl": "svdq_jax.dot",

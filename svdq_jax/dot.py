@@ -10,22 +10,34 @@ The choice is made at trace time: a function jitted under one implementation kee
 
 While `calibrate` runs, `svdq_dot` also reports each call's activations to the active recorder (a
 context variable read at trace time only: no cost under `jax.jit`).
+
+Gradients (LoRA training on a 4-bit base): the product with an `SVDQLinear` has a custom VJP
+(`jax.custom_vjp`) whatever the implementation. Its backward pass treats the quantizers as the
+identity (straight-through): the input's cotangent is `g @ kernel.T` with the layer's effective
+kernel (residual / smooth + lora_down @ lora_up) rebuilt from the packed codes inside the backward
+pass, one layer at a time, so no float copy of the model is ever held; the low-rank branch and the
+bias get their exact gradients; the frozen 4-bit weight and its scales get none (float0 for the
+codes, zeros for the scales). A `LoRAKernel` adds its trainable float32 branch to the product.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels.svdq_linear as kernels
 from svdq_jax import calibration
 from svdq_jax.errors import InputError
+from svdq_jax.lora import LoRAKernel
 from svdq_jax.qlinear import SVDQLinear, xla_dot
 
 Impl = Literal["auto", "xla", "pallas", "pallas-interpret"]
@@ -77,7 +89,7 @@ def svdq_dot(
 
   Args:
     x: activations (..., K), any float dtype; any leading batch shape.
-    w: a plain kernel (K, N) or an `SVDQLinear`.
+    w: a plain kernel (K, N), an `SVDQLinear`, or a `LoRAKernel` wrapping either.
     bias: the layer's own bias (N,) or None. For an `SVDQLinear` its folded `w.bias` is added too.
     impl: one of `IMPLS`, or None for `current_impl()` (see the module docstring). A plain kernel
       is always a jnp.matmul.
@@ -88,6 +100,8 @@ def svdq_dot(
   Raises:
     InputError for an unknown `impl`, or a Pallas `impl` that cannot compute this layer.
   """
+  if isinstance(w, LoRAKernel):
+    return _lora_kernel_dot(x, w, bias, impl)
   recorder = calibration.active_recorder()
   if recorder is not None:
     recorder.record(w, x)
@@ -117,9 +131,76 @@ def _quantized_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None, impl: st
     if reason is not None:
       raise InputError(f"svdq_dot: impl={impl!r} cannot compute this layer: {reason}; use "
                        "impl='xla' or 'auto'")
+  return _differentiable_dot(x, w, bias, impl)
+
+
+def _forward(x: jax.Array, w: SVDQLinear, bias: jax.Array | None, impl: str) -> jax.Array:
   if impl == "xla":
     return xla_dot(x, w, bias)
   return _pallas_dot(x, w, bias, interpret=impl == "pallas-interpret")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _differentiable_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None, impl: str
+                        ) -> jax.Array:
+  """`_forward` with the straight-through backward pass of the module docstring."""
+  return _forward(x, w, bias, impl)
+
+
+def _differentiable_dot_fwd(x, w, bias, impl):
+  return _forward(x, w, bias, impl), (x, w, bias)
+
+
+def _frozen_cotangent(leaf: jax.Array) -> Any:
+  """No gradient for a frozen array: float0 for integer codes, zeros for float scales."""
+  if jnp.issubdtype(leaf.dtype, jnp.floating):
+    return jnp.zeros_like(leaf)
+  return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+def _differentiable_dot_bwd(impl, residuals, g):
+  del impl
+  x, w, bias = residuals
+  k, n = w.in_features, w.out_features
+  x2 = x.reshape(-1, k).astype(jnp.float32)
+  g2 = g.reshape(-1, n).astype(jnp.float32)
+  # The barrier orders this layer's dequantization after its output cotangent exists, so that
+  # the backward pass never holds the dequantized kernels of several layers at once.
+  g2, frozen = jax.lax.optimization_barrier((g2, (w.qweight, w.wscales, w.wtscale, w.smooth)))
+  qweight, wscales, wtscale, smooth = frozen
+  codes = dataclasses.replace(w, qweight=qweight, wscales=wscales, wtscale=wtscale,
+                              smooth=smooth)
+  residual = codes.dequantize_residual() / smooth[:, None]  # (K, N) float32, this layer only
+  dx = g2 @ residual.T
+  d_down, d_up = w.lora_down, w.lora_up
+  if w.rank:
+    down = w.lora_down.astype(jnp.float32)
+    up = w.lora_up.astype(jnp.float32)
+    g_up = g2 @ up.T  # (M, r)
+    dx = dx + g_up @ down.T
+    d_down = (x2.T @ g_up).astype(w.lora_down.dtype)
+    d_up = ((x2 @ down).T @ g2).astype(w.lora_up.dtype)
+  g_sum = g2.sum(axis=0)
+  dw = dataclasses.replace(
+      w, qweight=_frozen_cotangent(w.qweight), wscales=_frozen_cotangent(w.wscales),
+      wtscale=_frozen_cotangent(w.wtscale), smooth=_frozen_cotangent(w.smooth),
+      lora_down=d_down, lora_up=d_up,
+      bias=None if w.bias is None else g_sum.astype(w.bias.dtype))
+  d_bias = None if bias is None else g_sum.astype(bias.dtype)
+  return dx.astype(x.dtype).reshape(x.shape), dw, d_bias
+
+
+_differentiable_dot.defvjp(_differentiable_dot_fwd, _differentiable_dot_bwd)
+
+
+def _lora_kernel_dot(x: jax.Array, w: LoRAKernel, bias: jax.Array | None, impl: Impl | None
+                     ) -> jax.Array:
+  """The wrapped kernel's product plus the trainable branch scale * (x @ lora_down) @ lora_up,
+  computed and added in float32."""
+  y = svdq_dot(x, w.kernel, bias=bias, impl=impl)
+  x32 = x.astype(jnp.float32)
+  delta = (x32 @ w.lora_down.astype(jnp.float32)) @ w.lora_up.astype(jnp.float32)
+  return (y.astype(jnp.float32) + w.scale * delta).astype(y.dtype)
 
 
 def pallas_unsupported_reason(x: jax.Array, w: SVDQLinear, *, interpret: bool = False

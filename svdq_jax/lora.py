@@ -15,6 +15,12 @@ tree in which
 Strengths are arrays: a new strength changes values, never shapes, so a jitted sampler that takes
 the parameters as an argument is not recompiled (and `apply_loras` itself jits with the strengths
 as a traced argument). The base tree is never modified: unloading every LoRA is using it again.
+
+Training a LoRA keeps it apart instead: `with_lora_branches(params, factors, scale)` wraps each
+targeted kernel in a `LoRAKernel`, whose float32 branch `svdq_dot` adds to the frozen kernel's
+product; `jax.grad` with respect to `factors` then reaches the LoRA through `svdq_dot` (see
+`svdq_jax.dot` for the backward pass of a 4-bit kernel). `adapter_of(factors, scale)` turns the
+trained factors into the adapter `apply_loras` takes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from svdq_jax.errors import InputError
 from svdq_jax.qlinear import SVDQLinear
@@ -47,6 +54,33 @@ class LayerLoRA(NamedTuple):
 
 
 Adapter = Mapping[str, LayerLoRA]
+LoRAFactors = Mapping[str, Mapping[str, Any]]
+"""Trainable LoRA factors by kernel path: `{path: {"lora_down": (K, r), "lora_up": (r, N)}}`."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRAKernel:
+  """A frozen kernel with a separate LoRA branch (for training one):
+  `svdq_dot(x, w) == svdq_dot(x, w.kernel) + w.scale * (x @ w.lora_down) @ w.lora_up`, the branch
+  in float32.
+
+  Attributes:
+    kernel: the layer's kernel, a plain (K, N) array or an `SVDQLinear`.
+    lora_down: (K, r) float32.
+    lora_up: (r, N) float32.
+    scale: alpha / r (static).
+  """
+
+  kernel: Any
+  lora_down: jax.Array
+  lora_up: jax.Array
+  scale: float = dataclasses.field(metadata={"static": True})
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """(K, N) of the wrapped kernel."""
+    return tuple(self.kernel.shape)
 
 
 def _is_linear(leaf: Any) -> bool:
@@ -154,3 +188,44 @@ def apply_loras(params: Any, adapters: Sequence[Adapter], strengths: Any, *,
     return _join_branch(leaf, loras)
 
   return map_named_leaves(apply, params)
+
+
+def init_lora_factors(shapes: Mapping[str, tuple[int, int]], rank: int, key: jax.Array
+                      ) -> dict[str, dict[str, jax.Array]]:
+  """Fresh LoRA factors for the layers of `shapes` (`{path: (K, N)}`), as PEFT initialises them:
+  lora_down uniform in +-1/sqrt(K) (PEFT's Kaiming-uniform with a = sqrt(5)), lora_up zero, so
+  the model starts as the base model. float32; the key of layer i is fold_in(key, i) in sorted
+  path order."""
+  if rank < 1:
+    raise InputError(f"init_lora_factors: rank must be >= 1, got {rank}")
+  factors = {}
+  for i, path in enumerate(sorted(shapes)):
+    k, n = shapes[path]
+    bound = 1.0 / np.sqrt(k)
+    down = jax.random.uniform(jax.random.fold_in(key, i), (k, rank), jnp.float32, -bound, bound)
+    factors[path] = {"lora_down": down, "lora_up": jnp.zeros((rank, n), jnp.float32)}
+  return factors
+
+
+def with_lora_branches(params: Any, factors: LoRAFactors, scale: float) -> Any:
+  """`params` with each kernel of `factors` wrapped in a `LoRAKernel` (a pure function).
+
+  Raises:
+    InputError: a path of `factors` that is not a linear layer of `params`, or factors whose
+      shapes do not fit it.
+  """
+  check_adapter(adapter_of(factors, scale), linear_shapes(params), name="with_lora_branches")
+
+  def wrap(path: str, leaf: Any) -> Any:
+    layer = factors.get(path)
+    if layer is None:
+      return leaf
+    return LoRAKernel(leaf, layer["lora_down"], layer["lora_up"], scale)
+
+  return map_named_leaves(wrap, params)
+
+
+def adapter_of(factors: LoRAFactors, scale: float) -> dict[str, LayerLoRA]:
+  """The adapter `{path: LayerLoRA}` of trained factors, for `apply_loras` or writing a file."""
+  return {path: LayerLoRA(layer["lora_down"], layer["lora_up"], scale)
+          for path, layer in factors.items()}

@@ -231,7 +231,9 @@ def xla_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None = None) -> jax.A
   x @ dequantize() in x's dtype, plus both biases.
   """
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, w.in_features)
+  # The barrier keeps the weights' unpacking and dequantization after this layer's input exists:
+  # without it XLA may schedule them for every layer of a model at once (a copy of the model).
+  x2, w = jax.lax.optimization_barrier((x.reshape(-1, w.in_features), w))
   if w.act_format is None:
     y = jnp.matmul(x2, w.dequantize(x.dtype), preferred_element_type=jnp.float32)
   else:

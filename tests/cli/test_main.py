@@ -17,7 +17,7 @@ from models.unet_sdxl import UNetSDXLConfig
 from svdq_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "bench")
+COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "train-lora", "bench")
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -61,7 +61,7 @@ def test_sample_bad_inputs(tmp_path, capsys):
   _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--devices", "999"],
                           capsys)[::2], "asked for 999 devices", "ask for 1 to")
   _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--lora", "a.safetensors"],
-                          capsys)[::2], "--lora: LoRA files are not supported yet")
+                          capsys)[::2], "--lora 'a.safetensors': no file 'a.safetensors'")
   _assert_bad_input(*_run(["sample", str(tmp_path), "--prompt", "x", "--steps", "0"],
                           capsys)[::2], "--steps must be >= 1")
   _assert_bad_input(*_run(["sample", str(tmp_path)], capsys)[::2], "--prompt")

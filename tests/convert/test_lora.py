@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from _flux_reference import TINY, make_inputs, perturb_, reference_forward  # noqa: E402
 
-from convert.lora import load_loras, parse_lora_spec, read_lora  # noqa: E402
+from convert.lora import load_loras, parse_lora_spec, read_lora, write_lora  # noqa: E402
 from convert.safetensors_io import CheckpointError  # noqa: E402
 from models.flux import FluxTransformer  # noqa: E402
 from models.pixart import PixArtSigmaTransformer  # noqa: E402
 from svdq_jax import QuantConfig, quantize_linear  # noqa: E402
 from svdq_jax.errors import InputError  # noqa: E402
-from svdq_jax.lora import apply_loras, linear_shapes  # noqa: E402
+from svdq_jax.lora import LayerLoRA, apply_loras, linear_shapes  # noqa: E402
 from svdq_jax.qlinear import xla_dot  # noqa: E402
 from svdq_jax.tree import map_named_leaves, named_leaves  # noqa: E402
 
@@ -198,7 +198,7 @@ def flux(tmp_path_factory):
 
   ours_model = FluxTransformer.from_pretrained(folder / "transformer")
   return {"files": files, "peft_out": peft_out, "diffusers_out": diffusers_out,
-          "model": ours_model, "inputs": inputs, "factors": factors}
+          "model": ours_model, "inputs": inputs, "factors": factors, "base_state": base_state}
 
 
 _FORWARDS = {}
@@ -212,6 +212,13 @@ def _ours(model, loras, inputs, model_type="flux"):
     _FORWARDS[id(model)] = jax.jit(lambda st, kw: nnx.merge(graphdef, st)(**kw))
   adapters, strengths = load_loras(model_type, loras, state)
   merged = apply_loras(state, adapters, strengths)
+  return np.asarray(_FORWARDS[id(model)](merged, {k: jnp.asarray(v) for k, v in inputs.items()}))
+
+
+def _ours_adapter(model, adapter, inputs):
+  """Our model's output with an in-memory adapter applied at strength 1."""
+  graphdef, state = nnx.split(model)
+  merged = apply_loras(state, [adapter], [1.0])
   return np.asarray(_FORWARDS[id(model)](merged, {k: jnp.asarray(v) for k, v in inputs.items()}))
 
 
@@ -389,3 +396,35 @@ def test_kohya_qkv_lora_on_a_quantized_model_is_the_float_product_on_the_branch(
   got = np.float64(xla_dot(jnp.asarray(x), lora)) - np.float64(xla_dot(jnp.asarray(x), base))
   np.testing.assert_array_less(np.abs(got - delta), bound)
   assert np.max(np.abs(delta) - bound) > 0
+
+
+def test_written_lora_loads_in_diffusers_and_reads_back(flux, tmp_path):
+  """write_lora's file, on the block linears and the 16-bit embedder and final projection, gives
+  in diffusers (FluxTransformer2DModel.load_lora_adapter, through peft) what it gives here."""
+  shapes = linear_shapes(nnx.state(flux["model"]))
+  rng = np.random.default_rng(11)
+  rank, scale = 3, 0.75
+  layers = [p for p in shapes if "blocks/" in p and "norm" not in p]
+  layers += ["x_embedder/kernel", "proj_out/kernel"]
+  adapter = {p: LayerLoRA(0.3 * rng.standard_normal((shapes[p][0], rank)).astype(np.float32),
+                          0.3 * rng.standard_normal((rank, shapes[p][1])).astype(np.float32),
+                          scale) for p in layers}
+  file = write_lora(tmp_path / "trained.safetensors", adapter, "flux")
+  back = read_lora(file, "flux", shapes)
+  assert set(back) == set(adapter)
+  for path, lora in adapter.items():
+    np.testing.assert_array_equal(back[path].lora_down, lora.lora_down)
+    np.testing.assert_array_equal(back[path].lora_up, np.float32(scale) * lora.lora_up)
+    assert back[path].scale == 1.0  # folded into lora_up
+
+  model = FluxTransformer2DModel(**TINY).eval()
+  model.load_state_dict(flux["base_state"])
+  base = reference_forward(model, flux["inputs"])
+  model.load_lora_adapter(str(file), prefix="transformer", adapter_name="trained")
+  ref = reference_forward(model, flux["inputs"])
+  assert np.abs(ref - base).max() > 0.05 * np.abs(base).max()  # the LoRA is visible
+  _close(_ours(flux["model"], [(file, 1.0)], flux["inputs"]), ref)
+  _close(_ours_adapter(flux["model"], adapter, flux["inputs"]), ref)  # the adapter itself
+  with pytest.raises(InputError, match="one rank for every layer"):
+    write_lora(tmp_path / "mixed.safetensors", {**adapter, layers[0]: LayerLoRA(
+        np.zeros((shapes[layers[0]][0], 1)), np.zeros((1, shapes[layers[0]][1])), 1.0)}, "flux")

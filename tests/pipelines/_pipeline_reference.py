@@ -194,3 +194,28 @@ def save_tiny_sdxl_pipeline(folder: Path, *, turbo: bool = False, force_zeros: b
       force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
+
+
+def save_peft_lora(transformer: torch.nn.Module, folder: Path, *, seed: int, rank: int = 4,
+                   alpha: float = 8.0, targets: list[str] | None = None
+                   ) -> tuple[Path, torch.nn.Module]:
+  """A random (nonzero) peft LoRA on a copy of `transformer` (every linear, or `targets`), saved
+  by diffusers' `save_lora_weights` (alpha in the metadata) to folder/pytorch_lora_weights.
+  safetensors; returns the file and the copy with the LoRA injected (the reference model)."""
+  import copy
+
+  from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+  torch.manual_seed(seed)
+  model = copy.deepcopy(transformer)
+  if targets is None:
+    targets = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+  config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+  model = inject_adapter_in_model(config, model)
+  with torch.no_grad():  # peft's random init gives large factors; keep the LoRA a perturbation
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.mul_(0.3)
+  FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model),
+                                 transformer_lora_adapter_metadata=config.to_dict())
+  return folder / "pytorch_lora_weights.safetensors", model.eval()
