@@ -62,8 +62,9 @@ def test_flux_lora_matches_diffusers_and_unloading_restores_the_base(flux):
     reference.unload_lora_weights()
   np.testing.assert_array_equal(ours(PROMPTS, latents=latents, loras=[], **KWARGS), base)
   np.testing.assert_array_equal(ours(PROMPTS, latents=latents, **KWARGS), base)
-  # A float model's LoRA changes values only: one compiled loop served every call above.
-  assert ours._runners[("fused", 1)]._cache_size() == 1
+  # A float model's LoRA changes values only: one compiled loop (one device, five conditions:
+  # no true CFG) served every call above.
+  assert ours._runners[("fused", 1, 5)]._cache_size() == 1
 
 
 @pytest.mark.slow
@@ -77,7 +78,7 @@ def test_strengths_change_without_recompiling_on_a_quantized_model(flux):
   base_state = nnx.state(pipe.transformer)
   base = pipe(PROMPTS[:1], seed=1, **KWARGS)
   runs = [pipe(PROMPTS[:1], seed=1, loras=[(lora, s)], **KWARGS) for s in (0.5, 1.0)]
-  assert pipe._runners[("fused", 1)]._cache_size() == 2  # base shapes, then the LoRA's
+  assert pipe._runners[("fused", 1, 5)]._cache_size() == 2  # base shapes, then the LoRA's
   assert np.abs(runs[1] - runs[0]).max() > 1e-3 and np.abs(runs[0] - base).max() > 1e-3
   np.testing.assert_array_equal(pipe(PROMPTS[:1], seed=1, **KWARGS), base)
 
