@@ -165,8 +165,9 @@ MAX_CTAS_PER_SM = 32
 
 @dataclasses.dataclass(frozen=True)
 class KernelCase:
-  """One lowering: a FLUX.1 layer shape with a configuration of both kernels and a low-rank
-  width (the kernels pad it with `padded_rank`)."""
+  """One lowering: a FLUX.1 layer shape with a configuration of both kernels, a low-rank width
+  (the kernels pad it with `padded_rank`) and the input dtype (kernel 1 reads float32 inputs as
+  float32, and the output has the input's dtype)."""
 
   label: str
   m: int
@@ -175,6 +176,7 @@ class KernelCase:
   act_shift: float
   config: SVDQLinearConfig
   rank: int = RANK
+  x_dtype: str = "bfloat16"
 
 
 KERNELS = ("quantize", "gemm")
@@ -289,9 +291,9 @@ def lower_modules(case: KernelCase) -> list[bytes]:
   """The serialized Mosaic GPU modules of `svdq_linear` for `case`, in program order (kernel 1,
   kernel 2), exactly as the custom calls carry them to XLA."""
   m, k, n, r = case.m, case.k, case.n, case.rank
-  shapes = [((m, k), jnp.bfloat16), ((n, k // 2), jnp.uint8), ((k // 64, n), jnp.bfloat16),
-            ((k,), jnp.float32), ((k, r), jnp.bfloat16), ((r, n), jnp.bfloat16),
-            ((n,), jnp.float32)]
+  shapes = [((m, k), jnp.dtype(case.x_dtype)), ((n, k // 2), jnp.uint8),
+            ((k // 64, n), jnp.bfloat16), ((k,), jnp.float32), ((k, r), jnp.bfloat16),
+            ((r, n), jnp.bfloat16), ((n,), jnp.float32)]
   structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
   fn = lambda *a: svdq_linear(*a, act_shift=case.act_shift, config=case.config)
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
@@ -483,9 +485,9 @@ def _message_code(message: str) -> str:
 
 
 def compile_cases(cases: list[KernelCase], compiler: MosaicCompiler) -> list[CaseResult]:
-  """Lowers each case and compiles both of its kernels; a kernel whose configuration, shape and
-  rank were already compiled is not compiled again. A case the lowering rejects (e.g. for its
-  shared memory) is a result with `rejected` set, not an error."""
+  """Lowers each case and compiles both of its kernels; a kernel whose configuration, shape, rank
+  and input dtype were already compiled is not compiled again. A case the lowering rejects (e.g.
+  for its shared memory) is a result with `rejected` set, not an error."""
   results: list[CaseResult] = []
   compiled: dict[tuple, PtxasReport] = {}
   for case in cases:
@@ -500,7 +502,7 @@ def compile_cases(cases: list[KernelCase], compiler: MosaicCompiler) -> list[Cas
                        f"svdq_linear for {case}, found {len(modules)}")
     reports = {}
     for kernel, module in zip(KERNELS, modules, strict=True):
-      key = (kernel, case.m, case.k, case.n, case.act_shift, case.rank,
+      key = (kernel, case.m, case.k, case.n, case.act_shift, case.rank, case.x_dtype,
              getattr(case.config, kernel))
       if key not in compiled:
         compiled[key] = compiler.compile(module)
@@ -511,8 +513,9 @@ def compile_cases(cases: list[KernelCase], compiler: MosaicCompiler) -> list[Cas
 
 def load_cases(path: Path) -> list[KernelCase]:
   """The cases of a JSON file: a list of objects in `dataclasses.asdict(KernelCase)`'s layout
-  (label, m, k, n, act_shift, rank and config, which holds the fields of QuantizeConfig under
-  "quantize" and of GemmConfig under "gemm"); rank may be left out (RANK)."""
+  (label, m, k, n, act_shift, rank, x_dtype and config, which holds the fields of QuantizeConfig
+  under "quantize" and of GemmConfig under "gemm"); rank and x_dtype may be left out (RANK,
+  "bfloat16")."""
   try:
     specs = json.loads(path.read_text())
   except (OSError, ValueError) as error:

@@ -22,8 +22,10 @@ import contextlib
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,56 @@ from svdq_jax import SVDQLinear, is_quantized
 RESTORE_WINDOW = 1
 
 
+def _owner() -> str:
+  """`<host>-<pid>` of this process, as it appears in the names of its temporary folders."""
+  return f"{re.sub(r'[^A-Za-z0-9-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
 def _fresh_sibling(dst: Path, kind: str) -> Path:
-  """A new empty hidden folder beside `dst` (created with the usual permissions, not mkdtemp's
-  0700, since it becomes `dst`)."""
-  folder = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.{kind}"
+  """A new empty hidden folder `.<dst name>.<host>-<pid>.<random>.<kind>` beside `dst` (created
+  with the usual permissions, not mkdtemp's 0700, since it becomes `dst`)."""
+  folder = dst.parent / f".{dst.name}.{_owner()}.{secrets.token_hex(4)}.{kind}"
   folder.mkdir()
   return folder
+
+
+_SIBLING = re.compile(r"\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.(?P<kind>tmp|old)")
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def clean_stale_siblings(dst: str | os.PathLike) -> list[Path]:
+  """Removes what writers of `dst` killed mid-way (SIGKILL, power loss) left beside it.
+
+  A temporary folder of a process of this host that no longer runs is deleted. If that process
+  was killed while replacing an existing `dst` (between moving the old folder aside and moving
+  the new one in), the old folder is moved back first, so `dst` is again the previous one intact.
+  Folders of live processes, or of other hosts, are left alone. Returns the folders removed.
+  """
+  dst = Path(dst).absolute()
+  host = _owner().rsplit("-", 1)[0]
+  prefix = f".{dst.name}"
+  removed = []
+  if not dst.parent.is_dir():
+    return removed
+  for entry in sorted(dst.parent.iterdir()):
+    match = _SIBLING.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+    if match is None or match["host"] != host or _process_alive(int(match["pid"])):
+      continue
+    previous = entry / dst.name
+    if match["kind"] == "old" and previous.exists() and not dst.exists():
+      os.replace(previous, dst)
+    shutil.rmtree(entry, ignore_errors=True)
+    removed.append(entry)
+  return removed
 
 
 @contextlib.contextmanager
@@ -64,12 +110,15 @@ def atomic_folder(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
   """Yields a fresh temporary folder beside `dst`; renames it to `dst` when the block succeeds.
 
   On any exception the temporary folder is deleted and `dst` is left as it was (absent, or the
-  old folder when `overwrite`).
+  old folder when `overwrite`). A process killed at any moment leaves `dst` absent, complete, or
+  (when replacing) moved aside beside it; the next `atomic_folder` for `dst` cleans that up first
+  (`clean_stale_siblings`), so it needs no manual cleanup.
 
   Raises:
     CheckpointError when `dst` exists and `overwrite` is False.
   """
   dst = Path(dst).absolute()
+  clean_stale_siblings(dst)
   if dst.exists() and not overwrite:
     raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
   dst.parent.mkdir(parents=True, exist_ok=True)

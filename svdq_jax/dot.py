@@ -6,7 +6,9 @@ innermost `use_impl` context, or "auto". Like tokamax's ops, "auto" tries the im
 from the most specialised to the one that runs everywhere (`AUTO_ORDER`: the fused Pallas kernels,
 then the XLA reference) and takes the first that supports the case; a single named implementation
 that cannot serve the case raises an InputError saying why instead of falling back.
-The choice is made at trace time: a function jitted under one implementation keeps it.
+The choice is made at trace time: a function jitted under one implementation keeps it. The first
+time the kernels would run for a configuration, `kernel_check` compares them once with the XLA
+path; kernels that failed are not used again ("auto" takes XLA, a named Pallas impl raises).
 
 While `calibrate` runs, `svdq_dot` also reports each call's activations to the active recorder (a
 context variable read at trace time only: no cost under `jax.jit`).
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels.svdq_linear as kernels
-from svdq_jax import calibration
+from svdq_jax import calibration, kernel_check
 from svdq_jax.errors import InputError
 from svdq_jax.lora import LoRAKernel
 from svdq_jax.qlinear import SVDQLinear, xla_dot
@@ -131,6 +133,7 @@ def _quantized_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None, impl: st
     if reason is not None:
       raise InputError(f"svdq_dot: impl={impl!r} cannot compute this layer: {reason}; use "
                        "impl='xla' or 'auto'")
+    kernel_check.require_kernels(x, w, interpret=impl == "pallas-interpret")
   return _differentiable_dot(x, w, bias, impl)
 
 
@@ -221,11 +224,12 @@ def pallas_unsupported_reason(x: jax.Array, w: SVDQLinear, *, interpret: bool = 
 
 
 def _auto_impl(x: jax.Array, w: SVDQLinear) -> str:
-  """AUTO_ORDER: the fused kernels when they support the case, else XLA (which supports every
-  case). On a GPU, a W4A4 layer that falls back to XLA says why, once per reason."""
+  """AUTO_ORDER: the fused kernels when they support the case and pass their once-per-process
+  check (`kernel_check`), else XLA (which supports every case). On a GPU, a W4A4 layer that falls
+  back to XLA says why, once per reason."""
   reason = pallas_unsupported_reason(x, w)
   if reason is None:
-    return "pallas"
+    return "xla" if kernel_check.kernels_failed(x, w) else "pallas"
   if _backend() == "gpu" and w.format.quantizes_activations:
     _notice_once(reason, f"svdq_dot: {reason}; using the XLA reference")
   return "xla"

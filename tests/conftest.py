@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 
 import convert.loading  # noqa: E402, F401  (registers the models' checkpoint loader)
 from models import pretrained  # noqa: E402
-from svdq_jax import dot  # noqa: E402
+from svdq_jax import dot, kernel_check  # noqa: E402
 
 
 @pytest.fixture
@@ -53,7 +53,8 @@ def key() -> jax.Array:
 def fake_svdq_kernel(monkeypatch) -> tuple[types.SimpleNamespace, list[dict]]:
   """Replaces the fused kernel (`pallas_kernels.svdq_linear.svdq_linear`) and the device check that
   `svdq_jax.dot` sees with stand-ins: returns (device, calls); `device.supported` is what
-  `is_supported()` answers, `calls` records each kernel call's arguments (the output is zeros)."""
+  `is_supported()` answers, `calls` records each kernel call's arguments (the output is zeros).
+  The kernels' self-check (`svdq_jax.kernel_check`), which such a stand-in would fail, is off."""
   calls = []
   device = types.SimpleNamespace(supported=True)
 
@@ -66,4 +67,5 @@ def fake_svdq_kernel(monkeypatch) -> tuple[types.SimpleNamespace, list[dict]]:
   monkeypatch.setattr(dot.kernels, "svdq_linear", svdq_linear)
   monkeypatch.setattr(dot.kernels, "is_supported", lambda device_=None: device.supported)
   monkeypatch.setattr(dot, "_NOTICES", set())
+  monkeypatch.setenv(kernel_check.SKIP_ENV, "1")
   return device, calls

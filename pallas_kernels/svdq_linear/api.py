@@ -76,6 +76,12 @@ def _check_group_size(group_size: int, where: str) -> None:
         f"{group_size} (NVFP4's group 16 runs through the XLA reference path)")
 
 
+def kernel_input_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype kernel 1 reads x in: bf16 stays bf16, any other float becomes f32 (exact for f16,
+  and what the XLA path rounds f64 to before quantizing), so both paths quantize the same values."""
+  return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
+
+
 def _padded_quantize(x2, smooth, lora_down, act_shift, cfg: QuantizeConfig, m_pad, k_pad,
                      interpret):
   """Kernel 1 on zero-padded operands; returns int4 codes, transposed scales, f32 low-rank act."""
@@ -86,7 +92,7 @@ def _padded_quantize(x2, smooth, lora_down, act_shift, cfg: QuantizeConfig, m_pa
                      f"fused x @ lora_down supports at most {MAX_RANK}")
   r_pad = padded_rank(rank)
   codes, ascales_t, lora_parts = quantize_activations_kernel(
-      _pad_to(x2.astype(jnp.bfloat16), (m_pad, k_pad)),
+      _pad_to(x2.astype(kernel_input_dtype(x2.dtype)), (m_pad, k_pad)),
       jnp.pad(smooth.astype(jnp.float32), (0, k_pad - k), constant_values=1.0),
       _pad_to(lora_down.astype(jnp.bfloat16), (k_pad, r_pad)),
       act_shift=act_shift, config=cfg, interpret=interpret)
@@ -171,7 +177,8 @@ def svdq_linear(
 
   Two kernel launches: kernel 1 reads x once and writes the packed codes, their scales and
   x @ lora_down; kernel 2 does the W4A4 GEMM with the low-rank product and bias in its epilogue.
-  x is read as bfloat16 (an f32 x is rounded to bf16 first; the XLA path quantizes the f32 values).
+  x is read in its own dtype (bf16, else f32; `kernel_input_dtype`) and quantized from those values,
+  so the codes equal those of the XLA path (`svdq_jax.qlinear.xla_dot`) for the same input.
 
   Args:
     x: (..., K) activations, any float dtype and leading batch shape.

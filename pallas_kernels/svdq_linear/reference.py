@@ -49,7 +49,7 @@ def quantize_activations_reference(
   """Kernel 1: per-token, per-group 4-bit quantization of x / smooth and the low-rank x @ lora_down.
 
   Args:
-    x: (M, K) activations; the kernel reads them as bfloat16, so pass bf16 for bit-exactness.
+    x: (M, K) activations, bf16 or f32 (the dtypes the kernel reads; see `api.kernel_input_dtype`).
     smooth: (K,) float32 smoothing factors.
     lora_down: (K, r) bfloat16.
     group_size: quantization group along K.
@@ -57,7 +57,8 @@ def quantize_activations_reference(
 
   Returns:
     codes (M, K // 2) uint8 packed, ascales (M, K // group_size) float32, and x @ lora_down
-    (M, r) float32 (bf16 products, f32 sums).
+    (M, r) float32 (bf16 products, f32 sums; an f32 x as hi @ lora_down + lo @ lora_down with
+    hi = bf16(x), lo = bf16(x - hi), as the kernel computes it).
   """
   m, k = x.shape
   qmin, qmax = code_range(act_shift != 0.0)
@@ -66,9 +67,16 @@ def quantize_activations_reference(
   scale = jnp.max(jnp.abs(xs), axis=-1) / jnp.float32(qmax)
   safe_scale = jnp.where(scale == 0, jnp.float32(1), scale)
   q = jnp.clip(jnp.round(xs / safe_scale[..., None]), qmin, qmax).astype(jnp.int8)
-  lora_act = jnp.dot(
-      x.astype(jnp.bfloat16), lora_down.astype(jnp.bfloat16),
-      preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+
+  def low_rank(term):
+    return jnp.dot(term, lora_down.astype(jnp.bfloat16), preferred_element_type=jnp.float32,
+                   precision=lax.Precision.HIGHEST)
+
+  hi = x.astype(jnp.bfloat16)
+  lora_act = low_rank(hi)
+  if x.dtype != jnp.bfloat16:
+    lora_act = lora_act + low_rank((x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(
+        jnp.bfloat16))
   return pack_int4(q.reshape(m, k)), scale, lora_act
 
 
@@ -146,7 +154,9 @@ def svdq_linear_reference(
   The result has out_dtype, or x's dtype when out_dtype is None.
   """
   lead, k = x.shape[:-1], x.shape[-1]
-  x2 = x.reshape(-1, k).astype(jnp.bfloat16)
+  x2 = x.reshape(-1, k)
+  if x2.dtype != jnp.bfloat16:
+    x2 = x2.astype(jnp.float32)
   codes, ascales, lora_act = quantize_activations_reference(
       x2, smooth, lora_down, group_size=group_size, act_shift=act_shift)
   y = w4a4_gemm_reference(

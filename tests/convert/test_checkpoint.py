@@ -4,7 +4,10 @@ the errors of `load_into` and of reading JSON files."""
 
 import gc
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import jax
@@ -126,6 +129,45 @@ def test_existing_destination(tiny, tmp_path, monkeypatch):
   np.testing.assert_array_equal(_params(load_checkpoint(tmp_path / "c"))["proj_in/kernel"],
                                 _params(second)["proj_in/kernel"])
   assert _leftovers(tmp_path) == []
+
+
+def _dead_pid() -> int:
+  """The id of a process of ours that has exited."""
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def test_leftovers_of_a_killed_writer_are_cleaned_by_the_next(tiny, tmp_path):
+  """What a SIGKILL can leave beside DST (in atomic_folder's naming): half-written temporary
+  folders, and, when it struck between the two renames of an overwrite, the previous DST moved
+  aside and no DST. The next write for DST moves the previous folder back, removes the debris of
+  dead processes, and leaves the folders of live processes and of other hosts alone."""
+  first = _model(seed=1)
+  save_checkpoint(first, tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  host, dead = checkpoint._owner().rsplit("-", 1)[0], _dead_pid()
+  aside = tmp_path / f".c.{host}-{dead}.0123abcd.old"
+  aside.mkdir()
+  os.replace(tmp_path / "c", aside / "c")
+  half = tmp_path / f".c.{host}-{dead}.89abcdef.tmp"
+  (half / "params").mkdir(parents=True)
+  (half / "config.json").write_text("{")
+  live = tmp_path / f".c.{checkpoint._owner()}.00000000.tmp"
+  elsewhere = tmp_path / f".c.another-machine-{dead}.00000001.tmp"
+  other_dst = tmp_path / f".cc.{host}-{dead}.00000002.tmp"
+  for folder in (live, elsewhere, other_dst):
+    folder.mkdir()
+  assert not (tmp_path / "c").exists()
+  with pytest.raises(CheckpointError, match="already exists"):  # the previous one is back
+    save_checkpoint(_model(seed=2), tmp_path / "c", model_type="tiny", config=_tiny.TinyConfig())
+  np.testing.assert_array_equal(_params(load_checkpoint(tmp_path / "c"))["proj_in/kernel"],
+                                _params(first)["proj_in/kernel"])
+  assert _leftovers(tmp_path) == sorted([live.name, elsewhere.name, other_dst.name])
+  # Killed after the new folder moved in: the new one stays, the old one aside is removed.
+  aside.mkdir()
+  (aside / "c").mkdir()
+  assert checkpoint.clean_stale_siblings(tmp_path / "c") == [aside]
+  assert (tmp_path / "c" / "config.json").exists() and not aside.exists()
 
 
 def test_header_errors(tiny, tmp_path):

@@ -49,10 +49,11 @@ FF_UP_K, FF_UP_N = 3072, 12288
 depth of select_config, 512 text tokens the M <= 512 one."""
 
 
-def _ff_up_case(label: str, tokens: int, config: SVDQLinearConfig) -> dict:
+def _ff_up_case(label: str, tokens: int, config: SVDQLinearConfig,
+                x_dtype: str = "bfloat16") -> dict:
   """One case of the --cases file (KernelCase in dataclasses.asdict's layout)."""
   return {"label": label, "m": tokens, "k": FF_UP_K, "n": FF_UP_N, "act_shift": 0.0,
-          "rank": RANK, "config": dataclasses.asdict(config)}
+          "rank": RANK, "x_dtype": x_dtype, "config": dataclasses.asdict(config)}
 
 
 IMAGE_TOKENS = select_config(4096, FF_UP_K, FF_UP_N, RANK)
@@ -65,7 +66,8 @@ thread, more than the 255 it has, so ptxas spills."""
 DEFAULTS = {"image tokens": IMAGE_TOKENS, "text tokens": TEXT_TOKENS}
 CASES = [_ff_up_case("image tokens", 4096, IMAGE_TOKENS),
          _ff_up_case("text tokens", 512, TEXT_TOKENS),
-         _ff_up_case("wide tile", 4096, WIDE_TILE)]
+         _ff_up_case("wide tile", 4096, WIDE_TILE),
+         _ff_up_case("float32 input", 4096, IMAGE_TOKENS, "float32")]
 
 
 def _compiler_arguments() -> list[str]:
@@ -128,6 +130,12 @@ def resource_violations(report: dict) -> list[str]:
 @pytest.mark.parametrize("label", DEFAULTS)
 def test_selected_configs_stay_within_h100_limits(reports, label, kernel):
   assert resource_violations(_report(reports, label, kernel)) == []
+
+
+def test_float32_input_stays_within_h100_limits(reports):
+  # Kernel 1 then reads f32 tiles and stores their bf16 hi and lo terms; kernel 2 writes f32.
+  for kernel in ("quantize", "gemm"):
+    assert resource_violations(_report(reports, "float32 input", kernel)) == [], kernel
 
 
 @pytest.mark.parametrize("label", DEFAULTS)

@@ -53,10 +53,11 @@ def _reset_interpreter():
   interpret_pallas_call.reset_gpu_interpret_mode_state()
 
 
-def _linear_operands(rng, lead, k, n, rank, *, bias=True, act_shift=0.0):
-  x = rng.standard_normal((*lead, k)).astype(ml_dtypes.bfloat16)
+def _linear_operands(rng, lead, k, n, rank, *, bias=True, act_shift=0.0,
+                     x_dtype=ml_dtypes.bfloat16):
+  x = rng.standard_normal((*lead, k)).astype(x_dtype)
   if act_shift:
-    x = np.maximum(x, -act_shift).astype(ml_dtypes.bfloat16)
+    x = np.maximum(x, -act_shift).astype(x_dtype)
   return dict(
       x=jnp.asarray(x),
       qweight=jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
@@ -95,15 +96,19 @@ def _assert_fused_close(got, ops, act_shift):
 
 
 @pytest.mark.parametrize(
-    "m,k,rank,act_shift,config",
+    "m,k,rank,act_shift,config,x_dtype",
     [
-        (64, 128, 32, 0.0, QuantizeConfig(block_m=64)),
-        (100, 256, 16, SHIFT, QuantizeConfig(block_m=64, k_splits=2)),  # ragged M, split K
-        (130, 192, 20, 0.0, QuantizeConfig(block_m=128, k_splits=2)),   # K pad, rank pad
+        (64, 128, 32, 0.0, QuantizeConfig(block_m=64), ml_dtypes.bfloat16),
+        (100, 256, 16, SHIFT, QuantizeConfig(block_m=64, k_splits=2),  # ragged M, split K
+         ml_dtypes.bfloat16),
+        (130, 192, 20, 0.0, QuantizeConfig(block_m=128, k_splits=2),   # K pad, rank pad
+         ml_dtypes.bfloat16),
+        (100, 256, 32, SHIFT, QuantizeConfig(block_m=64, k_splits=2), np.float32),  # f32 x
+        (64, 128, 0, 0.0, QuantizeConfig(block_m=64), np.float32),     # f32 x, no low rank
     ],
 )
-def test_quantize_kernel_matches_reference(np_rng, m, k, rank, act_shift, config):
-  ops = _linear_operands(np_rng, (m,), k, 64, rank, act_shift=act_shift)
+def test_quantize_kernel_matches_reference(np_rng, m, k, rank, act_shift, config, x_dtype):
+  ops = _linear_operands(np_rng, (m,), k, 64, rank, act_shift=act_shift, x_dtype=x_dtype)
   ops["x"] = ops["x"].at[1, :64].set(-act_shift)  # a group that quantizes to scale 0
   codes, ascales, lora_act = quantize_activations(
       ops["x"], ops["smooth"], ops["lora_down"], act_shift=act_shift, interpret=INTERPRET,
@@ -115,6 +120,11 @@ def test_quantize_kernel_matches_reference(np_rng, m, k, rank, act_shift, config
   np.testing.assert_array_equal(np.asarray(ascales), np.asarray(ref_ascales))
   assert float(ascales[1, 0]) == 0.0
   np.testing.assert_allclose(np.asarray(lora_act), np.asarray(ref_lora), rtol=1e-5, atol=1e-5)
+  if x_dtype == np.float32:
+    # The kernel quantized the f32 values themselves: rounding x to bf16 first gives other codes.
+    rounded_codes, _, _ = quantize_activations_reference(
+        ops["x"].astype(jnp.bfloat16), ops["smooth"], ops["lora_down"], act_shift=act_shift)
+    assert np.any(np.asarray(codes) != np.asarray(rounded_codes))
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="race detection is a feature of the CPU interpreter")
@@ -213,6 +223,15 @@ def test_svdq_linear_matches_reference_under_jit(np_rng, lead, k, n, rank, act_s
   _assert_fused_close(y, ops, act_shift)
 
 
+def test_svdq_linear_reads_float32_input_as_float32(np_rng):
+  """An f32 x is quantized from its own values (the reference quantizes f32, not bf16(x)) and its
+  low-rank product keeps about 16 bits of x; the output is f32."""
+  ops = _linear_operands(np_rng, (33,), 128, 128, 32, act_shift=SHIFT, x_dtype=np.float32)
+  y = svdq_linear(**ops, act_shift=SHIFT, interpret=INTERPRET, config=SMALL)
+  assert y.dtype == jnp.float32
+  _assert_fused_close(y, ops, SHIFT)
+
+
 def test_svdq_linear_with_zero_tokens(np_rng):
   ops = _linear_operands(np_rng, (0,), 128, 64, 16)
   y = svdq_linear(**ops, interpret=INTERPRET, config=SMALL)
@@ -246,9 +265,9 @@ def _lower_for_h100(fn, *args, mesh_shape=(), axis_names=()):
     return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("act_shift", [0.0, SHIFT])
-def test_quantize_kernel_lowers_for_h100(np_rng, act_shift):
-  ops = _linear_operands(np_rng, (256,), 512, 64, 32)
+@pytest.mark.parametrize("act_shift,x_dtype", [(0.0, ml_dtypes.bfloat16), (SHIFT, np.float32)])
+def test_quantize_kernel_lowers_for_h100(np_rng, act_shift, x_dtype):
+  ops = _linear_operands(np_rng, (256,), 512, 64, 32, x_dtype=x_dtype)
   text = _lower_for_h100(
       functools.partial(quantize_activations, act_shift=act_shift,
                         config=QuantizeConfig(block_m=128, k_splits=2, max_concurrent_steps=3)),

@@ -10,17 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.svdq_linear as kernels
 import svdq_jax
 from svdq_jax import (
-    QuantConfig,
-    QuantFormat,
-    SVDQLinear,
-    dot,
-    is_quantized,
-    qlinear,
-    quantize_linear,
-    svdq_dot,
-    use_impl,
+  QuantConfig,
+  QuantFormat,
+  SVDQLinear,
+  dot,
+  is_quantized,
+  kernel_check,
+  qlinear,
+  quantize_linear,
+  svdq_dot,
+  use_impl,
 )
 from svdq_jax import quantizers as qz
 from svdq_jax.errors import InputError
@@ -279,3 +281,30 @@ def test_xla_path_agrees_with_the_kernel_reference(layer_data):
 def xla_dot_f32(x, w):
   """Our reference product of bf16 x, returned before the final cast to x's dtype."""
   return qlinear.xla_dot(x.astype(jnp.float32), w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_path_quantizes_the_input_like_the_xla_path(layer_data, dtype, monkeypatch):
+  """One answer per input: the kernels quantize x from its own dtype (an f32 x is not rounded to
+  bf16 first), so their codes and scales equal the XLA path's bit for bit and the outputs agree
+  to the output's rounding (the f32 low-rank branch: to about 2^-16 of its size)."""
+  monkeypatch.setenv(kernel_check.SKIP_ENV, "1")  # tests/svdq_jax/test_kernel_check.py runs it
+  kernel, x = layer_data
+  gelu_x = jax.nn.gelu(jnp.asarray(x[:40]))
+  w = quantize_linear(jnp.asarray(kernel), None, gelu_x,
+                      QuantConfig.preset("svdquant-int4", svd_iters=0))
+  xs = gelu_x.astype(dtype)
+  packed, scales, _ = kernels.quantize_activations(xs, w.smooth, w.lora_down,
+                                                   act_shift=w.act_shift, interpret=True)
+  codes, want_scales = qlinear.quantize_activations(xs, w)
+  np.testing.assert_array_equal(np.asarray(kernels.unpack_int4(packed, unsigned=True)),
+                                np.asarray(codes))
+  np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
+  got = np.asarray(svdq_dot(xs, w, impl="pallas-interpret"), np.float64)
+  want = np.asarray(xla_dot_f32(xs, w), np.float64)
+  assert got.dtype == want.dtype
+  rounding = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
+  low_rank = (np.abs(np.asarray(xs, np.float64)) @ np.abs(np.asarray(w.lora_down, np.float64))
+              @ np.abs(np.asarray(w.lora_up, np.float64)))
+  bound = rounding * np.abs(want) + 2.0 ** -16 * low_rank + 1e-6 * np.abs(want).max()
+  assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
