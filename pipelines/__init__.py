@@ -16,9 +16,9 @@ from pipelines.inputs import check_image_size
 from pipelines.load import PIPELINES, image_size_multiple, load_pipeline
 from pipelines.loop import NonFiniteError
 from pipelines.pixart import PixArtSigmaPipeline
-from pipelines.quantize import quantize_pipeline, quantize_transformer
+from pipelines.quantize import calibrate_transformer, quantize_pipeline, quantize_transformer
 
 __all__ = ["PIPELINES", "FluxPipeline", "NonFiniteError", "PipelineFolder", "PixArtSigmaPipeline",
-           "check_image_size", "check_png_path", "image_size_multiple", "load_pipeline",
-           "pipeline_name", "quantize_pipeline", "quantize_transformer", "read_model_index",
-           "save_images"]
+           "calibrate_transformer", "check_image_size", "check_png_path", "image_size_multiple",
+           "load_pipeline", "pipeline_name", "quantize_pipeline", "quantize_transformer",
+           "read_model_index", "save_images"]

@@ -20,26 +20,49 @@ from pipelines.inputs import check_image_size, prompt_list
 from pipelines.load import load_pipeline
 from pipelines.pixart import PixArtSigmaPipeline
 from svdq_jax.config import QuantConfig
+from svdq_jax.errors import InputError
+
+
+def calibrate_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, prompts: str | Sequence[str],
+                          *, num_inference_steps: int = 4, height: int = 512, width: int = 512,
+                          seed: int = 0, max_sequence_length: int | None = None,
+                          batch_size: int = 1, progress: bool = True
+                          ) -> dict[str, svdq_jax.ActivationStats]:
+  """The input statistics of every linear of `pipe.transformer`, recorded by `svdq_jax.calibrate`
+  while the prompts are sampled eagerly for `num_inference_steps` steps (every step recorded).
+
+  max_sequence_length: text tokens of the calibration runs (None: the pipeline's default).
+  batch_size: prompts per eager run (a small model's eager steps cost about the same for a batch
+    as for one prompt).
+  """
+  prompts = prompt_list(prompts)
+  if batch_size < 1:
+    raise InputError(f"calibrate_transformer: batch_size must be >= 1, got {batch_size}")
+  length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+  batches = prompts if batch_size == 1 else [prompts[i:i + batch_size]
+                                             for i in range(0, len(prompts), batch_size)]
+
+  def run(batch: str | list[str]) -> None:
+    pipe(batch, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
+         output_type="latent", jit=False, **length)
+
+  return svdq_jax.calibrate(run, batches, model=pipe.transformer, progress=progress)
 
 
 def quantize_transformer(pipe: FluxPipeline | PixArtSigmaPipeline, config: Any,
                          prompts: str | Sequence[str], *, num_inference_steps: int = 4,
                          height: int = 512, width: int = 512, seed: int = 0,
-                         progress: bool = True) -> None:
+                         max_sequence_length: int | None = None, progress: bool = True) -> None:
   """Calibrates `pipe.transformer` on prompts and quantizes it in place with `config`.
 
-  Every prompt is sampled eagerly for `num_inference_steps` steps while `svdq_jax.calibrate`
-  records the input of every linear layer at every step; `svdq_jax.quantize_model` then applies
-  the config (a `QuantConfig`; its `skip` patterns keep the embedders and the final norm and
-  projection in 16 bits). Progress bars run per prompt and per layer.
+  `calibrate_transformer` records the input of every linear layer at every step;
+  `svdq_jax.quantize_model` then applies the config (a `QuantConfig`; its `skip` patterns keep the
+  embedders and the final norm and projection in 16 bits). Progress bars run per prompt and per
+  layer.
   """
-  prompts = prompt_list(prompts)
-
-  def run(prompt: str) -> None:
-    pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
-         output_type="latent", jit=False)
-
-  stats = svdq_jax.calibrate(run, prompts, model=pipe.transformer, progress=progress)
+  stats = calibrate_transformer(pipe, prompts, num_inference_steps=num_inference_steps,
+                                height=height, width=width, seed=seed,
+                                max_sequence_length=max_sequence_length, progress=progress)
   svdq_jax.quantize_model(pipe.transformer, stats, config, progress=progress)
   pipe._runners.clear()  # the quantized transformer has other parameter shapes
 

@@ -275,6 +275,38 @@ def test_quantize_transformer_takes_one_string_as_one_prompt(tiny, monkeypatch):
   assert calibrated == ["a red cat"]
 
 
+
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_calibrate_transformer_runs_prompts_in_batches(tiny, monkeypatch):
+  _, _, ours = tiny
+  calibrated = []
+
+  def calibrate(run, inputs, **kwargs):
+    calibrated.extend(inputs)
+    raise InterruptedError("stop after calibration was reached")
+
+  monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
+  with pytest.raises(InterruptedError):
+    pipelines.calibrate_transformer(ours, ["a", "b", "c"], batch_size=2)
+  assert calibrated == [["a", "b"], ["c"]]
+  with pytest.raises(InputError, match="batch_size"):
+    pipelines.calibrate_transformer(ours, ["a"], batch_size=0)
+
+
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_with_transformer_shares_everything_else(tiny):
+  from flax import nnx
+
+  _, _, ours = tiny
+  copy = nnx.clone(ours.transformer)
+  pipe = ours.with_transformer(copy)
+  assert pipe.transformer is copy and ours.transformer is not copy
+  assert pipe.vae is ours.vae and pipe._t5 is ours._t5 and pipe._decode is ours._decode
+  assert pipe._runners == {} and pipe._runners is not ours._runners
+  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                max_sequence_length=MAX_SEQUENCE_LENGTH)
+  np.testing.assert_array_equal(pipe(PROMPTS[0], **kwargs), ours(PROMPTS[0], **kwargs))
+
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
   from PIL import Image
 
