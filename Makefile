@@ -41,8 +41,9 @@ $(VENV)/.installed-test: pyproject.toml Makefile $(VENV)/.installed-base
 venv: $(VENV)/.installed-base
 venv-test: $(VENV)/.installed-test
 
+# The XLA compilation cache makes a second `make demo` skip most of the first one's compiling.
 demo: venv
-	$(VENV)/bin/svdq-jax demo
+	JAX_COMPILATION_CACHE_DIR=$(abspath $(VENV))/jax-cache $(VENV)/bin/svdq-jax demo
 
 test: venv-test
 	$(PY) -m ruff check .

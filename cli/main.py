@@ -28,7 +28,7 @@ import pipelines
 from convert import api
 from convert.lora import parse_lora_spec
 from convert.nunchaku_checkpoint import import_nunchaku
-from demo import layer_errors
+from demo import quality, sampling
 from models import sharding
 from pipelines import captions, train_lora
 from pipelines.folder import PipelineFolder
@@ -97,9 +97,23 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+def _preset_list(text: str) -> tuple[str, ...]:
+  return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-  print("svdq-jax demo: running demo.layer_errors.main(), the embedded default", file=sys.stderr)
-  return int(layer_errors.main() or 0)
+  """Quantizes the demo model with every preset, writes OUT/grid.png and OUT/results.json, prints
+  the table (`demo.quality`); every input is checked before a model is loaded."""
+  presets = quality.check_presets(_preset_list(args.presets))
+  prompts = read_prompt_file(args.prompts) if args.prompts else list(quality.DEFAULT_PROMPTS)
+  quality.check_model(args.model)
+  judge = quality.Judge.load(args.classifier)
+  report = quality.measure(args.model, judge, presets=presets, prompts=prompts, seed=args.seed,
+                           num_steps=args.steps, progress=not args.quiet)
+  quality.write_report(report, args.out)
+  print(quality.format_table(report.results))
+  print(f"wrote {args.out}/grid.png and {args.out}/results.json", file=sys.stderr)
+  return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -206,8 +220,8 @@ def _cmd_train_lora(args: argparse.Namespace) -> int:
   texts = [e.caption for e in examples]
   pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype))
   if quant_config is not None:
-    pipelines.quantize_transformer(pipe, quant_config, texts, num_inference_steps=4,
-                                   height=height, width=width, progress=not args.quiet)
+    pipelines.quantize_denoiser(pipe, quant_config, texts, num_inference_steps=4,
+                                height=height, width=width, progress=not args.quiet)
   result = train_lora.train_lora(pipe, images, texts, args.out, config, progress=not args.quiet)
   record = result.record
   memory = record["step_memory"]
@@ -237,7 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "diffusion models with 4-bit weights and activations.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  demo = sub.add_parser("demo", help="run the embedded default demo")
+  demo = sub.add_parser("demo", help="quantize the shipped demo model with every preset and "
+                        "compare the images (grid.png, results.json, a table)")
+  demo.add_argument("--model", default=str(quality.DEFAULT_MODEL),
+                    help="FluxPipeline folder of the demo model (default: the packaged "
+                    "demo/emoji_flux)")
+  demo.add_argument("--classifier", default=str(quality.DEFAULT_CLASSIFIER),
+                    help="emoji classifier folder of the metrics (default: the packaged "
+                    "demo/emoji_classifier)")
+  demo.add_argument("--out", default="demo_out",
+                    help="output folder, replaced only when the run succeeds (default: demo_out)")
+  demo.add_argument("--presets", default=",".join(quality.ALL_PRESETS),
+                    help="comma-separated QuantConfig presets (default: all)")
+  demo.add_argument("--prompts", default=None,
+                    help=f"prompt file, one per line (default: the first {quality.NUM_PROMPTS} "
+                    "evaluation prompts of demo.data)")
+  demo.add_argument("--steps", type=_positive("--steps"), default=sampling.NUM_STEPS,
+                    help=f"denoising steps (default: {sampling.NUM_STEPS})")
+  demo.add_argument("--seed", type=int, default=0)
+  demo.add_argument("--quiet", action="store_true", help="no progress bars")
   demo.set_defaults(run=_cmd_demo)
 
   conv = sub.add_parser("convert", help="diffusers/transformers folder or file -> svdq-jax "

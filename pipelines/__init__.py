@@ -16,10 +16,10 @@ from pipelines.inputs import check_image_size
 from pipelines.load import PIPELINES, image_size_multiple, load_pipeline
 from pipelines.loop import NonFiniteError
 from pipelines.pixart import PixArtSigmaPipeline
-from pipelines.quantize import quantize_denoiser, quantize_pipeline
+from pipelines.quantize import calibrate_denoiser, quantize_denoiser, quantize_pipeline
 from pipelines.sdxl import StableDiffusionXLPipeline
 
 __all__ = ["PIPELINES", "FluxPipeline", "NonFiniteError", "PipelineFolder", "PixArtSigmaPipeline",
-           "StableDiffusionXLPipeline", "check_image_size", "check_png_path",
-           "image_size_multiple", "load_pipeline", "pipeline_name", "quantize_denoiser",
-           "quantize_pipeline", "read_model_index", "save_images"]
+           "StableDiffusionXLPipeline", "calibrate_denoiser", "check_image_size",
+           "check_png_path", "image_size_multiple", "load_pipeline", "pipeline_name",
+           "quantize_denoiser", "quantize_pipeline", "read_model_index", "save_images"]

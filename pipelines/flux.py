@@ -10,6 +10,7 @@ the image does not depend on the device count, and runs on CPU repeat bit for bi
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -153,6 +154,15 @@ class FluxPipeline:
         tokenizer=Tokenizer.from_pretrained(path / "tokenizer"),
         tokenizer_2=Tokenizer.from_pretrained(path / "tokenizer_2"),
         scheduler=scheduler)
+
+  def with_transformer(self, transformer: nnx.Module) -> FluxPipeline:
+    """A pipeline with another transformer (e.g. a quantized copy of this one's) that shares this
+    one's text encoders, VAE, tokenizers, scheduler and their compiled functions."""
+    pipe = copy.copy(self)
+    pipe.transformer = transformer
+    pipe.guidance_embeds = bool(transformer.config.guidance_embeds)
+    pipe._runners = {}
+    return pipe
 
   size_multiple = staticmethod(flux_size_multiple)
   """`size_multiple(vae_config, transformer_config)`: what height and width must be multiples

@@ -59,3 +59,43 @@ def image_grid(images: np.ndarray, labels: Sequence[str] | None = None, *, colum
     if labels is not None:
       draw.text((c * cell_w + 2, r * cell_h + h * scale + 1), labels[i][:16], fill="black")
   return canvas
+
+
+def labelled_rows(captions: Sequence[Sequence[str]], rows: Sequence[np.ndarray],
+                  column_labels: Sequence[str], *, scale: int = 3, caption_width: int = 200
+                  ) -> Image.Image:
+  """A grid with one row per image batch, each row led by its caption lines and each column
+  headed by its label.
+
+  Args:
+    captions: the text lines of each row (e.g. a preset and its numbers).
+    rows: one batch (N, H, W, 3) per row (uint8, or float in [0, 1]), all of one shape.
+    column_labels: N labels, one above each column.
+    scale: nearest-neighbour enlargement of each image.
+    caption_width: pixels left of the images for the captions.
+  """
+  if len(captions) != len(rows) or not rows:
+    raise ValueError(f"labelled_rows: {len(captions)} captions for {len(rows)} rows")
+  shape = rows[0].shape
+  if any(r.shape != shape for r in rows) or len(column_labels) != shape[0]:
+    raise ValueError(f"labelled_rows: rows of shapes {[r.shape for r in rows]} and "
+                     f"{len(column_labels)} column labels; needs one shape (N, H, W, 3), N labels")
+  n, h, w, _ = shape
+  line = 12
+  cell_w = max(w * scale, 96)
+  cell_h = max(h * scale, line * max(len(c) for c in captions)) + 4
+  header = line + 4
+  canvas = Image.new("RGB", (caption_width + n * cell_w, header + len(rows) * cell_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  for c, label in enumerate(column_labels):
+    draw.text((caption_width + c * cell_w + 2, 2), label[:16], fill="black")
+  for r, (lines, images) in enumerate(zip(captions, rows, strict=True)):
+    if images.dtype != np.uint8:
+      images = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    top = header + r * cell_h
+    for i, text in enumerate(lines):
+      draw.text((4, top + 2 + i * line), text, fill="black")
+    for c in range(n):
+      tile = Image.fromarray(images[c]).resize((w * scale, h * scale), Image.NEAREST)
+      canvas.paste(tile, (caption_width + c * cell_w + (cell_w - w * scale) // 2, top + 2))
+  return canvas

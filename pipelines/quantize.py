@@ -19,31 +19,52 @@ from pipelines.folder import PipelineFolder
 from pipelines.inputs import check_image_size, prompt_list
 from pipelines.load import Pipeline, load_pipeline
 from svdq_jax.config import QuantConfig
+from svdq_jax.errors import InputError
+
+
+def calibrate_denoiser(pipe: Pipeline, prompts: str | Sequence[str], *,
+                       num_inference_steps: int = 4, height: int = 512, width: int = 512,
+                       seed: int = 0, guidance_scale: float | None = None, batch_size: int = 1,
+                       progress: bool = True, **sampling: Any
+                       ) -> dict[str, svdq_jax.ActivationStats]:
+  """The input statistics of every linear of `pipe.denoiser` (FLUX.1's and PixArt's transformer,
+  SDXL's UNet), recorded by `svdq_jax.calibrate` while the prompts are sampled eagerly for
+  `num_inference_steps` steps (every step recorded).
+
+  guidance_scale: the runs' guidance (None: the pipeline's default; a guided pipeline calibrates
+    on both branches; 0 for SDXL-Turbo, which samples without guidance).
+  batch_size: prompts per eager run (a small model's eager steps cost about the same for a batch
+    as for one prompt).
+  sampling: further call arguments of the pipeline (FLUX.1: negative_prompt, true_cfg_scale,
+    max_sequence_length).
+  """
+  prompts = prompt_list(prompts)
+  if batch_size < 1:
+    raise InputError(f"calibrate_denoiser: batch_size must be >= 1, got {batch_size}")
+  batches = prompts if batch_size == 1 else [prompts[i:i + batch_size]
+                                             for i in range(0, len(prompts), batch_size)]
+
+  def run(batch: str | list[str]) -> None:
+    pipe(batch, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
+         guidance_scale=guidance_scale, output_type="latent", jit=False, **sampling)
+
+  return svdq_jax.calibrate(run, batches, model=pipe.denoiser, progress=progress)
 
 
 def quantize_denoiser(pipe: Pipeline, config: Any, prompts: str | Sequence[str], *,
                       num_inference_steps: int = 4, height: int = 512, width: int = 512,
                       seed: int = 0, guidance_scale: float | None = None,
                       progress: bool = True, **sampling: Any) -> None:
-  """Calibrates `pipe.denoiser` (FLUX.1's and PixArt's transformer, SDXL's UNet) on prompts and
-  quantizes it in place with `config`.
+  """Calibrates `pipe.denoiser` on prompts (`calibrate_denoiser`, same arguments) and quantizes it
+  in place with `config`.
 
-  Every prompt is sampled eagerly for `num_inference_steps` steps (with `guidance_scale`, None:
-  the pipeline's default; a guided pipeline calibrates on both branches) while
-  `svdq_jax.calibrate` records the input of every linear layer at every step;
-  `svdq_jax.quantize_model` then applies the config (a `QuantConfig`; its `skip` patterns keep the
+  `svdq_jax.quantize_model` applies the config (a `QuantConfig`; its `skip` patterns keep the
   embedders, the final norm and projection, and the UNet's projections, cross-attention
-  key/value and ResNet time projections in 16 bits).
-  Progress bars run per prompt and per layer. `sampling` holds further call arguments of the
-  pipeline (FLUX.1: negative_prompt, true_cfg_scale, max_sequence_length).
+  key/value and ResNet time projections in 16 bits). Progress bars run per prompt and per layer.
   """
-  prompts = prompt_list(prompts)
-
-  def run(prompt: str) -> None:
-    pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, seed=seed,
-         guidance_scale=guidance_scale, output_type="latent", jit=False, **sampling)
-
-  stats = svdq_jax.calibrate(run, prompts, model=pipe.denoiser, progress=progress)
+  stats = calibrate_denoiser(pipe, prompts, num_inference_steps=num_inference_steps,
+                             height=height, width=width, seed=seed,
+                             guidance_scale=guidance_scale, progress=progress, **sampling)
   svdq_jax.quantize_model(pipe.denoiser, stats, config, progress=progress)
   pipe._runners.clear()  # the quantized denoiser has other parameter shapes
 

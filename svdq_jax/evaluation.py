@@ -1,4 +1,4 @@
-"""Layer-level quality of every preset: the table of benchmarks/quant_error.py and the demo.
+"""Layer-level quality of every preset: the table of benchmarks/quant_error.py.
 
 The test layers follow a documented recipe (`outlier_layer`) that mimics what SVDQuant reports for
 diffusion transformers: activations with a few channels far larger than the rest (channel-wise

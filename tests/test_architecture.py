@@ -142,7 +142,7 @@ def test_imports_run_one_way():
     ("from convert.loading import load_pretrained\n", "models/flux.py",
      "models imports convert.loading (a layer above it)"),
     ("def f():\n  import pipelines\n", "convert/api.py", "convert imports pipelines"),
-    ("def f():\n  from cli import main\n", "demo/layer_errors.py", "demo imports cli"),
+    ("def f():\n  from cli import main\n", "demo/quality.py", "demo imports cli"),
     ("import benchmarks.kernels\n", "cli/main.py", "cli imports benchmarks.kernels"),
     ("import importlib\nm = importlib.import_module('convert.loading')\n", "models/t5.py",
      "our module 'convert.loading' by a string"),

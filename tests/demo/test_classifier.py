@@ -68,3 +68,14 @@ def test_frechet_distance_matches_diagonal_closed_form(np_rng):
   expected = np.square(a.mean(0) - b.mean(0)).sum() + np.square(sa - sb).sum()
   assert C.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
   assert C.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_renders_round_trip_and_bad_sheet(tmp_path, np_rng):
+  renders = np_rng.integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
+  C.save_renders(renders, tmp_path / C.RENDERS_FILE)
+  np.testing.assert_array_equal(C.load_renders(tmp_path, 37), renders)
+  np.testing.assert_array_equal(C.load_renders(tmp_path, 5), renders[:5])
+  with pytest.raises(InputError, match="expected"):
+    C.load_renders(tmp_path, 100)
+  with pytest.raises(InputError, match="cannot read"):
+    C.load_renders(tmp_path / "nope", 5)

@@ -319,6 +319,38 @@ def test_quantize_denoiser_samples_with_the_guidance_it_is_given(monkeypatch):
   assert calls == [("a", 0.0, False), ("b", 0.0, False), ("a", None, False), ("b", None, False)]
 
 
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_calibrate_denoiser_runs_prompts_in_batches(tiny, monkeypatch):
+  _, _, ours = tiny
+  calibrated = []
+
+  def calibrate(run, inputs, **kwargs):
+    calibrated.extend(inputs)
+    raise InterruptedError("stop after calibration was reached")
+
+  monkeypatch.setattr(svdq_jax, "calibrate", calibrate)
+  with pytest.raises(InterruptedError):
+    pipelines.calibrate_denoiser(ours, ["a", "b", "c"], batch_size=2)
+  assert calibrated == [["a", "b"], ["c"]]
+  with pytest.raises(InputError, match="batch_size"):
+    pipelines.calibrate_denoiser(ours, ["a"], batch_size=0)
+
+
+@pytest.mark.parametrize("tiny", [True], indirect=True, ids=["dev"])
+def test_with_transformer_shares_everything_else(tiny):
+  from flax import nnx
+
+  _, _, ours = tiny
+  copy = nnx.clone(ours.transformer)
+  pipe = ours.with_transformer(copy)
+  assert pipe.transformer is copy and ours.transformer is not copy
+  assert pipe.vae is ours.vae and pipe._t5 is ours._t5 and pipe._decode is ours._decode
+  assert pipe._runners == {} and pipe._runners is not ours._runners
+  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                max_sequence_length=MAX_SEQUENCE_LENGTH)
+  np.testing.assert_array_equal(pipe(PROMPTS[0], **kwargs), ours(PROMPTS[0], **kwargs))
+
+
 def test_png_metadata_holds_prompt_and_seed(tmp_path):
   from PIL import Image
 
