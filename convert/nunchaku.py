@@ -15,8 +15,6 @@ FLUX files, which Nunchaku's loader renames) call the last four `smooth`, `smoot
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_dtypes
 import numpy as np
 
@@ -554,20 +552,3 @@ def pack_w4a16(layer: SVDQLinear, *, bias: np.ndarray | None = None, adanorm_spl
     padded[key] = np.zeros((rows, n), dtype)
     padded[key][: k // AWQ_GROUP] = value
   return {"qweight": pack_awq(codes.astype(np.uint8)), **padded, "bias": bias_out}
-
-
-def split_outputs(layer: SVDQLinear, sizes: tuple[int, ...]) -> list[SVDQLinear]:
-  """A fused layer (Nunchaku's qkv_proj) as layers over consecutive output slices, exactly: the
-  codes, scales, up factor, bias and wcscales are sliced; smooth, wtscale and the down factor are
-  shared (copied)."""
-  if sum(sizes) != layer.out_features:
-    raise ValueError(f"split_outputs: sizes {sizes} do not add up to {layer.out_features}")
-  parts, start = [], 0
-  for size in sizes:
-    cols = slice(start, start + size)
-    parts.append(dataclasses.replace(
-        layer, qweight=layer.qweight[cols], wscales=layer.wscales[:, cols],
-        lora_up=layer.lora_up[:, cols], bias=None if layer.bias is None else layer.bias[cols],
-        wcscales=None if layer.wcscales is None else layer.wcscales[cols], out_features=size))
-    start += size
-  return parts

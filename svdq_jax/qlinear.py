@@ -188,6 +188,24 @@ def expected_shapes(fmt: QuantFormat, in_features: int, out_features: int, rank:
   return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
+def split_outputs(layer: SVDQLinear, sizes: tuple[int, ...]) -> list[SVDQLinear]:
+  """A layer as layers over consecutive output slices of `sizes` channels, exactly (y of each part
+  is its slice of y): the codes, scales, up factor, bias and wcscales are sliced; smooth, wtscale
+  and the down factor are shared. Splits a fused q/k/v layer (Nunchaku's `qkv_proj`, or one
+  quantized with `QuantConfig.fused`) into its parts."""
+  if sum(sizes) != layer.out_features:
+    raise ValueError(f"split_outputs: sizes {sizes} do not add up to {layer.out_features}")
+  parts, start = [], 0
+  for size in sizes:
+    cols = slice(start, start + size)
+    parts.append(dataclasses.replace(
+        layer, qweight=layer.qweight[cols], wscales=layer.wscales[:, cols],
+        lora_up=layer.lora_up[:, cols], bias=None if layer.bias is None else layer.bias[cols],
+        wcscales=None if layer.wcscales is None else layer.wcscales[cols], out_features=size))
+    start += size
+  return parts
+
+
 def is_quantized(x: Any) -> bool:
   """True for an `SVDQLinear` (a quantized kernel), False for anything else."""
   return isinstance(x, SVDQLinear)

@@ -12,7 +12,7 @@ from convert import nunchaku as nk
 from convert.safetensors_io import CheckpointError
 from svdq_jax import quantizers as qz
 from svdq_jax import svdq_dot
-from svdq_jax.qlinear import SVDQLinear
+from svdq_jax.qlinear import SVDQLinear, split_outputs
 from tests.convert import _nunchaku_reference as ref
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -189,7 +189,7 @@ def test_nvfp4_split_qkv_keeps_each_part_exact(np_rng):
   fused = nk.unpack_linear(ref.dc_pack(layer))
   x = jnp.asarray(np_rng.normal(0, 1, (4, k)).astype(np.float32))
   whole = np.asarray(svdq_dot(x, fused, impl="xla"))
-  parts = nk.split_outputs(fused, (n // 3,) * 3)
+  parts = split_outputs(fused, (n // 3,) * 3)
   got = np.concatenate([np.asarray(svdq_dot(x, part, impl="xla")) for part in parts], axis=1)
   np.testing.assert_array_equal(got, whole)
 
