@@ -15,8 +15,6 @@ FLUX files, which Nunchaku's loader renames) call the last four `smooth`, `smoot
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_dtypes
 import numpy as np
 
@@ -238,7 +236,9 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
     tensors: the layer's tensors by name (current or DeepCompressor names, see the module
       docstring), numpy arrays as stored: qweight int8 (N, K/2); wscales (K/64, N) bf16 (INT4) or
       (K/16, N) float8_e4m3fn (NVFP4); bias (N,); smooth (K,) (the runtime factor; `smooth_orig`
-      is ignored); optional lora_down (K, R) / lora_up (N, R); NVFP4 also wtscale (1,).
+      is ignored); optional lora_down (K, R) / lora_up (N, R); NVFP4 also wtscale (1,) and/or
+      wcscales (N,) (a per-channel scale, permuted like the bias; DeepCompressor writes it for
+      fused q/k/v linears whose parts have different tensor scales).
     act_shift: 0.171875 for layers Nunchaku runs on unsigned shifted activations (the INT4 MLP
       down-projections); their bias already holds the shift compensation.
     in_features, out_features: the layer's true shape when Nunchaku padded it to multiples of
@@ -289,12 +289,14 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
     down = np.zeros((k_pad, 0), BF16)
     up = np.zeros((n_pad, 0), BF16)
   wtscale = np.float32(1.0)
+  wcscales = None
   if fmt == "nvfp4":
-    if "wcscales" in t:
-      raise _layer_error(name, "per-channel 'wcscales' are not supported yet")
     if "wtscale" in t:
       wt = _need(t, "wtscale", name, (1,), (*MODEL_DTYPES, np.dtype(np.float32)))
       wtscale = np.float32(wt.astype(np.float32)[0])
+    if "wcscales" in t:
+      wc = _need(t, "wcscales", name, (n_pad,), MODEL_DTYPES)
+      wcscales = np.ascontiguousarray(unpack_scales(wc)[:n].astype(np.float32))
   elif "wtscale" in t or "wcscales" in t:
     raise _layer_error(name, "INT4 layer with NVFP4 tensor scales 'wtscale'/'wcscales'")
 
@@ -313,7 +315,8 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
       lora_down=np.ascontiguousarray(_as_bf16_exactly(lora_down, "'proj_down'", name)),
       lora_up=np.ascontiguousarray(_as_bf16_exactly(lora_up, "'proj_up'", name)),
       bias=unpack_scales(bias)[:n].astype(np.float32),
-      format=w4a4_format(fmt, float(act_shift)), in_features=k, out_features=n)
+      format=w4a4_format(fmt, float(act_shift)), in_features=k, out_features=n,
+      wcscales=wcscales)
 
 
 def _host(x) -> np.ndarray:
@@ -327,7 +330,8 @@ def pack_linear(layer: SVDQLinear, *, bias: np.ndarray | None = None, dtype=BF16
   What DeepCompressor's `convert_to_nunchaku_w4x4y16_linear_state_dict` writes for the same
   values, byte for byte: qweight int8 (N', K'/2), wscales (K'/64, N') (INT4, `dtype`) or
   (K'/16, N') float8_e4m3fn (NVFP4), bias (N') and smooth / smooth_orig (K') in `dtype`,
-  lora_down (K', R') and lora_up (N', R') in `dtype`, NVFP4 wtscale (1,) in `dtype`; N', K' are
+  lora_down (K', R') and lora_up (N', R') in `dtype`, NVFP4 wtscale (1,) in `dtype` (left out,
+  as DeepCompressor does, when the layer has per-channel wcscales (N',) and wtscale 1); N', K' are
   padded to multiples of 128 and R' to 16 as DeepCompressor pads them (codes and factors with
   zeros, scales, smooth and bias with ones).
 
@@ -339,8 +343,8 @@ def pack_linear(layer: SVDQLinear, *, bias: np.ndarray | None = None, dtype=BF16
       what FLUX files hold).
 
   Values are rounded only where Nunchaku stores fewer bits than we do: the float32 bias and
-  smoothing factor (and the NVFP4 wtscale) to `dtype`; an NVFP4 code -0 becomes +0 (the same value;
-  DeepCompressor's codebook search never yields -0).
+  smoothing factor (and the NVFP4 wtscale and wcscales) to `dtype`; an NVFP4 code -0 becomes +0
+  (the same value; DeepCompressor's codebook search never yields -0).
 
   Raises:
     CheckpointError for a layer Nunchaku cannot hold (weight-only, INT8, NF4, group size, an odd
@@ -377,7 +381,12 @@ def pack_linear(layer: SVDQLinear, *, bias: np.ndarray | None = None, dtype=BF16
     out["wscales"] = pack_scales(scales)
   else:
     out["wscales"] = pack_micro_scales(scales.astype(FP8))
-    out["wtscale"] = np.asarray(_host(layer.wtscale), np.float32).astype(dtype).reshape(1)
+    if layer.wcscales is not None:
+      channel = np.ones((n_pad,), dtype)
+      channel[:n] = _host(layer.wcscales).astype(dtype)
+      out["wcscales"] = pack_scales(channel)
+    if layer.wcscales is None or float(layer.wtscale) != 1.0:
+      out["wtscale"] = np.asarray(_host(layer.wtscale), np.float32).astype(dtype).reshape(1)
   out["bias"] = pack_scales(bias_out)
   out["smooth_orig"] = pack_scales(smooth)
   out["smooth"] = out["smooth_orig"].copy()
@@ -543,19 +552,3 @@ def pack_w4a16(layer: SVDQLinear, *, bias: np.ndarray | None = None, adanorm_spl
     padded[key] = np.zeros((rows, n), dtype)
     padded[key][: k // AWQ_GROUP] = value
   return {"qweight": pack_awq(codes.astype(np.uint8)), **padded, "bias": bias_out}
-
-
-def split_outputs(layer: SVDQLinear, sizes: tuple[int, ...]) -> list[SVDQLinear]:
-  """A fused layer (Nunchaku's qkv_proj) as layers over consecutive output slices, exactly: the
-  codes, scales, up factor and bias are sliced; smooth and the down factor are shared (copied)."""
-  if sum(sizes) != layer.out_features:
-    raise ValueError(f"split_outputs: sizes {sizes} do not add up to {layer.out_features}")
-  parts, start = [], 0
-  for size in sizes:
-    cols = slice(start, start + size)
-    parts.append(dataclasses.replace(
-        layer, qweight=layer.qweight[cols], wscales=layer.wscales[:, cols],
-        lora_up=layer.lora_up[:, cols], bias=None if layer.bias is None else layer.bias[cols],
-        out_features=size))
-    start += size
-  return parts

@@ -6,7 +6,7 @@ safetensors metadata holds `config`, `quantization_config` and `model_class`) or
 `transformer_blocks.` / `single_transformer_blocks.` are Nunchaku's quantized blocks (notes/
 nunchaku.md 3.2, DeepCompressor's names); every other key is a diffusers FluxTransformer2DModel
 weight. The layers map onto `models.flux.FluxTransformer` with `split_proj_out` (see `DOUBLE`,
-`SINGLE`): a fused qkv becomes to_q / to_k / to_v (exact, `convert.nunchaku.split_outputs`), a
+`SINGLE`): a fused qkv becomes to_q / to_k / to_v (exact, `svdq_jax.qlinear.split_outputs`), a
 single block's `out_proj` and `mlp_fc2` become `proj_out` and `proj_out_mlp`, the W4A16 AdaLN
 linears are `convert.nunchaku.unpack_w4a16`. The whole bias of each quantized linear is in its
 SVDQLinear; the layer's own bias is zero.
@@ -31,6 +31,7 @@ from convert.checkpoint import atomic_folder, check_against_model, write_into
 from convert.loading import read_json_object
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.flux import FluxConfig
+from svdq_jax.qlinear import split_outputs
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 # Nunchaku W4A4 layer -> (our linears, in output order; True for the INT4 shifted MLP input).
@@ -189,7 +190,7 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
         raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
       shift = nk.GELU_SHIFT if shifted and source.precision == "int4" else 0.0
       layer = nk.unpack_linear(tensors, act_shift=shift, name=f"{name}: {layer_prefix}")
-      parts = nk.split_outputs(layer, (dim,) * 3) if len(paths) == 3 else [layer]
+      parts = split_outputs(layer, (dim,) * 3) if len(paths) == 3 else [layer]
       for path, part in zip(paths, parts, strict=True):
         arrays[f"{ours}/{path}/kernel"] = part
         arrays[f"{ours}/{path}/bias"] = np.zeros((part.out_features,), nk.BF16)

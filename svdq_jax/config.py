@@ -55,6 +55,11 @@ DEFAULT_WEIGHT_ONLY = (
 )
 
 
+# Nunchaku's fused linears: the q/k/v projections of each attention (and the text stream's in
+# FLUX's double blocks) are one linear with one smoothing factor and one low-rank branch there.
+NUNCHAKU_FUSED = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(DictConfig):
   """How one linear layer (or, with the patterns, a whole model) is quantized.
@@ -73,6 +78,12 @@ class QuantConfig(DictConfig):
     skip: fnmatch patterns of kernel paths that stay unquantized.
     weight_only: fnmatch patterns of kernel paths quantized INT4 g64 weight-only (W4A16).
     seed: seed of the randomized SVD (quantization is deterministic for a given seed).
+    fused: groups of sibling linears that read the same input, by their names under a common
+      parent (e.g. ("to_q", "to_k", "to_v")), each quantized as one layer (kernels concatenated
+      along N): one smoothing factor, one low-rank branch (lora_down shared), one NVFP4 tensor
+      scale, then split back into one SVDQLinear per linear (`split_outputs`). `NUNCHAKU_FUSED`
+      is the layout Nunchaku's files need (`svdq-jax export-nunchaku`). A group applies only
+      where all its linears are quantized alike and have the same in_features.
   """
 
   weight_format: WeightFormat | None = "int4"
@@ -86,12 +97,22 @@ class QuantConfig(DictConfig):
   skip: tuple[str, ...] = DEFAULT_SKIP
   weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
   seed: int = 0
+  fused: tuple[tuple[str, ...], ...] = ()
 
   def __post_init__(self):
     for name in ("smooth", "skip", "weight_only"):
       value = getattr(self, name)
       if isinstance(value, list):
         object.__setattr__(self, name, tuple(value))
+    if isinstance(self.fused, (list, tuple)):
+      object.__setattr__(self, "fused", tuple(
+          tuple(group) if isinstance(group, (list, tuple)) else group for group in self.fused))
+    if not isinstance(self.fused, tuple) or any(
+        not isinstance(group, tuple) or len(group) < 2 or len(set(group)) != len(group)
+        or not all(isinstance(name, str) and name and "/" not in name for name in group)
+        for group in self.fused):
+      raise InputError(f"QuantConfig: fused must be groups of two or more distinct layer names "
+                       f"(no '/'), got {self.fused!r}")
     if self.weight_format not in (*WEIGHT_FORMATS, None):
       raise InputError(f"QuantConfig: weight_format {self.weight_format!r} is not one of "
                        f"{WEIGHT_FORMATS} or None")

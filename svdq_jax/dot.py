@@ -213,6 +213,8 @@ def pallas_unsupported_reason(x: jax.Array, w: SVDQLinear, *, interpret: bool = 
   if w.weight_format != "int4" or w.act_format != "int4":
     return (f"the Pallas kernels support INT4 W4A4 only, this layer is weight {w.weight_format} "
             f"/ activations {w.act_format}")
+  if w.wcscales is not None:
+    return "the Pallas kernels have no per-channel weight scale (wcscales)"
   m = x.size // max(w.in_features, 1)
   reason = kernels.unsupported_reason(m, w.in_features, w.out_features, w.rank,
                                       group_size=w.group_size, out_dtype=x.dtype)

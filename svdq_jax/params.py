@@ -7,7 +7,8 @@ config as given. The layer's own `bias` stays where it is: the SVDQLinear's bias
 correction it needs (the shift compensation). A kernel whose in_features are not a multiple of its
 group size (e.g. a width-32 test model under a g64 preset) stays 16-bit, and `quantize_params`
 logs one notice per call counting such layers (zero-padding K, as Nunchaku does, would change the
-SVDQLinear layout).
+SVDQLinear layout). Sibling linears named by a `QuantConfig.fused` group (q/k/v) are quantized as
+one concatenated layer and split back, so they share the smoothing factor and `lora_down`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from svdq_jax import quantizers as qz
 from svdq_jax.calibration import ActivationStats
 from svdq_jax.config import QuantConfig
 from svdq_jax.errors import InputError
-from svdq_jax.qlinear import SVDQLinear, expected_shapes
+from svdq_jax.qlinear import SVDQLinear, expected_shapes, split_outputs
 from svdq_jax.transform import quantize_linear
 from svdq_jax.tree import map_named_leaves, named_leaves
 
@@ -98,6 +99,57 @@ def selected_kernels(params: Any, config: QuantConfig) -> dict[str, QuantConfig]
   return _selection(params, config)[0]
 
 
+def fused_units(params: Any, config: QuantConfig) -> dict[str, tuple[str, ...]]:
+  """{kernel path: the kernel paths of its `config.fused` group, in group order} for every kernel
+  `quantize_params` quantizes jointly with its siblings; kernels quantized alone are absent.
+
+  A group applies under a parent when all its linears are selected, with the same layer config
+  and the same in_features (else each is quantized on its own).
+  """
+  if not config.fused:
+    return {}
+  selected = selected_kernels(params, config)
+  shapes = {path: tuple(leaf.shape) for path, leaf in named_leaves(params) if path in selected}
+  units: dict[str, tuple[str, ...]] = {}
+  for path, layer in selected.items():
+    parent, _, name = path[: -len("/kernel")].rpartition("/")
+    prefix = f"{parent}/" if parent else ""
+    for group in config.fused:
+      if name != group[0]:
+        continue
+      paths = tuple(f"{prefix}{member}/kernel" for member in group)
+      if all(selected.get(p) == layer and shapes[p][0] == shapes[path][0] for p in paths):
+        units.update((p, paths) for p in paths)
+  return units
+
+
+def _quantize_kernel(kernel: Any, path: str, layer: QuantConfig,
+                     stats: Mapping[str, ActivationStats] | None) -> SVDQLinear:
+  """quantize_linear of one kernel (K, N) with the statistics recorded at `path`."""
+  layer_stats = None if stats is None else stats.get(path)
+  if layer_stats is None and (stats is not None and layer.quantizes_activations
+                              or layer.needs_calibration_data):
+    raise InputError(f"quantize_params: layer {path!r} has no calibration statistics "
+                     f"(stats has {len(stats or {})} layers); calibrate with the same model "
+                     "or add the layer to config.skip")
+  if layer_stats is None:
+    return quantize_linear(kernel, None, None, layer, name=path)
+  return quantize_linear(kernel, None, jnp.asarray(layer_stats.samples), layer,
+                         act_absmax=jnp.asarray(layer_stats.absmax),
+                         act_max=jnp.asarray(layer_stats.maximum),
+                         act_min=float(np.min(layer_stats.minimum)), name=path)
+
+
+def _quantize_fused(paths: tuple[str, ...], kernels: list[Any], layer: QuantConfig,
+                    stats: Mapping[str, ActivationStats] | None) -> dict[str, SVDQLinear]:
+  """One fused group: the kernels concatenated along N quantized as one layer (calibrated on the
+  first linear's inputs, which all of them read), split back per linear."""
+  fused = _quantize_kernel(jnp.concatenate([jnp.asarray(k) for k in kernels], axis=1), paths[0],
+                           layer, stats)
+  parts = split_outputs(fused, tuple(int(k.shape[1]) for k in kernels))
+  return dict(zip(paths, parts, strict=True))
+
+
 def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
                     config: QuantConfig, *, progress: bool = True) -> Any:
   """Replaces every selected dense kernel with an SVDQLinear; a pure function.
@@ -112,9 +164,13 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
     progress: show a tqdm bar over the layers.
 
   Returns:
-    The same structure with the selected kernels replaced; the input is not modified.
+    The same structure with the selected kernels replaced; the input is not modified. Kernels of
+    a `config.fused` group (`fused_units`) are quantized as one layer and split back.
   """
   selected, unfit = _selection(params, config)
+  units = fused_units(params, config)
+  kernels = {path: leaf for path, leaf in named_leaves(params) if path in units}
+  fused_done: dict[str, SVDQLinear] = {}
   if unfit:
     path, (k, group) = next(iter(unfit.items()))
     logger.warning("quantize: %d linear layer(s) stay 16-bit because their in_features are not a "
@@ -132,20 +188,14 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
       if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
       return leaf.astype(jnp.bfloat16)
-    layer_stats = None if stats is None else stats.get(path)
     if isinstance(leaf, jax.ShapeDtypeStruct):
       return abstract_svdq_linear(leaf, layer)
-    if layer_stats is None and (stats is not None and layer.quantizes_activations
-                                or layer.needs_calibration_data):
-      raise InputError(f"quantize_params: layer {path!r} has no calibration statistics "
-                       f"(stats has {len(stats or {})} layers); calibrate with the same model "
-                       "or add the layer to config.skip")
-    if layer_stats is None:
-      return quantize_linear(leaf, None, None, layer, name=path)
-    return quantize_linear(leaf, None, jnp.asarray(layer_stats.samples), layer,
-                           act_absmax=jnp.asarray(layer_stats.absmax),
-                           act_max=jnp.asarray(layer_stats.maximum),
-                           act_min=float(np.min(layer_stats.minimum)), name=path)
+    unit = units.get(path)
+    if unit is None:
+      return _quantize_kernel(leaf, path, layer, stats)
+    if path not in fused_done:
+      fused_done.update(_quantize_fused(unit, [kernels[p] for p in unit], layer, stats))
+    return fused_done.pop(path)
 
   try:
     return map_named_leaves(replace, params)

@@ -23,7 +23,8 @@ from svdq_jax.formats import QuantFormat
 FORMAT_VERSION = 2
 """Version of `SVDQLinear.metadata()`. 2: the layer's `QuantFormat` under "format". 1 (still
 read): the whole `QuantConfig` under "config" and "act_shift" beside it."""
-_ARRAY_FIELDS = ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
+_ARRAY_FIELDS = ("qweight", "wscales", "wtscale", "wcscales", "smooth", "lora_down", "lora_up",
+                 "bias")
 
 
 @jax.tree_util.register_dataclass
@@ -34,7 +35,9 @@ class SVDQLinear:
   Array leaves (docs/format.md): qweight (N, K // 2) uint8 packed 4-bit codes, or (N, K) int8 for
   INT8; wscales (K // group, N) bfloat16 (float8_e4m3fn for NVFP4); wtscale () float32; smooth (K,)
   float32; lora_down (K, r) and lora_up (r, N) bfloat16; bias (N,) float32 or None (the folded
-  correction, e.g. the shift compensation; the layer's own bias stays in the layer).
+  correction, e.g. the shift compensation; the layer's own bias stays in the layer); wcscales
+  (N,) float32 or None, a per-output-channel weight scale on top of wtscale (NVFP4 only; what
+  Nunchaku's fused q/k/v linears carry).
   Static: `format` (the `QuantFormat`: formats, group size, act_shift), `in_features`,
   `out_features`.
   """
@@ -49,6 +52,7 @@ class SVDQLinear:
   format: QuantFormat = dataclasses.field(metadata={"static": True})
   in_features: int = dataclasses.field(metadata={"static": True})
   out_features: int = dataclasses.field(metadata={"static": True})
+  wcscales: jax.Array | None = None
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -86,7 +90,10 @@ class SVDQLinear:
   def dequantize_residual(self) -> jax.Array:
     """The dequantized 4-bit residual in the smoothed domain, (K, N) float32."""
     codes = qz.Quantized(self.weight_codes(), self.wscales.T, self.wtscale)
-    return qz.dequantize(codes, self.weight_format, self.group_size).T
+    residual = qz.dequantize(codes, self.weight_format, self.group_size).T
+    if self.wcscales is not None:
+      residual = residual * self.wcscales[None, :]
+    return residual
 
   def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """The effective kernel (K, N): residual / smooth + lora_down @ lora_up, in `dtype`.
@@ -100,10 +107,14 @@ class SVDQLinear:
     return kernel.astype(dtype)
 
   def metadata(self) -> dict[str, Any]:
-    """The JSON-serializable static part (for checkpoints, docs/format.md)."""
-    return {"format_version": FORMAT_VERSION, "format": self.format.to_dict(),
-            "in_features": self.in_features, "out_features": self.out_features,
-            "rank": self.rank, "has_bias": self.bias is not None}
+    """The JSON-serializable static part (for checkpoints, docs/format.md). "has_wcscales" is
+    written only when true, so layers without per-channel scales keep their old header."""
+    metadata = {"format_version": FORMAT_VERSION, "format": self.format.to_dict(),
+                "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "has_bias": self.bias is not None}
+    if self.wcscales is not None:
+      metadata["has_wcscales"] = True
+    return metadata
 
   def arrays(self) -> dict[str, jax.Array]:
     """The array leaves by field name (None fields absent); inverse of `from_arrays`."""
@@ -117,7 +128,8 @@ class SVDQLinear:
     k, n = int(metadata["in_features"]), int(metadata["out_features"])
     fmt = metadata_format(metadata)
     expected = expected_shapes(fmt, k, n, int(metadata["rank"]),
-                               has_bias=bool(metadata["has_bias"]))
+                               has_bias=bool(metadata["has_bias"]),
+                               has_wcscales=bool(metadata.get("has_wcscales", False)))
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
@@ -130,6 +142,7 @@ class SVDQLinear:
                          f" the metadata needs {np.dtype(spec.dtype)}{spec.shape}")
       leaves[name] = jnp.asarray(value)
     leaves.setdefault("bias", None)
+    leaves.setdefault("wcscales", None)
     return cls(**leaves, format=fmt, in_features=k, out_features=n)
 
 
@@ -147,13 +160,17 @@ def metadata_format(metadata: Mapping[str, Any]) -> QuantFormat:
 
 
 def expected_shapes(fmt: QuantFormat, in_features: int, out_features: int, rank: int, *,
-                    has_bias: bool) -> dict[str, jax.ShapeDtypeStruct]:
+                    has_bias: bool, has_wcscales: bool = False
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of an SVDQLinear's arrays (docs/format.md), e.g. for `jax.eval_shape`."""
   k, n = in_features, out_features
   group = fmt.group_size
   if k % group:
     raise ValueError(f"expected_shapes: {k} input features are not a multiple of the group size "
                      f"{group}")
+  if has_wcscales and fmt.weight_format != "nvfp4":
+    raise ValueError(f"expected_shapes: per-channel wcscales are NVFP4 only, not "
+                     f"{fmt.weight_format}")
   weight = fmt.weight_format
   qweight = ((n, k), jnp.int8) if weight == "int8" else ((n, k // 2), jnp.uint8)
   shapes = {
@@ -166,7 +183,27 @@ def expected_shapes(fmt: QuantFormat, in_features: int, out_features: int, rank:
   }
   if has_bias:
     shapes["bias"] = ((n,), jnp.float32)
+  if has_wcscales:
+    shapes["wcscales"] = ((n,), jnp.float32)
   return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+
+def split_outputs(layer: SVDQLinear, sizes: tuple[int, ...]) -> list[SVDQLinear]:
+  """A layer as layers over consecutive output slices of `sizes` channels, exactly (y of each part
+  is its slice of y): the codes, scales, up factor, bias and wcscales are sliced; smooth, wtscale
+  and the down factor are shared. Splits a fused q/k/v layer (Nunchaku's `qkv_proj`, or one
+  quantized with `QuantConfig.fused`) into its parts."""
+  if sum(sizes) != layer.out_features:
+    raise ValueError(f"split_outputs: sizes {sizes} do not add up to {layer.out_features}")
+  parts, start = [], 0
+  for size in sizes:
+    cols = slice(start, start + size)
+    parts.append(dataclasses.replace(
+        layer, qweight=layer.qweight[cols], wscales=layer.wscales[:, cols],
+        lora_up=layer.lora_up[:, cols], bias=None if layer.bias is None else layer.bias[cols],
+        wcscales=None if layer.wcscales is None else layer.wcscales[cols], out_features=size))
+    start += size
+  return parts
 
 
 def is_quantized(x: Any) -> bool:
@@ -226,9 +263,10 @@ def grouped_integer_product(qx: jax.Array, ascales: jax.Array, qw: jax.Array, ws
 def xla_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None = None) -> jax.Array:
   """The reference product for any backend: x (..., K) -> (..., N) in x's dtype.
 
-  Quantized activations: exact grouped integer product rescaled in float32, times wtscale, plus
-  the float32 low-rank branch (x @ lora_down) @ lora_up, plus both biases. Weight-only (W4A16):
-  x @ dequantize() in x's dtype, plus both biases.
+  Quantized activations: exact grouped integer product rescaled in float32, times wtscale (and
+  the per-channel wcscales, when present), plus the float32 low-rank branch
+  (x @ lora_down) @ lora_up, plus both biases. Weight-only (W4A16): x @ dequantize() in x's
+  dtype, plus both biases.
   """
   lead = x.shape[:-1]
   # The barrier keeps the weights' unpacking and dequantization after this layer's input exists:
@@ -242,6 +280,8 @@ def xla_dot(x: jax.Array, w: SVDQLinear, bias: jax.Array | None = None) -> jax.A
     aw, w_factor = _integer_operand(w.weight_codes(), w.weight_format)
     y = grouped_integer_product(ax, ascales, aw, w.wscales, w.group_size, a_factor * w_factor)
     y = y * w.wtscale
+    if w.wcscales is not None:
+      y = y * w.wcscales
     if w.rank:
       lora_act = x2.astype(jnp.float32) @ w.lora_down.astype(jnp.float32)
       y = y + lora_act @ w.lora_up.astype(jnp.float32)

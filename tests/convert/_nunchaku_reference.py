@@ -24,7 +24,7 @@ class RandomLayer:
   """A random W4A4 layer in logical layouts: codes (N, K) (INT4 values -8..7, or E2M1 bit patterns
   0..15 without -0), scales (G, N) (bf16 for INT4, float8 values for NVFP4), wtscale (NVFP4, a
   bf16 value), bias (N,) bf16, smooth (K,) bf16, down (R, K) bf16 (un-smoothed, acts on x),
-  up (N, R) bf16."""
+  up (N, R) bf16, wcscales (N,) bf16 or None (NVFP4 per-channel scale, then wtscale is 1)."""
 
   fmt: str
   codes: np.ndarray
@@ -34,6 +34,7 @@ class RandomLayer:
   smooth: np.ndarray
   down: np.ndarray
   up: np.ndarray
+  wcscales: np.ndarray | None = None
 
   @property
   def group(self) -> int:
@@ -43,11 +44,19 @@ class RandomLayer:
     """The weight values (N, K) float64 the codes stand for (in the smoothed input domain)."""
     v = self.codes.astype(np.float64) if self.fmt == "int4" else E2M1[self.codes]
     s = np.repeat(self.scales.astype(np.float64).T, self.group, axis=1)
-    return v * s * self.wtscale
+    return v * s * self.wtscale * self.channel_scales()[:, None]
+
+  def channel_scales(self) -> np.ndarray:
+    """wcscales (N,) float64, ones without them."""
+    if self.wcscales is None:
+      return np.ones(self.codes.shape[0])
+    return self.wcscales.astype(np.float64)
 
 
-def random_layer(rng: np.random.Generator, k: int, n: int, rank: int, fmt: str = "int4"
-                 ) -> RandomLayer:
+def random_layer(rng: np.random.Generator, k: int, n: int, rank: int, fmt: str = "int4", *,
+                 channel_scales: np.ndarray | None = None) -> RandomLayer:
+  """A random layer; `channel_scales` (N,) (NVFP4) makes it carry those wcscales (as bf16) and
+  wtscale 1, as DeepCompressor's fused q/k/v linears."""
   group = 64 if fmt == "int4" else 16
   if fmt == "int4":
     codes = rng.integers(-8, 8, (n, k)).astype(np.int8)
@@ -57,12 +66,15 @@ def random_layer(rng: np.random.Generator, k: int, n: int, rank: int, fmt: str =
     codes = rng.choice([c for c in range(16) if c != 8], (n, k)).astype(np.uint8)
     scales = rng.uniform(0.05, 400, (k // group, n)).astype(ml_dtypes.float8_e4m3fn)
     wtscale = float(np.float32(rng.uniform(1e-5, 1e-4)).astype(BF16))
+  wcscales = None
+  if channel_scales is not None:
+    wtscale, wcscales = 1.0, np.asarray(channel_scales).astype(BF16)
   return RandomLayer(
       fmt=fmt, codes=codes, scales=scales, wtscale=wtscale,
       bias=rng.normal(0, 0.5, (n,)).astype(BF16),
       smooth=rng.uniform(0.25, 4.0, (k,)).astype(BF16),
       down=(rng.normal(0, 1, (rank, k)) / np.sqrt(k)).astype(BF16),
-      up=(rng.normal(0, 1, (n, rank)) * 0.1).astype(BF16))
+      up=(rng.normal(0, 1, (n, rank)) * 0.1).astype(BF16), wcscales=wcscales)
 
 
 def _t(a: np.ndarray, dtype=None):
@@ -95,6 +107,9 @@ def dc_pack(layer: RandomLayer, *, shift: float | None = None, smooth: bool = Tr
   weight = torch.from_numpy(layer.values()).to(torch.bfloat16)
   if layer.fmt == "int4":
     scale, subscale = _t(layer.scales.T.reshape(n, 1, g, 1)), None
+  elif layer.wcscales is not None:
+    scale = _t(layer.wcscales.reshape(n, 1, 1, 1))
+    subscale = _t(layer.scales.astype(np.float32).T.reshape(n, 1, g, 1)).to(torch.bfloat16)
   else:
     scale = torch.tensor([layer.wtscale], dtype=torch.bfloat16)
     subscale = _t(layer.scales.astype(np.float32).T.reshape(n, 1, g, 1)).to(torch.bfloat16)
@@ -133,7 +148,8 @@ def dc_pack_w4a16(codes: np.ndarray, scales: np.ndarray, bias: np.ndarray, *, ze
 
 def reference_output(x: np.ndarray, layer: RandomLayer, bias: np.ndarray, shift: float
                      ) -> np.ndarray:
-  """notes/nunchaku.md 3.5 in numpy: y = sum_g a_g w_g (q_x . q_w) wtscale + bias + x down^T up^T.
+  """notes/nunchaku.md 3.5 in numpy:
+  y = sum_g a_g w_g (q_x . q_w) wtscale wcscales + bias + x down^T up^T.
 
   Activations: xs = (x + shift) / smooth in float32, per token and group amax / Q (Q 15 shifted,
   7 signed INT4, 6 NVFP4 with the scale rounded to E4M3), codes round half to even.
@@ -160,7 +176,7 @@ def reference_output(x: np.ndarray, layer: RandomLayer, bias: np.ndarray, shift:
     cols = slice(g * group, (g + 1) * group)
     psum = qx[:, g, :].astype(np.float64) @ wv[:, cols].T
     y += a[:, g].astype(np.float64) * w_scales[g][None, :] * psum
-  y = y * layer.wtscale + bias.astype(np.float64)
+  y = y * layer.wtscale * layer.channel_scales() + bias.astype(np.float64)
   if layer.down.shape[0]:
     y += (x.astype(np.float64) @ layer.down.astype(np.float64).T) @ layer.up.astype(np.float64).T
   return y

@@ -12,7 +12,7 @@ from convert import nunchaku as nk
 from convert.safetensors_io import CheckpointError
 from svdq_jax import quantizers as qz
 from svdq_jax import svdq_dot
-from svdq_jax.qlinear import SVDQLinear
+from svdq_jax.qlinear import SVDQLinear, split_outputs
 from tests.convert import _nunchaku_reference as ref
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -32,7 +32,8 @@ def _ours(layer: ref.RandomLayer, shift: float) -> SVDQLinear:
       smooth=jnp.asarray(layer.smooth.astype(np.float32)),
       lora_down=jnp.asarray(layer.down.T), lora_up=jnp.asarray(layer.up.T),
       bias=jnp.asarray(layer.bias.astype(np.float32)),
-      format=nk.w4a4_format(layer.fmt, shift), in_features=k, out_features=n)
+      format=nk.w4a4_format(layer.fmt, shift), in_features=k, out_features=n,
+      wcscales=None if layer.wcscales is None else jnp.asarray(layer.wcscales.astype(np.float32)))
 
 
 def _expected_bias(layer: ref.RandomLayer, shift: float) -> np.ndarray:
@@ -57,6 +58,10 @@ def _check_unpacked(got: SVDQLinear, layer: ref.RandomLayer, shift: float, np_rn
   np.testing.assert_array_equal(np.asarray(got.lora_up).T, layer.up)
   np.testing.assert_array_equal(np.asarray(got.bias), _expected_bias(layer, shift))
   assert float(got.wtscale) == layer.wtscale
+  if layer.wcscales is None:
+    assert got.wcscales is None
+  else:
+    np.testing.assert_array_equal(np.asarray(got.wcscales), layer.wcscales.astype(np.float32))
   assert (got.in_features, got.out_features, got.act_shift) == (k, n, shift)
   x = np_rng.normal(0, 1, (5, k)).astype(np.float32)
   if shift:
@@ -129,6 +134,64 @@ def test_own_bias_is_added_before_rounding(np_rng):
   packed = nk.pack_linear(ours, bias=own)
   want = (layer.bias.astype(np.float32) + own).astype(ml_dtypes.bfloat16)
   np.testing.assert_array_equal(nk.unpack_scales(packed["bias"]), want)
+
+
+# NVFP4: E2M1 codes, float8_e4m3 group-16 scales, and a per-tensor wtscale (a single linear) or
+# per-channel wcscales (a fused q/k/v linear whose parts have their own tensor scales: constant over
+# each third); no activation shift.
+def _qkv_channel_scales(np_rng, n: int) -> np.ndarray:
+  return np.repeat(np_rng.uniform(1e-5, 1e-4, 3), n // 3)
+
+
+@pytest.mark.parametrize("kind,rank,per_channel", [
+    ("qkv_proj", 32, True), ("qkv_proj", 16, False), ("out_proj", 128, False),
+    ("mlp_fc1", 16, False), ("mlp_fc2", 48, False)])
+def test_nvfp4_flux_kinds_unpack_and_pack_like_deepcompressor(kind, rank, per_channel, np_rng):
+  k, n, _ = FLUX_KINDS[kind]
+  channel = _qkv_channel_scales(np_rng, n) if per_channel else None
+  layer = ref.random_layer(np_rng, k, n, rank, "nvfp4", channel_scales=channel)
+  theirs = ref.dc_pack(layer)
+  assert ("wcscales" in theirs, "wtscale" in theirs) == (per_channel, not per_channel)
+  got = nk.unpack_linear(theirs)
+  assert got.format == nk.w4a4_format("nvfp4")
+  _check_unpacked(got, layer, 0.0, np_rng)
+  _check_packed_bytes(nk.pack_linear(_ours(layer, 0.0)), theirs)
+
+
+@pytest.mark.parametrize("k,n,rank", [(384, 640, 64), (640, 384, 0), (128, 256, 128)])
+def test_nvfp4_other_shapes_with_per_channel_scales(k, n, rank, np_rng):
+  channel = np_rng.uniform(1e-5, 1e-4, n)  # any per-channel values, not only per-third ones
+  layer = ref.random_layer(np_rng, k, n, rank, "nvfp4", channel_scales=channel)
+  theirs = ref.dc_pack(layer)
+  _check_unpacked(nk.unpack_linear(theirs), layer, 0.0, np_rng)
+  _check_packed_bytes(nk.pack_linear(_ours(layer, 0.0), naming="deepcompressor"), theirs,
+                      rename=False)
+
+
+def test_nvfp4_padded_shapes_cut_and_repad(np_rng):
+  """N padded to 128 as for INT4. (K stays a multiple of 128 here: DeepCompressor pads NVFP4
+  micro-scales only to 4 groups, not to Nunchaku's K'/16 rows, so for other K its files do not fit
+  Nunchaku's own (K'/16, N') buffer.)"""
+  k, n = 256, 200
+  layer = ref.random_layer(np_rng, k, n, 16, "nvfp4", channel_scales=np_rng.uniform(1, 2, n))
+  theirs = ref.dc_pack(layer)
+  got = nk.unpack_linear(theirs, in_features=k, out_features=n)
+  _check_unpacked(got, layer, 0.0, np_rng)
+  _check_packed_bytes(nk.pack_linear(got, naming="deepcompressor"), theirs, rename=False)
+
+
+def test_nvfp4_split_qkv_keeps_each_part_exact(np_rng):
+  """A fused NVFP4 qkv split into q, k, v (as the import does): each part computes its slice of
+  the fused layer's output, wcscales sliced like the codes."""
+  k, n, _ = FLUX_KINDS["qkv_proj"]
+  layer = ref.random_layer(np_rng, k, n, 32, "nvfp4",
+                           channel_scales=_qkv_channel_scales(np_rng, n))
+  fused = nk.unpack_linear(ref.dc_pack(layer))
+  x = jnp.asarray(np_rng.normal(0, 1, (4, k)).astype(np.float32))
+  whole = np.asarray(svdq_dot(x, fused, impl="xla"))
+  parts = split_outputs(fused, (n // 3,) * 3)
+  got = np.concatenate([np.asarray(svdq_dot(x, part, impl="xla")) for part in parts], axis=1)
+  np.testing.assert_array_equal(got, whole)
 
 
 @pytest.mark.parametrize("bad,match", [

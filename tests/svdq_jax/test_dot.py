@@ -162,6 +162,32 @@ def test_metadata_round_trip(layer_data):
     SVDQLinear.from_arrays({"qweight": arrays["qweight"]}, w.metadata())
 
 
+def test_per_channel_wcscales_scale_the_quantized_path_and_round_trip(layer_data):
+  """NVFP4 with per-channel wcscales (Nunchaku's fused q/k/v): the 4-bit part of each output
+  channel is scaled, the branch and the biases are not; metadata says so only when present."""
+  w = _quantized(layer_data, "svdquant-nvfp4", svd_iters=0)
+  assert "has_wcscales" not in w.metadata()
+  wcscales = jnp.asarray(np.random.default_rng(2).uniform(0.5, 2.0, N).astype(np.float32))
+  scaled = dataclasses.replace(w, wcscales=wcscales)
+  x = jnp.asarray(layer_data[1][:8])
+  branch = np.asarray(x @ w.lora_down.astype(jnp.float32) @ w.lora_up.astype(jnp.float32))
+  quantized = np.asarray(svdq_dot(x, w, impl="xla"), np.float64) - branch - _bias(w)
+  got = np.asarray(svdq_dot(x, scaled, impl="xla"), np.float64) - branch - _bias(w)
+  np.testing.assert_allclose(got, quantized * np.asarray(wcscales), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(scaled.dequantize_residual()),
+                             np.asarray(w.dequantize_residual()) * np.asarray(wcscales),
+                             rtol=1e-6)
+  metadata = scaled.metadata()
+  assert metadata["has_wcscales"] is True
+  arrays = {k: np.asarray(v) for k, v in scaled.arrays().items()}
+  rebuilt = SVDQLinear.from_arrays(arrays, metadata)
+  np.testing.assert_array_equal(np.asarray(rebuilt.wcscales), np.asarray(wcscales))
+  with pytest.raises(InputError, match="unexpected.*wcscales"):
+    SVDQLinear.from_arrays(arrays, w.metadata())
+  assert "wcscales" in dot.pallas_unsupported_reason(x, dataclasses.replace(
+      _quantized(layer_data, "w4a4"), wcscales=wcscales), interpret=True)
+
+
 # ---- dispatch ---------------------------------------------------------------------------------
 
 

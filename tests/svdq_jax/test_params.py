@@ -1,6 +1,7 @@
 """calibrate + quantize_params on a small NNX model: selection, skipping, purity, jit, errors."""
 
 import dataclasses
+import json
 import logging
 
 import jax
@@ -9,15 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import svdq_jax
 from models.layers import Linear
 from svdq_jax import (
-    QuantConfig,
-    SVDQLinear,
-    calibrate,
-    quantize_model,
-    quantize_params,
-    selected_kernels,
-    svdq_dot,
+  QuantConfig,
+  SVDQLinear,
+  calibrate,
+  quantize_model,
+  quantize_params,
+  selected_kernels,
+  svdq_dot,
 )
 from svdq_jax import quantizers as qz
 from svdq_jax.errors import InputError
@@ -211,3 +213,62 @@ def test_layers_narrower_than_the_group_stay_16_bit_with_one_notice(caplog):
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
   abstract = quantize_params(shapes, None, config, progress=False)
   assert abstract["narrow"]["kernel"] is shapes["narrow"]["kernel"]
+
+
+class Attention(nnx.Module):
+  """q, k, v of different widths on one input (not FLUX's shapes), and an output projection."""
+
+  def __init__(self, rngs):
+    self.to_q = Linear(D, D, rngs=rngs)
+    self.to_k = Linear(D, 64, rngs=rngs)
+    self.to_v = Linear(D, 192, rngs=rngs)
+    self.to_out = Linear(D + 64 + 192, D, rngs=rngs)
+
+  def __call__(self, x):
+    x = x.at[..., 5].multiply(30.0)  # a channel-wise outlier the smoothing has to handle
+    return self.to_out(jnp.concatenate([self.to_q(x), self.to_k(x), self.to_v(x)], axis=-1))
+
+
+@pytest.mark.parametrize("preset", ["svdquant-int4", "svdquant-nvfp4"])
+def test_fused_group_is_one_layer_split_back(preset):
+  """QuantConfig.fused: q/k/v quantized as their concatenation (one smoothing factor, one
+  lora_down, one tensor scale), each part computing its slice of that layer; to_out alone."""
+  model = Attention(nnx.Rngs(3))
+  inputs = [jax.random.normal(jax.random.key(i), (2, 16, D)) for i in range(2)]
+  stats = calibrate(model, inputs, max_samples=32, progress=False)
+  config = QuantConfig.preset(preset, rank=16, svd_iters=1, smooth=(0.5,),
+                              fused=(("to_q", "to_k", "to_v"), ("to_out", "missing")))
+  state = quantize_params(nnx.state(model), stats, config, progress=False)
+  q, k, v, out = (state[name]["kernel"].get_value() for name in ("to_q", "to_k", "to_v", "to_out"))
+  kernel = jnp.concatenate([model.to_q.kernel.get_value(), model.to_k.kernel.get_value(),
+                            model.to_v.kernel.get_value()], axis=1)
+  samples = stats["to_q/kernel"]
+  whole = svdq_jax.quantize_linear(kernel, None, jnp.asarray(samples.samples), config,
+                                   act_absmax=jnp.asarray(samples.absmax),
+                                   act_max=jnp.asarray(samples.maximum),
+                                   act_min=float(np.min(samples.minimum)))
+  x = inputs[0][0]
+  want = np.asarray(svdq_dot(x, whole, impl="xla"))
+  got = np.concatenate([np.asarray(svdq_dot(x, part, impl="xla")) for part in (q, k, v)], -1)
+  np.testing.assert_array_equal(got, want)
+  for part in (k, v):
+    np.testing.assert_array_equal(np.asarray(part.smooth), np.asarray(q.smooth))
+    np.testing.assert_array_equal(np.asarray(part.lora_down), np.asarray(q.lora_down))
+    assert float(part.wtscale) == float(q.wtscale)
+  assert (q.out_features, k.out_features, v.out_features, out.in_features) == (D, 64, 192, 384)
+  separate = quantize_params(nnx.state(model), stats, dataclasses.replace(config, fused=()),
+                             progress=False)
+  assert not np.array_equal(np.asarray(separate["to_k"]["kernel"].get_value().smooth),
+                            np.asarray(q.smooth))
+  # to_out has no sibling "missing": quantized alone, as without the group.
+  np.testing.assert_array_equal(np.asarray(out.qweight),
+                                np.asarray(separate["to_out"]["kernel"].get_value().qweight))
+
+
+def test_fused_groups_are_checked_and_survive_to_dict():
+  config = QuantConfig(fused=[["to_q", "to_k"]])
+  assert config.fused == (("to_q", "to_k"),)
+  assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  for bad in ((("to_q",),), (("to_q", "to_q"),), (("a/b", "c"),), ("to_q",)):
+    with pytest.raises(InputError, match="fused"):
+      QuantConfig(fused=bad)

@@ -80,12 +80,30 @@ def test_nvfp4_values_scales_and_round_trip(x):
   assert np.all(error[~normal] <= 1.5 * group_max[~normal] + 1e-30)
 
 
-def test_nvfp4_weight_tensor_scale_keeps_group_scales_in_e4m3():
-  x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32) * 1e4
+@pytest.mark.parametrize("magnitude", [1e-20, 1e-3, 1.0, 1e4, 3e30])
+def test_nvfp4_weight_tensor_scale_is_bf16_and_keeps_group_scales_in_e4m3(magnitude):
+  """The tensor scale is amax / (6 * 448) rounded up to a bfloat16 value (Nunchaku stores it in
+  bfloat16): never below it (no group scale saturates), less than one bf16 step above it."""
+  x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32) * np.float32(magnitude)
   q = qz.quantize(jnp.asarray(x), "nvfp4", 16, scale_dtype=jnp.float8_e4m3fn)
   scales = np.asarray(q.scales.astype(jnp.float32))
-  assert scales.max() == 448.0
-  assert float(q.tensor_scale) == pytest.approx(np.abs(x).max() / (6 * 448), rel=1e-6)
+  exact = np.float64(np.abs(x).max()) / (6 * 448)
+  tensor_scale = float(q.tensor_scale)
+  assert float(np.float32(tensor_scale).astype(ml_dtypes.bfloat16)) == tensor_scale
+  assert exact <= tensor_scale < exact * (1 + 2.0 ** -7)
+  assert 416.0 <= scales.max() <= 448.0  # the largest group scale: within one E4M3 step of 448
+  largest = np.abs(x).reshape(8, 4, 16).max(-1) / 6 / tensor_scale
+  np.testing.assert_array_equal(scales, largest.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+
+
+def test_round_up_to_bfloat16_against_ml_dtypes(np_rng):
+  x = np.abs(np_rng.normal(size=1000) * 10.0 ** np_rng.integers(-30, 30, 1000)).astype(np.float32)
+  x[:3] = [1.0, np.finfo(np.float32).tiny, 3.0]  # already bf16 values stay
+  got = np.asarray(qz.round_up_to_bfloat16(jnp.asarray(x)))
+  nearest = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+  up = np.nextafter(nearest.astype(ml_dtypes.bfloat16), np.float32(np.inf).astype(
+      ml_dtypes.bfloat16)).astype(np.float32)
+  np.testing.assert_array_equal(got, np.where(nearest >= x, nearest, up))
 
 
 @SETTINGS
