@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo import data, plots, quality
+from demo import data, quality
+from pipelines import plots
 from svdq_jax.errors import InputError
 from tests.demo._tiny_demo import LABELS, write_tiny_classifier, write_tiny_model
 
