@@ -8,8 +8,9 @@ the float model ("float", the reference row) included:
 
     bytes               the transformer's parameters as stored (4-bit codes, scales, low-rank
                         branch and the layers that stay 16/32-bit)
-    psnr                dB against the float model's image of the same prompt and seed, averaged
-                        over the images (None for the reference itself)
+    psnr                dB against the float model's images of the same prompts and seeds (the
+                        mean square error over all of them; None for the reference itself, inf
+                        for identical images)
     lpips               LPIPS-like distance of the classifier's feature maps to the float image
                         (`svdq_jax.metrics.feature_map_distance`), averaged
     fid                 Frechet distance of the classifier's penultimate features between the
@@ -267,8 +268,7 @@ def measure(model: str | os.PathLike, judge: Judge, *, presets: Sequence[str] = 
     if reference is None:
       reference, reference_maps = out, judge.read(out)[2]
     lpips, fid, accuracy = judge.scores(out, prompts, reference_maps, real_features)
-    psnr = None if name == REFERENCE else float(np.mean(
-        [metrics.psnr(a, b) for a, b in zip(out, reference, strict=True)]))
+    psnr = None if name == REFERENCE else metrics.psnr(out, reference)
     rows.append(PresetResult(preset=name, bytes=transformer_bytes(transformer), psnr=psnr,
                              lpips=lpips, fid=fid, accuracy=accuracy, seconds_per_image=seconds))
     images.append(out)
