@@ -121,7 +121,7 @@ from flax import nnx
 from convert.lora import load_loras
 from models.flux import FluxConfig, FluxTransformer
 from pipelines.train_lora import EncodedData, LoRATrainConfig, make_loss, train_adapter
-from svdq_jax import QuantConfig, SVDQLinear, apply_loras, quantize_model
+from svdq_jax import QuantConfig, apply_loras, quantize_model
 
 config = FluxConfig(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
                     num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
