@@ -4,12 +4,12 @@ XLA's own account (`compiled.memory_analysis()`) of `pipelines.train_lora`'s tra
 (forward, backward through `svdq_dot`, AdamW update), compiled for abstract inputs, so nothing is
 allocated: the arguments (the frozen transformer, the LoRA, the optimizer state, the batch) and
 the temporaries (activations kept for the backward pass, per-layer dequantized weights, ...).
-The transformer has FLUX.1-dev's width (3072, 24 heads of 128) and `--double` double and
-`--single` single blocks (the whole model has 19 and 38); the LoRA is rank 16 on the default
-targets (every attention and MLP linear of the blocks); batch 1 with `--tokens` image tokens (1024
-for 512x512) and 512 text tokens.
+The transformer has FLUX.1-dev's width (3072, 24 heads of 128) and, per row, D double and S single
+blocks (`--blocks D,S ...`; the whole model has 19 and 38): the difference between rows is what
+blocks add. The LoRA is rank 16 on the default targets (every attention and MLP linear of the
+blocks); batch 1 with `--tokens` image tokens (1024 for 512x512) and 512 text tokens.
 
-Usage: python benchmarks/lora_training_memory.py [--double 1 --single 1 --tokens 1024]
+Usage: python benchmarks/lora_training_memory.py [--blocks 1,1 2,2 --tokens 1024]
 """
 
 from __future__ import annotations
@@ -59,24 +59,24 @@ def step_memory(preset: str, config: FluxConfig, tokens: int, text_tokens: int) 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--double", type=int, default=1)
-  parser.add_argument("--single", type=int, default=1)
+  parser.add_argument("--blocks", nargs="+", default=["1,1", "2,2"], metavar="D,S",
+                      help="double,single block counts, one row each")
   parser.add_argument("--tokens", type=int, default=1024)
   parser.add_argument("--text-tokens", type=int, default=512)
   args = parser.parse_args(argv)
-  config = dataclasses.replace(FluxConfig.dev(), num_layers=args.double,
-                               num_single_layers=args.single)
   print(f"# LoRA training step memory (XLA memory_analysis), jax {jax.__version__} on "
-        f"{jax.default_backend()}; FLUX.1-dev width, {args.double} double + {args.single} "
-        f"single blocks, rank-16 LoRA, batch 1, {args.tokens} image + {args.text_tokens} text "
-        "tokens; GB = 1e9 bytes")
-  print(f"{'base':16s}{'transformer GB':>16s}{'LoRA+Adam GB':>14s}{'arguments GB':>14s}"
-        f"{'temporaries GB':>16s}{'compile s':>11s}")
-  for preset in ("bf16", "svdquant-int4"):
-    m = step_memory(preset, config, args.tokens, args.text_tokens)
-    print(f"{preset:16s}{m['base'] / 1e9:16.3f}{m['lora'] / 1e9:14.3f}"
-          f"{m['arguments'] / 1e9:14.3f}{m['temps'] / 1e9:16.3f}{m['compile_s']:11.0f}",
-          flush=True)
+        f"{jax.default_backend()}; FLUX.1-dev width, rank-16 LoRA, batch 1, {args.tokens} image "
+        f"+ {args.text_tokens} text tokens; GB = 1e9 bytes")
+  print(f"{'blocks':8s}{'base':16s}{'transformer GB':>16s}{'LoRA+Adam GB':>14s}"
+        f"{'arguments GB':>14s}{'temporaries GB':>16s}{'compile s':>11s}")
+  for blocks in args.blocks:
+    double, single = (int(n) for n in blocks.split(","))
+    config = dataclasses.replace(FluxConfig.dev(), num_layers=double, num_single_layers=single)
+    for preset in ("bf16", "svdquant-int4"):
+      m = step_memory(preset, config, args.tokens, args.text_tokens)
+      print(f"{double}+{single:<6d}{preset:16s}{m['base'] / 1e9:16.3f}{m['lora'] / 1e9:14.3f}"
+            f"{m['arguments'] / 1e9:14.3f}{m['temps'] / 1e9:16.3f}{m['compile_s']:11.0f}",
+            flush=True)
   return 0
 
 
