@@ -9,6 +9,9 @@ names (`pipelines.train_lora`), and measures with the demo classifier the prompt
 For the memory comparison it trains the same LoRA on the float model as well; each training runs
 in a fresh process, so that each one's peak resident memory is its own.
 
+`--preserve N` adds N emoji of the training split (never an evaluation prompt) to the LoRA's
+data, so that it keeps what the model knew.
+
 Writes into OUT (default DIR/lora_example):
   data/                      the training renders and captions.txt (`svdq-jax train-lora` reads it)
   pipeline_int4/             the quantized pipeline
@@ -51,6 +54,7 @@ class ExampleConfig:
   learning_rate: float = 1e-3
   batch_size: int = 10
   samples: int = 4
+  preserve: int = 0
   calib_prompts: int = len(data.EVAL_PROMPTS)
   calib_steps: int = 4
   seed: int = 0
@@ -60,6 +64,17 @@ class ExampleConfig:
         rank=self.rank, steps=self.steps, batch_size=self.batch_size,
         learning_rate=self.learning_rate, seed=self.seed,
         checkpoint_every=max(1, self.steps // 4), max_sequence_length=MAX_LENGTH)
+
+
+def preserved_emoji(train: Sequence[data.Emoji], count: int) -> list[data.Emoji]:
+  """`count` emoji the model was trained on, spread evenly over the training split and never an
+  evaluation prompt: added to the LoRA's data so that it keeps what the model knew (DreamBooth's
+  prior preservation, with the renders as the prior)."""
+  candidates = [e for e in train if e.prompt not in data.EVAL_PROMPTS]
+  if count <= 0:
+    return []
+  step = max(1, len(candidates) // count)
+  return candidates[::step][:count]
 
 
 def write_training_data(emoji: Sequence[data.Emoji], folder: Path) -> Path:
@@ -108,10 +123,10 @@ def run(run_dir: Path | None, out: Path, config: ExampleConfig, *,
   """
   started = time.time()
   out.mkdir(parents=True, exist_ok=True)
-  _, held_out = data.split_emoji(data.select_emoji())
+  train, held_out = data.split_emoji(data.select_emoji())
   taught = held_out[:config.emoji]
   prompts = [e.prompt for e in taught]
-  data_dir = write_training_data(taught, out / "data")
+  data_dir = write_training_data(taught + preserved_emoji(train, config.preserve), out / "data")
   float_dir = pipeline or run_dir / PIPELINE_DIR
   int4_dir = out / "pipeline_int4"
   if not int4_dir.exists():
@@ -173,12 +188,15 @@ def report(record: dict) -> str:
                 f"{_mib(step.get('argument_bytes'))} | {_mib(step.get('temp_bytes'))} | "
                 f"{_mib(mem['peak_rss_bytes'])} | {_mib(mem['device_peak_bytes'])} | "
                 f"{mem['final_loss']:.4f} | {mem['seconds']:.0f} |")
+  preserve = config.get("preserve", 0)
+  preserved = (f" and of {preserve} emoji of its training set (to keep them)" if preserve
+               else "")
   return f"""# LoRA on the 4-bit demo model: {len(record['emoji'])} held-out emoji
 
 `python -m demo.lora_example` (svdq-jax): a rank-{config['rank']} LoRA, {config['steps']} AdamW
 steps (lr {config['learning_rate']}, batch {config['batch_size']}), trained on the
 {record['preset']} transformer with the renders of emoji the demo model never saw:
-{', '.join(record['emoji'])}.
+{', '.join(record['emoji'])}{preserved}.
 
 Prompt accuracy (demo classifier, {config['samples']} images per name):
 
