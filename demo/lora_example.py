@@ -1,4 +1,5 @@
-"""Teaching the 4-bit demo model emoji it never saw: `python -m demo.lora_example --run DIR`.
+"""Teaching the 4-bit demo model emoji it never saw: `python -m demo.lora_example --run DIR`
+(or `--pipeline demo/emoji_flux --classifier demo/emoji_classifier --out OUT`).
 
 The demo model (`demo.train`) holds out every 25th emoji of its subset (`demo.data.split_emoji`).
 This script quantizes the trained pipeline (svdquant-int4, calibrated on the evaluation prompts),
@@ -7,6 +8,9 @@ names (`pipelines.train_lora`), and measures with the demo classifier the prompt
 4-bit model on those names before and after (and on the evaluation prompts, which it must keep).
 For the memory comparison it trains the same LoRA on the float model as well; each training runs
 in a fresh process, so that each one's peak resident memory is its own.
+
+`--preserve N` adds N emoji of the training split (never an evaluation prompt) to the LoRA's
+data, so that it keeps what the model knew.
 
 Writes into OUT (default DIR/lora_example):
   data/                      the training renders and captions.txt (`svdq-jax train-lora` reads it)
@@ -50,6 +54,7 @@ class ExampleConfig:
   learning_rate: float = 1e-3
   batch_size: int = 10
   samples: int = 4
+  preserve: int = 0
   calib_prompts: int = len(data.EVAL_PROMPTS)
   calib_steps: int = 4
   seed: int = 0
@@ -59,6 +64,17 @@ class ExampleConfig:
         rank=self.rank, steps=self.steps, batch_size=self.batch_size,
         learning_rate=self.learning_rate, seed=self.seed,
         checkpoint_every=max(1, self.steps // 4), max_sequence_length=MAX_LENGTH)
+
+
+def preserved_emoji(train: Sequence[data.Emoji], count: int) -> list[data.Emoji]:
+  """`count` emoji the model was trained on, spread evenly over the training split and never an
+  evaluation prompt: added to the LoRA's data so that it keeps what the model knew (DreamBooth's
+  prior preservation, with the renders as the prior)."""
+  candidates = [e for e in train if e.prompt not in data.EVAL_PROMPTS]
+  if count <= 0:
+    return []
+  step = max(1, len(candidates) // count)
+  return candidates[::step][:count]
 
 
 def write_training_data(emoji: Sequence[data.Emoji], folder: Path) -> Path:
@@ -98,15 +114,20 @@ def _accuracy(pipe, model, labels, prompts: Sequence[str], samples: int,
   return score, images[0]
 
 
-def run(run_dir: Path, out: Path, config: ExampleConfig) -> dict:
-  """The whole experiment (see the module docstring); returns the record it writes."""
+def run(run_dir: Path | None, out: Path, config: ExampleConfig, *,
+        pipeline: Path | None = None, classifier_dir: Path | None = None) -> dict:
+  """The whole experiment (see the module docstring); returns the record it writes.
+
+  The float pipeline and the classifier are `pipeline` and `classifier_dir`, by default
+  run_dir/pipeline and run_dir/classifier (a `demo.train` run folder).
+  """
   started = time.time()
   out.mkdir(parents=True, exist_ok=True)
-  _, held_out = data.split_emoji(data.select_emoji())
+  train, held_out = data.split_emoji(data.select_emoji())
   taught = held_out[:config.emoji]
   prompts = [e.prompt for e in taught]
-  data_dir = write_training_data(taught, out / "data")
-  float_dir = run_dir / PIPELINE_DIR
+  data_dir = write_training_data(taught + preserved_emoji(train, config.preserve), out / "data")
+  float_dir = pipeline or run_dir / PIPELINE_DIR
   int4_dir = out / "pipeline_int4"
   if not int4_dir.exists():
     quantize_pipeline(float_dir, int4_dir, preset=PRESET,
@@ -116,7 +137,7 @@ def run(run_dir: Path, out: Path, config: ExampleConfig) -> dict:
   records = {kind: train_child(model, data_dir, out / RUNS[kind], config)
              for kind, model in (("int4", int4_dir), ("float", float_dir))}
 
-  model, labels = classifier.load_classifier(run_dir / "classifier")
+  model, labels = classifier.load_classifier(classifier_dir or run_dir / "classifier")
   int4 = load_pipeline(int4_dir)
   flt = load_pipeline(float_dir)
   lora_int4 = [(out / RUNS["int4"] / train_lora.LORA_FILE, 1.0)]
@@ -167,12 +188,15 @@ def report(record: dict) -> str:
                 f"{_mib(step.get('argument_bytes'))} | {_mib(step.get('temp_bytes'))} | "
                 f"{_mib(mem['peak_rss_bytes'])} | {_mib(mem['device_peak_bytes'])} | "
                 f"{mem['final_loss']:.4f} | {mem['seconds']:.0f} |")
+  preserve = config.get("preserve", 0)
+  preserved = (f" and of {preserve} emoji of its training set (to keep them)" if preserve
+               else "")
   return f"""# LoRA on the 4-bit demo model: {len(record['emoji'])} held-out emoji
 
 `python -m demo.lora_example` (svdq-jax): a rank-{config['rank']} LoRA, {config['steps']} AdamW
 steps (lr {config['learning_rate']}, batch {config['batch_size']}), trained on the
 {record['preset']} transformer with the renders of emoji the demo model never saw:
-{', '.join(record['emoji'])}.
+{', '.join(record['emoji'])}{preserved}.
 
 Prompt accuracy (demo classifier, {config['samples']} images per name):
 
@@ -197,6 +221,10 @@ Figure: `lora_example.png` (rows: render, 4-bit, 4-bit + LoRA, float + LoRA).
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--run", type=Path, help="the demo run folder (pipeline/, classifier/)")
+  parser.add_argument("--pipeline", type=Path, default=None,
+                      help="the float demo pipeline (default: RUN/pipeline)")
+  parser.add_argument("--classifier", type=Path, default=None,
+                      help="the demo classifier folder (default: RUN/classifier)")
   parser.add_argument("--out", type=Path, default=None, help="default: RUN/lora_example")
   parser.add_argument("--train-child", nargs=3, type=Path, metavar=("MODEL", "DATA", "OUT"),
                       help=argparse.SUPPRESS)
@@ -209,11 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     config = ExampleConfig(**json.loads(args.config))
     _train_in_this_process(*args.train_child, config)
     return
-  if args.run is None:
-    parser.error("--run is required")
+  if args.run is None and (args.pipeline is None or args.classifier is None or args.out is None):
+    parser.error("give --run, or --pipeline, --classifier and --out")
   config = ExampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(
       ExampleConfig)})
-  record = run(args.run, args.out or args.run / "lora_example", config)
+  record = run(args.run, args.out or args.run / "lora_example", config, pipeline=args.pipeline,
+               classifier_dir=args.classifier)
   print(json.dumps({k: record[k] for k in ("prompt_accuracy_held_out",
                                            "prompt_accuracy_eval_prompts")}, indent=2))
 

@@ -1,5 +1,6 @@
 """Text-to-image pipelines: the jitted denoising loop, FLUX.1, PixArt-Sigma, SDXL, pipeline
-folders, image saving and the quantize workflow.
+folders, image saving, the quantize workflow, LoRAs at run time (`loras=`) and LoRA training
+(`pipelines.train_lora`).
 
     pipe = load_pipeline("FLUX.1-schnell")                 # or FluxPipeline.from_pretrained(...)
     images = pipe("a red cat", height=1024, width=1024)   # (B, H, W, 3) float32 in [0, 1]

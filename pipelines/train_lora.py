@@ -289,8 +289,11 @@ def device_peak_bytes() -> int | None:
 
 
 def tree_bytes(tree: Any) -> int:
-  """Bytes of the arrays of a pytree (an nnx.State included)."""
-  return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree) if hasattr(leaf, "nbytes")))
+  """Bytes of the arrays of a pytree (an nnx.State included; ShapeDtypeStructs count)."""
+  return int(sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+                 for leaf in jax.tree.leaves(tree)
+                 if hasattr(leaf, "shape") and not jax.dtypes.issubdtype(leaf.dtype,
+                                                                         jax.dtypes.prng_key)))
 
 
 def _step_memory(compiled: Any) -> dict[str, int]:

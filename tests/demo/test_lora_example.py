@@ -35,12 +35,12 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_lora_example_writes_every_output(tiny_run, tmp_path):
   config = lora_example.ExampleConfig(emoji=2, steps=2, rank=2, batch_size=2, samples=1,
-                                      calib_prompts=2, calib_steps=1)
+                                      preserve=1, calib_prompts=2, calib_steps=1)
   out = tmp_path / "lora_example"
   record = lora_example.run(tiny_run, out, config)
   _, held_out = data.split_emoji(data.select_emoji())
   assert record["emoji"] == [e.prompt for e in held_out[:2]]
-  assert (out / "data" / "captions.txt").read_text().count("\n") == 2
+  assert (out / "data" / "captions.txt").read_text().count("\n") == 3  # 2 taught, 1 kept
   assert json.loads((out / "lora_example.json").read_text()) == record
   for kind in ("int4", "float"):
     run = out / lora_example.RUNS[kind]
