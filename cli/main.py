@@ -1,4 +1,5 @@
-"""The `svdq-jax` command line: demo, convert, import-nunchaku, quantize, sample, train-lora, bench.
+"""The `svdq-jax` command line: demo, convert, import-nunchaku, export-nunchaku, quantize, sample,
+train-lora, bench.
 
 Every subcommand hands its input to the library, which checks it before doing any work; bad input
 (a missing folder, a wrong model type, a bad prompt file, more devices than exist, an unknown
@@ -28,6 +29,7 @@ import pipelines
 from convert import api
 from convert.lora import parse_lora_spec
 from convert.nunchaku_checkpoint import import_nunchaku
+from convert.nunchaku_export import export_nunchaku
 from demo import quality, sampling
 from models import sharding
 from pipelines import captions, train_lora
@@ -40,7 +42,8 @@ EXIT_NON_FINITE = 3
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_prompts.txt"
 BENCH_SCRIPTS = {"kernels": "kernels.py", "models": "sampling.py", "memory": "memory.py"}
 DTYPES = ("auto", "float32", "bfloat16")
-COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "train-lora", "bench")
+COMMANDS = ("demo", "convert", "import-nunchaku", "export-nunchaku", "quantize", "sample",
+            "train-lora", "bench")
 # OS errors about a path the user named; other OS errors (a full disk, an I/O error) are not input.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError)
@@ -131,12 +134,19 @@ def _cmd_import_nunchaku(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_export_nunchaku(args: argparse.Namespace) -> int:
+  export_nunchaku(args.src, args.dst, overwrite=args.overwrite)
+  print(f"wrote {args.dst}", file=sys.stderr)
+  return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
   prompts = read_prompt_file(args.calib)
   pipelines.quantize_pipeline(args.src, args.dst, preset=args.preset, prompts=prompts,
                               num_inference_steps=args.steps, height=args.height,
                               width=args.width, seed=args.seed, guidance_scale=args.guidance,
-                              overwrite=args.overwrite, dtype=_dtype(args.dtype))
+                              overwrite=args.overwrite, dtype=_dtype(args.dtype),
+                              nunchaku_layout=args.nunchaku_layout)
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0
 
@@ -280,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: read from the source's config.json")
   conv.set_defaults(run=_cmd_convert)
 
-  nunchaku = sub.add_parser("import-nunchaku", help="Nunchaku INT4 FLUX.1 checkpoint -> svdq-jax "
-                            "checkpoint (exact, no re-quantization)")
+  nunchaku = sub.add_parser("import-nunchaku", help="Nunchaku INT4/NVFP4 FLUX.1 checkpoint -> "
+                            "svdq-jax checkpoint (exact, no re-quantization)")
   nunchaku.add_argument("src", help="Nunchaku .safetensors file or legacy folder")
   nunchaku.add_argument("dst", help="output folder (written atomically)")
   nunchaku.add_argument("--base", default=None,
@@ -289,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "other components are copied from it (loadable by `svdq-jax sample`)")
   nunchaku.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   nunchaku.set_defaults(run=_cmd_import_nunchaku)
+
+  export = sub.add_parser("export-nunchaku", help="svdq-jax quantized FLUX.1 checkpoint (quantized "
+                          "with --nunchaku-layout) -> Nunchaku single .safetensors file")
+  export.add_argument("src", help="our quantized pipeline folder or its transformer folder")
+  export.add_argument("dst", help="output .safetensors file (written atomically)")
+  export.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  export.set_defaults(run=_cmd_export_nunchaku)
 
   quant = sub.add_parser("quantize", help="calibrate on prompts and write a quantized pipeline")
   quant.add_argument("src", help="diffusers pipeline folder (with model_index.json)")
@@ -312,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
   quant.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   quant.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="models' dtype while calibrating (auto: bfloat16 on GPU, else float32)")
+  quant.add_argument("--nunchaku-layout", action="store_true",
+                     help="FLUX: split proj_out and quantize q/k/v as one layer, as Nunchaku's "
+                     "files need (for export-nunchaku)")
   quant.set_defaults(run=_cmd_quantize)
 
   sample = sub.add_parser("sample", help="text-to-image from a diffusers or svdq-jax folder")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from convert.safetensors_io import CheckpointError
+from convert.safetensors_io import CheckpointError, TensorSpec
 from svdq_jax import quantizers as qz
 from svdq_jax.formats import QuantFormat
 from svdq_jax.qlinear import SVDQLinear
@@ -402,6 +402,76 @@ def pack_linear(layer: SVDQLinear, *, bias: np.ndarray | None = None, dtype=BF16
   return out
 
 
+def linear_specs(layer: SVDQLinear, *, dtype=BF16, naming: str = "current"
+                 ) -> dict[str, TensorSpec]:
+  """The names, dtypes and shapes of what `pack_linear(layer, dtype=dtype, naming=naming)`
+  returns, without packing anything (a file's header is written before its tensors)."""
+  dtype = np.dtype(dtype)
+  fmt = layer.weight_format
+  group = INT4_GROUP if fmt == "int4" else NVFP4_GROUP
+  k_pad, n_pad = _pad(layer.in_features, TILE), _pad(layer.out_features, TILE)
+  specs = {"qweight": TensorSpec(np.dtype(np.int8), (n_pad, k_pad // 2)),
+           "wscales": TensorSpec(dtype if fmt == "int4" else FP8, (k_pad // group, n_pad))}
+  if fmt == "nvfp4" and layer.wcscales is not None:
+    specs["wcscales"] = TensorSpec(dtype, (n_pad,))
+  if fmt == "nvfp4" and (layer.wcscales is None or float(layer.wtscale) != 1.0):
+    specs["wtscale"] = TensorSpec(dtype, (1,))
+  specs |= {"bias": TensorSpec(dtype, (n_pad,)), "smooth_orig": TensorSpec(dtype, (k_pad,)),
+            "smooth": TensorSpec(dtype, (k_pad,))}
+  if layer.rank:
+    r_pad = _pad(layer.rank, LORA_TILE)
+    specs |= {"lora_down": TensorSpec(dtype, (k_pad, r_pad)),
+              "lora_up": TensorSpec(dtype, (n_pad, r_pad))}
+  if naming == "current":
+    specs = {CURRENT_NAMES.get(key, key): spec for key, spec in specs.items()}
+  return specs
+
+
+def concat_outputs(layers: list[SVDQLinear]) -> SVDQLinear:
+  """The inverse of `svdq_jax.qlinear.split_outputs`: layers over consecutive output slices
+  (q, k, v) as one layer, exactly. They must share the format, smoothing factor and `lora_down`
+  (what `QuantConfig.fused` or an import gives). Per-tensor NVFP4 scales that differ become
+  per-channel `wcscales` (wtscale 1), as DeepCompressor fuses q/k/v.
+
+  Raises:
+    CheckpointError saying what the parts do not share.
+  """
+  first = layers[0]
+  for part in layers[1:]:
+    if (part.format, part.in_features, part.rank) != (first.format, first.in_features,
+                                                       first.rank):
+      raise CheckpointError("the parts differ in format, in_features or rank")
+    if not np.array_equal(_host(part.smooth), _host(first.smooth)):
+      raise CheckpointError("the parts have different smoothing factors")
+    if not np.array_equal(_host(part.lora_down), _host(first.lora_down)):
+      raise CheckpointError("the parts have different low-rank down projections (lora_down)")
+  tensor_scales = [float(part.wtscale) for part in layers]
+  channel = [None if part.wcscales is None else _host(part.wcscales).astype(np.float32)
+             for part in layers]
+  wtscale, wcscales = tensor_scales[0], None
+  if len(set(tensor_scales)) > 1:
+    if any(c is not None for c in channel):
+      raise CheckpointError("the parts have different tensor scales and per-channel wcscales")
+    wtscale = 1.0
+    wcscales = np.concatenate([np.full((p.out_features,), t, np.float32)
+                               for p, t in zip(layers, tensor_scales, strict=True)])
+  elif any(c is not None for c in channel):
+    wcscales = np.concatenate([np.ones((p.out_features,), np.float32) if c is None else c
+                               for p, c in zip(layers, channel, strict=True)])
+  bias = None
+  if any(part.bias is not None for part in layers):
+    bias = np.concatenate([np.zeros((p.out_features,), np.float32) if p.bias is None
+                           else _host(p.bias).astype(np.float32) for p in layers])
+  return SVDQLinear(
+      qweight=np.concatenate([_host(p.qweight) for p in layers]),
+      wscales=np.concatenate([_host(p.wscales) for p in layers], axis=1),
+      wtscale=np.asarray(wtscale, np.float32), smooth=_host(first.smooth),
+      lora_down=_host(first.lora_down),
+      lora_up=np.concatenate([_host(p.lora_up) for p in layers], axis=1), bias=bias,
+      format=first.format, in_features=first.in_features,
+      out_features=sum(p.out_features for p in layers), wcscales=wcscales)
+
+
 # --- W4A16 (AWQ / TinyChat), the AdaLN modulation linears
 
 
@@ -416,6 +486,16 @@ def _adanorm_delta(n: int, splits: int) -> np.ndarray:
   if splits > 1:
     delta[1] = delta[splits - 2] = 1.0
   return delta.reshape(-1)
+
+
+def w4a16_specs(layer: SVDQLinear, *, dtype=BF16) -> dict[str, TensorSpec]:
+  """The names, dtypes and shapes of what `pack_w4a16(layer, dtype=dtype)` returns."""
+  dtype = np.dtype(dtype)
+  k, n = layer.in_features, layer.out_features
+  rows = awq_groups(k)
+  return {"qweight": TensorSpec(np.dtype(np.int32), (n // 4, k // 2)),
+          "wscales": TensorSpec(dtype, (rows, n)), "wzeros": TensorSpec(dtype, (rows, n)),
+          "bias": TensorSpec(dtype, (n,))}
 
 
 def unpack_w4a16(tensors: dict[str, np.ndarray], *, adanorm_splits: int = 1,

@@ -145,7 +145,20 @@ def open_nunchaku(src: str | os.PathLike) -> NunchakuSource:
   return NunchakuSource(reader, dataclasses.replace(config, split_proj_out=True), precision, name)
 
 
-def _block_layers(config: FluxConfig) -> list[tuple[str, str, dict, dict, dict]]:
+def w4a4_shape(lname: str, config: FluxConfig) -> tuple[int, int]:
+  """(in, out) features of Nunchaku's W4A4 linear `lname` of a FLUX block, before Nunchaku pads
+  both to multiples of 128."""
+  dim, hidden = config.inner_dim, config.mlp_hidden_dim
+  if lname.startswith("qkv_proj"):
+    return dim, 3 * dim
+  if lname.endswith("fc1"):
+    return dim, hidden
+  if lname.endswith("fc2"):
+    return hidden, dim
+  return dim, dim
+
+
+def block_layers(config: FluxConfig) -> list[tuple[str, str, dict, dict, dict]]:
   """(Nunchaku prefix, our prefix, W4A4 map, AdaLN map, norm map) of every block."""
   blocks = [(f"transformer_blocks.{i}", f"transformer_blocks/{i}", DOUBLE, DOUBLE_ADANORM,
              DOUBLE_NORMS) for i in range(config.num_layers)]
@@ -180,7 +193,7 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
       keys_by_layer.setdefault(key.rsplit(".", 1)[0], []).append(key)
   used: set[str] = set(table)
   dim = config.inner_dim
-  blocks = _block_layers(config)
+  blocks = block_layers(config)
   for prefix, ours, w4a4, adanorm, norms in tqdm(blocks, desc="import", disable=not progress,
                                                  leave=False):
     for lname, (paths, shifted) in w4a4.items():
@@ -189,7 +202,9 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
       if not tensors:
         raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
       shift = nk.GELU_SHIFT if shifted and source.precision == "int4" else 0.0
-      layer = nk.unpack_linear(tensors, act_shift=shift, name=f"{name}: {layer_prefix}")
+      k, n = w4a4_shape(lname, config)
+      layer = nk.unpack_linear(tensors, act_shift=shift, in_features=k, out_features=n,
+                               name=f"{name}: {layer_prefix}")
       parts = split_outputs(layer, (dim,) * 3) if len(paths) == 3 else [layer]
       for path, part in zip(paths, parts, strict=True):
         arrays[f"{ours}/{path}/kernel"] = part

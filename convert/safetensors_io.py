@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -242,18 +243,45 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
   Arrays are written one at a time (a non-contiguous one is copied alone), so memory stays about
   one tensor beyond the inputs. The file appears at `path` only once complete.
   """
+  keys = sorted(tensors)
+  specs = {key: TensorSpec(np.dtype(tensors[key].dtype), tuple(tensors[key].shape))
+           for key in keys}
+  save_file_streamed(specs, ((key, tensors[key]) for key in keys), path, metadata)
+
+
+class TensorSpec(NamedTuple):
+  """The dtype and shape one tensor of a file will have."""
+
+  dtype: np.dtype
+  shape: tuple[int, ...]
+
+
+def save_file_streamed(specs: Mapping[str, TensorSpec], tensors: Iterable[tuple[str, np.ndarray]],
+                       path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file whose tensors are produced one by one, atomically.
+
+  The header comes from `specs` (key -> dtype and shape, in file order), so `tensors` may be a
+  generator that makes each array only when it is written: memory stays one array (or whatever
+  the generator holds) whatever the file's size. `tensors` must yield every key of `specs` once, in
+  that order, with that dtype and shape (anything else is a bug of the caller: ValueError). The
+  file appears at `path` only once complete; on any exception nothing is left behind.
+
+  Raises:
+    CheckpointError for a key or dtype safetensors cannot hold.
+  """
   path = Path(path)
   header: dict = {"__metadata__": dict(metadata)} if metadata else {}
   offset = 0
-  for key in sorted(tensors):
-    a = tensors[key]
+  for key, spec in specs.items():
     if not isinstance(key, str) or key == "__metadata__":
       raise CheckpointError(f"{path}: invalid tensor name {key!r}")
-    if np.dtype(a.dtype) not in _NAMES:
-      raise CheckpointError(f"{path}: cannot store key {key!r} of dtype {a.dtype}")
-    header[key] = {"dtype": _NAMES[np.dtype(a.dtype)], "shape": list(a.shape),
-                   "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
+    dtype = np.dtype(spec.dtype)
+    if dtype not in _NAMES:
+      raise CheckpointError(f"{path}: cannot store key {key!r} of dtype {dtype}")
+    nbytes = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
+    header[key] = {"dtype": _NAMES[dtype], "shape": list(spec.shape),
+                   "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -261,8 +289,18 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike,
     with open(tmp, "wb") as f:
       f.write(struct.pack("<Q", len(blob)))
       f.write(blob)
-      for key in sorted(tensors):
-        f.write(np.ascontiguousarray(tensors[key]).reshape(-1).view(np.uint8).data)
+      expected = iter(specs.items())
+      for key, array in tensors:
+        want_key, spec = next(expected, (None, None))
+        if key != want_key or np.dtype(array.dtype) != np.dtype(spec.dtype) or tuple(
+            array.shape) != tuple(spec.shape):
+          want = "nothing more" if want_key is None else f"{want_key!r} {spec}"
+          raise ValueError(f"save_file_streamed: got {key!r} {np.dtype(array.dtype)}"
+                           f"{tuple(array.shape)}, the header announced {want}")
+        f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+      missing = next(expected, None)
+      if missing is not None:
+        raise ValueError(f"save_file_streamed: {missing[0]!r} and later keys were never produced")
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ prompts, quantize it, write the folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,10 +16,11 @@ import jax.numpy as jnp
 
 import svdq_jax
 from convert.checkpoint import atomic_folder, save_checkpoint
+from convert.nunchaku_export import split_proj_out
 from pipelines.folder import PipelineFolder
 from pipelines.inputs import check_image_size, prompt_list
 from pipelines.load import Pipeline, load_pipeline
-from svdq_jax.config import QuantConfig
+from svdq_jax.config import NUNCHAKU_FUSED, NUNCHAKU_SHIFTED, QuantConfig
 from svdq_jax.errors import InputError
 
 
@@ -69,11 +71,16 @@ def quantize_denoiser(pipe: Pipeline, config: Any, prompts: str | Sequence[str],
   pipe._runners.clear()  # the quantized denoiser has other parameter shapes
 
 
+NUNCHAKU_PRESETS = ("svdquant-int4", "svdquant-nvfp4", "w4a4", "smoothquant-w4a4")
+"""The presets `nunchaku_layout` accepts: W4A4 INT4 g64 or NVFP4 g16, what Nunchaku runs."""
+
+
 def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.PathLike, *,
                       preset: str, prompts: str | Sequence[str], num_inference_steps: int = 4,
                       height: int | None = None, width: int | None = None, seed: int = 0,
                       guidance_scale: float | None = None, overwrite: bool = False,
-                      dtype: jnp.dtype | None = None, progress: bool = True) -> Path:
+                      dtype: jnp.dtype | None = None, nunchaku_layout: bool = False,
+                      progress: bool = True) -> Path:
   """Writes a copy of a pipeline folder with its denoiser (transformer/ or unet/) calibrated and
   quantized.
 
@@ -93,6 +100,11 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
       length apply to the calibration runs too.
     dtype: the models' dtype during calibration (None: float32); the unquantized layers of the
       written denoiser keep it.
+    nunchaku_layout: quantize a FLUX transformer in the layout Nunchaku's files hold, so that
+      `svdq-jax export-nunchaku` can write it: single blocks' proj_out split
+      (`convert.nunchaku_export.split_proj_out`), q/k/v quantized as one layer
+      (`QuantConfig.fused` = `NUNCHAKU_FUSED`) and INT4 inputs shifted exactly where Nunchaku
+      shifts them (`QuantConfig.shifted` = `NUNCHAKU_SHIFTED`). Only with `NUNCHAKU_PRESETS`.
     progress: progress bars per prompt and per layer.
 
   Returns:
@@ -114,8 +126,15 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
   sampling = {k: v for k, v in sampling.items()
               if k in ("negative_prompt", "true_cfg_scale", "max_sequence_length")}
   check_image_size(f"quantize_pipeline {str(folder.path)!r}", height, width, folder.size_multiple)
+  if nunchaku_layout:
+    if folder.pipeline != "FluxPipeline" or preset not in NUNCHAKU_PRESETS:
+      raise InputError(f"quantize_pipeline: the Nunchaku layout needs a FluxPipeline and one of "
+                       f"the presets {NUNCHAKU_PRESETS}, got {folder.pipeline} with {preset!r}")
+    config = dataclasses.replace(config, fused=NUNCHAKU_FUSED, shifted=NUNCHAKU_SHIFTED)
   with atomic_folder(dst, overwrite=overwrite) as out:
     pipe = load_pipeline(folder, dtype=dtype)
+    if nunchaku_layout:
+      pipe.transformer = split_proj_out(pipe.transformer)
     quantize_denoiser(pipe, config, prompts, num_inference_steps=num_inference_steps,
                       height=height, width=width, seed=seed, guidance_scale=guidance_scale,
                       progress=progress, **sampling)
@@ -126,7 +145,8 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
       copy(entry, out / entry.name)
     save_checkpoint(pipe.denoiser, out / folder.denoiser_name,
                     model_type=folder.denoiser.entry.name, config=pipe.denoiser.config)
-    quant_note = {"preset": preset, "quant_config": config.to_dict(), "calibration": {
+    quant_note = {"preset": preset, "nunchaku_layout": nunchaku_layout,
+                  "quant_config": config.to_dict(), "calibration": {
         "prompts": len(prompts), "num_inference_steps": num_inference_steps, "height": height,
         "width": width, "seed": seed, "guidance_scale": guidance_scale}}
     (out / "svdq_quantization.json").write_text(json.dumps(quant_note, indent=2) + "\n")

@@ -58,6 +58,9 @@ DEFAULT_WEIGHT_ONLY = (
 # Nunchaku's fused linears: the q/k/v projections of each attention (and the text stream's in
 # FLUX's double blocks) are one linear with one smoothing factor and one low-rank branch there.
 NUNCHAKU_FUSED = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+# The linears Nunchaku runs on shifted unsigned INT4 inputs: FLUX's MLP down-projections (after a
+# GELU), and nothing else.
+NUNCHAKU_SHIFTED = ("*ff/net/2/kernel", "*ff_context/net/2/kernel", "*proj_out_mlp/kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +87,9 @@ class QuantConfig(DictConfig):
       scale, then split back into one SVDQLinear per linear (`split_outputs`). `NUNCHAKU_FUSED`
       is the layout Nunchaku's files need (`svdq-jax export-nunchaku`). A group applies only
       where all its linears are quantized alike and have the same in_features.
+    shifted: fnmatch patterns of the kernel paths whose INT4 inputs are shifted, all others
+      unshifted (`NUNCHAKU_SHIFTED` is Nunchaku's rule); None (default) decides per layer from the
+      calibration data (`shift_activations`).
   """
 
   weight_format: WeightFormat | None = "int4"
@@ -98,9 +104,10 @@ class QuantConfig(DictConfig):
   weight_only: tuple[str, ...] = DEFAULT_WEIGHT_ONLY
   seed: int = 0
   fused: tuple[tuple[str, ...], ...] = ()
+  shifted: tuple[str, ...] | None = None
 
   def __post_init__(self):
-    for name in ("smooth", "skip", "weight_only"):
+    for name in ("smooth", "skip", "weight_only", "shifted"):
       value = getattr(self, name)
       if isinstance(value, list):
         object.__setattr__(self, name, tuple(value))

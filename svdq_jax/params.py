@@ -125,7 +125,11 @@ def fused_units(params: Any, config: QuantConfig) -> dict[str, tuple[str, ...]]:
 
 def _quantize_kernel(kernel: Any, path: str, layer: QuantConfig,
                      stats: Mapping[str, ActivationStats] | None) -> SVDQLinear:
-  """quantize_linear of one kernel (K, N) with the statistics recorded at `path`."""
+  """quantize_linear of one kernel (K, N) with the statistics recorded at `path`; the input shift
+  from `layer.shifted` when it is set (INT4 activations)."""
+  shift = None
+  if layer.shifted is not None and layer.act_format == "int4":
+    shift = qz.GELU_SHIFT if matches_any(path, layer.shifted) else 0.0
   layer_stats = None if stats is None else stats.get(path)
   if layer_stats is None and (stats is not None and layer.quantizes_activations
                               or layer.needs_calibration_data):
@@ -133,11 +137,11 @@ def _quantize_kernel(kernel: Any, path: str, layer: QuantConfig,
                      f"(stats has {len(stats or {})} layers); calibrate with the same model "
                      "or add the layer to config.skip")
   if layer_stats is None:
-    return quantize_linear(kernel, None, None, layer, name=path)
+    return quantize_linear(kernel, None, None, layer, act_shift=shift, name=path)
   return quantize_linear(kernel, None, jnp.asarray(layer_stats.samples), layer,
                          act_absmax=jnp.asarray(layer_stats.absmax),
                          act_max=jnp.asarray(layer_stats.maximum),
-                         act_min=float(np.min(layer_stats.minimum)), name=path)
+                         act_min=float(np.min(layer_stats.minimum)), act_shift=shift, name=path)
 
 
 def _quantize_fused(paths: tuple[str, ...], kernels: list[Any], layer: QuantConfig,

@@ -110,7 +110,8 @@ def encode(xg: jax.Array, scales: jax.Array, fmt: str, tensor_scale: jax.Array |
   """Codes for grouped values xg (..., G, group) given float32 scales (..., G, 1).
 
   int4/uint4/int8: clip(round_half_even(x / scale)) as int8, 0 where scale == 0.
-  nvfp4: the E2M1 bit pattern (uint8) of x / (scale * tensor_scale), round half to even, saturated.
+  nvfp4: the E2M1 bit pattern (uint8) of x / (scale * tensor_scale), round half to even, saturated;
+    -0 is written as +0 (the same value; DeepCompressor's codes never hold -0).
   nf4: the index (uint8) of the nearest NF4 value to x / scale.
   """
   x = xg.astype(jnp.float32)
@@ -122,7 +123,8 @@ def encode(xg: jax.Array, scales: jax.Array, fmt: str, tensor_scale: jax.Array |
     return jnp.clip(jnp.round(ratio), qmin, qmax).astype(jnp.int8)
   if fmt == "nvfp4":
     e2m1 = jnp.clip(ratio, -E2M1_MAX, E2M1_MAX).astype(jnp.float4_e2m1fn)
-    return jax.lax.bitcast_convert_type(e2m1, jnp.uint4).astype(jnp.uint8)
+    codes = jax.lax.bitcast_convert_type(e2m1, jnp.uint4).astype(jnp.uint8)
+    return jnp.where(codes == 8, 0, codes).astype(jnp.uint8)  # -0 as +0, the code Nunchaku holds
   if fmt == "nf4":
     midpoints = jnp.asarray((NF4_VALUES[1:] + NF4_VALUES[:-1]) / 2)
     return jnp.searchsorted(midpoints, ratio).astype(jnp.uint8)

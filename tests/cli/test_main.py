@@ -17,7 +17,8 @@ from models.unet_sdxl import UNetSDXLConfig
 from svdq_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("demo", "convert", "import-nunchaku", "quantize", "sample", "train-lora", "bench")
+COMMANDS = ("demo", "convert", "import-nunchaku", "export-nunchaku", "quantize", "sample",
+            "train-lora", "bench")
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -137,6 +138,47 @@ def test_import_nunchaku_writes_a_pipeline_folder_with_base(tmp_path, capsys, np
   status, _, err = _run(["import-nunchaku", str(src), str(dst), "--overwrite"], capsys)
   assert status == 0, err
   assert not (dst / "scheduler").exists()
+
+
+@pytest.mark.slow
+def test_real_width_nunchaku_file_imports_exactly_and_samples(tmp_path, capsys, np_rng):
+  """A synthetic Nunchaku INT4 file at FLUX.1's width (24 heads of 128, one double and one single
+  block, DeepCompressor-packed) imported with a tiny diffusers pipeline as --base: the fused qkv
+  computes notes/nunchaku.md 3.5 at width 3072, and the pipeline samples a finite image."""
+  pytest.importorskip("deepcompressor.backend.nunchaku.convert")
+  import jax.numpy as jnp
+
+  import pipelines
+  from models.flux import FluxConfig, FluxTransformer
+  from svdq_jax import svdq_dot
+  from tests.convert import _nunchaku_reference as ref
+  from tests.convert._nunchaku_file import build_nunchaku_file
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
+
+  base = tmp_path / "tiny"
+  save_tiny_flux_pipeline(base)
+  config = FluxConfig(num_layers=1, num_single_layers=1, in_channels=16, joint_attention_dim=32,
+                      pooled_projection_dim=32, guidance_embeds=True)
+  assert config.inner_dim == 3072
+  src = tmp_path / "svdq-int4_r32-flux.1-wide.safetensors"
+  layers = {}
+  build_nunchaku_file(src, config, np_rng, float_params=False, layers=layers)
+  dst = tmp_path / "wide"
+  status, _, err = _run(["import-nunchaku", str(src), str(dst), "--base", str(base)], capsys)
+  assert status == 0, err
+  attn = FluxTransformer.from_pretrained(dst / "transformer").single_transformer_blocks[0].attn
+  qkv = layers["single_transformer_blocks.0.qkv_proj"]
+  x = np_rng.normal(0, 1, (3, 3072)).astype(np.float32)
+  want = ref.reference_output(x, qkv, qkv.bias, 0.0)
+  for i, linear in enumerate((attn.to_q, attn.to_k, attn.to_v)):
+    part = linear.kernel.get_value()
+    cols = slice(i * 3072, (i + 1) * 3072)
+    np.testing.assert_array_equal(np.asarray(part.weight_codes()), qkv.codes[cols])
+    y = np.asarray(svdq_dot(jnp.asarray(x), part, impl="xla"))
+    np.testing.assert_allclose(y, want[:, cols], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  pipe = pipelines.load_pipeline(dst, dtype=jnp.float32)
+  images = pipe("a red cat", height=16, width=16, num_inference_steps=1, max_sequence_length=16)
+  assert images.shape == (1, 16, 16, 3) and np.all(np.isfinite(images))
 
 
 def _write_json(file: Path, content: dict) -> None:
@@ -419,6 +461,46 @@ def test_sdxl_quantize_then_sample(tmp_path, capsys):
       images[name] = np.asarray(image, np.float32) / 255
   err = np.abs(images["int4"] - images["float"]).mean()
   assert 0 < err < 0.05, err
+
+
+@pytest.mark.slow
+def test_quantize_in_nunchaku_layout_exports_imports_and_samples(tmp_path, capsys):
+  """The workflow of the README: `quantize --nunchaku-layout` on a tiny FLUX of width 64 (padded
+  to 128 in Nunchaku's file), `export-nunchaku`, `import-nunchaku --base`, `sample`: the import
+  samples the image of the quantized folder up to the bf16 rounding of smoothing factors and
+  biases (within 40 dB PSNR)."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+
+  import pipelines
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
+
+  src, ours = tmp_path / "flux", tmp_path / "flux-int4"
+  save_tiny_flux_pipeline(src, heads=4)
+  calib = tmp_path / "calib.txt"
+  calib.write_text("a red cat\na blue dog in snow\n")
+  status, _, err = _run(["quantize", str(src), str(ours), "--calib", str(calib), "--steps", "2",
+                         "--height", "32", "--width", "32", "--nunchaku-layout"], capsys)
+  assert status == 0, err
+  attn = pipelines.load_pipeline(ours).transformer.transformer_blocks[0].attn
+  q, k = attn.to_q.kernel.get_value(), attn.to_k.kernel.get_value()
+  np.testing.assert_array_equal(np.asarray(q.smooth), np.asarray(k.smooth))
+  file = tmp_path / "svdq-int4_r32-tiny.safetensors"
+  status, _, err = _run(["export-nunchaku", str(ours), str(file)], capsys)
+  assert status == 0, err
+  back = tmp_path / "back"
+  status, _, err = _run(["import-nunchaku", str(file), str(back), "--base", str(src)], capsys)
+  assert status == 0, err
+  out = tmp_path / "cat.png"
+  status, stdout, err = _run(["sample", str(back), "--prompt", "a red cat", "--steps", "2",
+                              "--height", "32", "--width", "32", "--out", str(out), "--quiet"],
+                             capsys)
+  assert status == 0 and Path(stdout.strip()) == out, err
+  kwargs = dict(height=32, width=32, num_inference_steps=2, seed=1, max_sequence_length=16)
+  expected = pipelines.load_pipeline(ours)(["a red cat"], **kwargs)
+  got = pipelines.load_pipeline(back)(["a red cat"], **kwargs)
+  psnr = 10 * np.log10(1.0 / max(np.mean((got - expected) ** 2), 1e-20))
+  assert psnr >= 40.0, psnr
 
 
 def test_bench_runs_the_benchmark_script_with_its_arguments(capfd):

@@ -36,28 +36,60 @@ def _float_weights(layer: ref.RandomLayer, stored_bias: np.ndarray, shift: float
   return kernel, stored_bias.astype(np.float64) + shift * residual.sum(axis=0)
 
 
-def build_nunchaku_file(file, config: FluxConfig, np_rng, rank=32):
+QUANTIZATION = {
+    "int4": {"method": "svdquant",
+             "weight": {"dtype": "int4", "scale_dtype": None, "group_size": 64},
+             "activation": {"dtype": "int4", "scale_dtype": None, "group_size": 64}},
+    "nvfp4": {"method": "svdquant",
+              "weight": {"dtype": "fp4_e2m1_all", "scale_dtype": [None, "fp8_e4m3_nan"],
+                         "group_size": 16},
+              "activation": {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan",
+                             "group_size": 16}},
+}
+
+
+def build_nunchaku_file(file, config: FluxConfig, np_rng, rank=32, precision="int4",
+                        float_params=True, layers: dict | None = None):
   """Writes a Nunchaku single file for `config` (DeepCompressor-packed quantized blocks, random
   bf16 for the rest) and returns the float parameters of the diffusers-layout model it
-  approximates (our paths, split_proj_out)."""
+  approximates (our paths, split_proj_out), or None without `float_params` (large widths: the
+  16-bit tensors are then drawn directly, N(0, 1 / in_features)).
+
+  INT4 blocks shift the MLP down-projections' inputs as Nunchaku does; NVFP4 ones give each fused
+  q/k/v one tensor scale per part, which DeepCompressor stores as per-channel wcscales. `layers`,
+  when given, receives each W4A4 layer's `RandomLayer` by its Nunchaku name."""
   dim = config.inner_dim
-  float_model = FluxTransformer(config, rngs=nnx.Rngs(0))
-  params = {"/".join(map(str, p)): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(nnx.state(float_model, nnx.Param))}
+  params = None
+  if float_params:
+    float_model = FluxTransformer(config, rngs=nnx.Rngs(0))
+    params = {"/".join(map(str, p)): np.asarray(v.get_value())
+              for p, v in nnx.to_flat_state(nnx.state(float_model, nnx.Param))}
   tensors = {}
   for key, entry in flux.key_table(config).items():
-    if not key.startswith(nc.BLOCK_PREFIXES):
-      value = params[entry.ours].astype(BF16)
-      params[entry.ours] = value.astype(np.float32)
-      tensors[key] = np.ascontiguousarray(value.T if entry.transpose else value)
-  for prefix, ours, w4a4, adanorm, norms in nc._block_layers(config):
+    if key.startswith(nc.BLOCK_PREFIXES):
+      continue
+    if params is None:
+      scale = 1 / np.sqrt(entry.shape[-1]) if entry.transpose else 0.1
+      tensors[key] = (np_rng.normal(0, scale, entry.shape)).astype(BF16)
+      continue
+    value = params[entry.ours].astype(BF16)
+    params[entry.ours] = value.astype(np.float32)
+    tensors[key] = np.ascontiguousarray(value.T if entry.transpose else value)
+  for prefix, ours, w4a4, adanorm, norms in nc.block_layers(config):
     shapes = SHAPES if w4a4 is nc.DOUBLE else SINGLE_SHAPES
     for lname, (paths, shifted) in w4a4.items():
       k, n = (dim * f for f in shapes[lname])
-      layer = ref.random_layer(np_rng, k, n, rank)
-      shift = nk.GELU_SHIFT if shifted else 0.0
+      channel = None
+      if precision == "nvfp4" and len(paths) == 3:
+        channel = np.repeat(np_rng.uniform(1e-5, 1e-4, 3), n // 3)
+      layer = ref.random_layer(np_rng, k, n, rank, precision, channel_scales=channel)
+      shift = nk.GELU_SHIFT if shifted and precision == "int4" else 0.0
       packed = ref.dc_pack(layer, shift=shift or None)
       tensors |= {f"{prefix}.{lname}.{t}": v for t, v in packed.items()}
+      if layers is not None:
+        layers[f"{prefix}.{lname}"] = layer
+      if params is None:
+        continue
       kernel, bias = _float_weights(layer, nk.unpack_scales(packed["bias"]), shift)
       for i, path in enumerate(paths):
         cols = slice(i * dim, (i + 1) * dim) if len(paths) == 3 else slice(None)
@@ -70,16 +102,16 @@ def build_nunchaku_file(file, config: FluxConfig, np_rng, rank=32):
       bias = np_rng.normal(0, 0.2, (n,)).astype(BF16)
       tensors |= {f"{prefix}.{lname}.{t}": v for t, v in
                   ref.dc_pack_w4a16(codes, scales, bias, zero=None, splits=splits).items()}
-      s = np.repeat(scales.astype(np.float64).T, 64, axis=1)
-      params[f"{ours}/{path}/kernel"] = (codes * s).T.astype(np.float32)
-      params[f"{ours}/{path}/bias"] = bias.astype(np.float32)
+      if params is not None:
+        s = np.repeat(scales.astype(np.float64).T, 64, axis=1)
+        params[f"{ours}/{path}/kernel"] = (codes * s).T.astype(np.float32)
+        params[f"{ours}/{path}/bias"] = bias.astype(np.float32)
     for lname, path in norms.items():
       value = np_rng.uniform(0.5, 1.5, (config.attention_head_dim,)).astype(BF16)
       tensors[f"{prefix}.{lname}.weight"] = value
-      params[f"{ours}/{path}/scale"] = value.astype(np.float32)
-  quant = {"method": "svdquant", "weight": {"dtype": "int4", "scale_dtype": None,
-                                             "group_size": 64},
-           "activation": {"dtype": "int4", "scale_dtype": None, "group_size": 64}, "rank": rank}
+      if params is not None:
+        params[f"{ours}/{path}/scale"] = value.astype(np.float32)
+  quant = {**QUANTIZATION[precision], "rank": rank}
   save_file(tensors, file, metadata={"config": json.dumps(_diffusers_config(config)),
                                      "comfy_config": "{}", "model_class": nc.FLUX_CLASS,
                                      "quantization_config": json.dumps(quant)})

@@ -30,14 +30,18 @@ def _inputs(config: FluxConfig, seed=1):
 
 
 @pytest.mark.slow
-def test_import_runs_like_the_float_model_it_quantizes(tmp_path, np_rng):
-  src = tmp_path / "svdq-int4_r32-flux.1-tiny.safetensors"
-  params = build_nunchaku_file(src, SMALL, np_rng)
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_import_runs_like_the_float_model_it_quantizes(precision, tmp_path, np_rng):
+  src = tmp_path / f"svdq-{precision}_r32-flux.1-tiny.safetensors"
+  params = build_nunchaku_file(src, SMALL, np_rng, precision=precision)
   dst = nc.import_nunchaku(src, tmp_path / "imported", progress=False)
   model = FluxTransformer.from_pretrained(dst)
   assert model.config.split_proj_out
   kernel = model.transformer_blocks[0].ff.net[2].kernel.get_value()
-  assert kernel.act_shift == nk.GELU_SHIFT and kernel.rank == 32
+  assert kernel.rank == 32 and kernel.weight_format == precision
+  assert kernel.act_shift == (nk.GELU_SHIFT if precision == "int4" else 0.0)
+  to_q = model.single_transformer_blocks[0].attn.to_q.kernel.get_value()
+  assert (to_q.wcscales is not None) == (precision == "nvfp4")
   reference = FluxTransformer(dataclasses.replace(SMALL, split_proj_out=True),
                               rngs=nnx.Rngs(0))
   state = nnx.state(reference, nnx.Param)

@@ -11,7 +11,13 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
+from convert.safetensors_io import (
+    CheckpointError,
+    CheckpointReader,
+    TensorSpec,
+    save_file,
+    save_file_streamed,
+)
 
 
 def _tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -188,6 +194,39 @@ def test_save_file_failure_leaves_nothing(tmp_path):
   with pytest.raises(CheckpointError, match=r"cannot store key 'o' of dtype object"):
     save_file({"a": np.ones(2, np.float32), "o": np.array([None])}, tmp_path / "f.safetensors")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_file_reads_with_safetensors_and_checks_what_it_is_given(tmp_path, np_rng):
+  """save_file_streamed: tensors made one by one in header order (not sorted) read back with the
+  safetensors library; a tensor that is not what the header announced, or a missing one, is a
+  ValueError that leaves nothing behind."""
+  tensors = {"z": np_rng.standard_normal((3, 2)).astype(np.float32),
+             "a": np_rng.integers(-5, 5, (4,)).astype(np.int8)}
+  specs = {k: TensorSpec(v.dtype, v.shape) for k, v in tensors.items()}
+  made = []
+
+  def produce(items):
+    for key, value in items:
+      made.append(key)
+      yield key, value
+
+  path = tmp_path / "s.safetensors"
+  save_file_streamed(specs, produce(tensors.items()), path, {"note": "streamed"})
+  assert made == ["z", "a"]
+  loaded = safetensors.numpy.load_file(path)
+  for key, want in tensors.items():
+    np.testing.assert_array_equal(loaded[key], want)
+  assert CheckpointReader(path).metadata == {"note": "streamed"}
+  bad = [
+      (reversed(list(tensors.items())), "got 'a'"),
+      ([("z", tensors["z"]), ("a", tensors["a"].astype(np.int16))], "int16"),
+      ([("z", tensors["z"])], "'a' and later keys were never produced"),
+      ([*tensors.items(), ("b", tensors["a"])], "announced nothing more"),
+  ]
+  for items, match in bad:
+    with pytest.raises(ValueError, match=match):
+      save_file_streamed(specs, iter(items), tmp_path / "bad.safetensors")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
 
 
 def test_file_truncated_after_open(tmp_path):

@@ -275,6 +275,10 @@ def test_quantize_pipeline_checks_its_arguments_before_loading(tiny, tmp_path, n
                                 height=30, width=32)
   with pytest.raises(InputError, match="non-empty list of strings, got \\[\\]"):
     pipelines.quantize_pipeline(folder, tmp_path / "q", preset="w4a4", prompts=[])
+  with pytest.raises(InputError, match="Nunchaku layout needs a FluxPipeline and one of the "
+                     "presets .* with 'nf4-w4a16'"):
+    pipelines.quantize_pipeline(folder, tmp_path / "q", preset="nf4-w4a16", prompts=PROMPTS,
+                                height=32, width=32, nunchaku_layout=True)
   (tmp_path / "done").mkdir()
   with pytest.raises(InputError, match="already exists"):
     pipelines.quantize_pipeline(folder, tmp_path / "done", preset="w4a4", prompts=PROMPTS,

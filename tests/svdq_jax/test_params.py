@@ -232,12 +232,14 @@ class Attention(nnx.Module):
 @pytest.mark.parametrize("preset", ["svdquant-int4", "svdquant-nvfp4"])
 def test_fused_group_is_one_layer_split_back(preset):
   """QuantConfig.fused: q/k/v quantized as their concatenation (one smoothing factor, one
-  lora_down, one tensor scale), each part computing its slice of that layer; to_out alone."""
+  lora_down, one tensor scale), each part computing its slice of that layer; to_out alone, its
+  INT4 input shift set by QuantConfig.shifted."""
   model = Attention(nnx.Rngs(3))
   inputs = [jax.random.normal(jax.random.key(i), (2, 16, D)) for i in range(2)]
   stats = calibrate(model, inputs, max_samples=32, progress=False)
   config = QuantConfig.preset(preset, rank=16, svd_iters=1, smooth=(0.5,),
-                              fused=(("to_q", "to_k", "to_v"), ("to_out", "missing")))
+                              fused=(("to_q", "to_k", "to_v"), ("to_out", "missing")),
+                              shifted=("*to_out/kernel",))
   state = quantize_params(nnx.state(model), stats, config, progress=False)
   q, k, v, out = (state[name]["kernel"].get_value() for name in ("to_q", "to_k", "to_v", "to_out"))
   kernel = jnp.concatenate([model.to_q.kernel.get_value(), model.to_k.kernel.get_value(),
@@ -256,6 +258,9 @@ def test_fused_group_is_one_layer_split_back(preset):
     np.testing.assert_array_equal(np.asarray(part.lora_down), np.asarray(q.lora_down))
     assert float(part.wtscale) == float(q.wtscale)
   assert (q.out_features, k.out_features, v.out_features, out.in_features) == (D, 64, 192, 384)
+  # `shifted` forces the INT4 input shift by path, whatever the data (to_out's inputs go negative).
+  assert out.act_shift == (qz.GELU_SHIFT if preset == "svdquant-int4" else 0.0)
+  assert q.act_shift == 0.0
   separate = quantize_params(nnx.state(model), stats, dataclasses.replace(config, fused=()),
                              progress=False)
   assert not np.array_equal(np.asarray(separate["to_k"]["kernel"].get_value().smooth),

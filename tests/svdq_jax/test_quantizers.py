@@ -62,6 +62,7 @@ def test_nvfp4_values_scales_and_round_trip(x):
   scales = np.asarray(q.scales.astype(jnp.float32))
   assert np.all(np.isfinite(scales)) and scales.min() >= 0 and scales.max() <= 448
   values = qz.E2M1_VALUES[np.asarray(q.codes)]
+  assert not np.any(np.asarray(q.codes) == 8)  # no -0 code: +0 is written instead
   e2m1_set = {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
   assert set(np.abs(values).ravel().tolist()) <= e2m1_set
   # The codes are the bit patterns ml_dtypes uses for float4_e2m1fn.
