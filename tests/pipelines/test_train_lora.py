@@ -33,8 +33,8 @@ from models.flux import FluxConfig, FluxTransformer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BLOCKS = dict(num_layers=1, num_single_layers=1)
-CONFIG = LoRATrainConfig(rank=4, alpha=8.0, steps=8, batch_size=2, learning_rate=3e-2,
-                         checkpoint_every=4, max_sequence_length=8)
+CONFIG = LoRATrainConfig(rank=4, alpha=8.0, steps=16, batch_size=2, learning_rate=3e-2,
+                         checkpoint_every=8, max_sequence_length=8)
 QUANT = QuantConfig.preset(group_size=16, smooth=None, svd_iters=1, rank=8)
 
 
