@@ -47,7 +47,7 @@ demo: venv
 
 test: venv-test
 	$(PY) -m ruff check .
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 test-fast: venv-test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
