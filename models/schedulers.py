@@ -357,8 +357,29 @@ class DPMSolverMultistepScheduler(_TrainingBetas):
     return prev.astype(model_output.dtype), x0
 
 
+class _KarrasSampler:
+  """What the k-diffusion Euler samplers share: the initial noise level, no state between steps,
+  and the input scaling sample / sqrt(sigma^2 + 1). Needs `timestep_spacing`."""
+
+  timestep_spacing: str
+
+  def init_noise_sigma(self, schedule: Schedule) -> float:
+    """Standard deviation of the initial noise, from the largest sigma."""
+    top = float(np.max(np.asarray(schedule.sigmas)))
+    return top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+
+  def init_state(self, sample: jax.Array) -> tuple:
+    """No state between steps: an empty tuple."""
+    return ()
+
+  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
+    """sample / sqrt(sigma_i^2 + 1), the input scaling of the k-diffusion Euler sampler."""
+    sigma = schedule.sigmas[i]
+    return (sample / jnp.sqrt(sigma * sigma + 1)).astype(sample.dtype)
+
+
 @dataclass(frozen=True)
-class EulerDiscreteScheduler(_TrainingBetas):
+class EulerDiscreteScheduler(_KarrasSampler, _TrainingBetas):
   """Deterministic Euler over Karras-style sigmas (k-diffusion), for epsilon and v models.
 
   The model input is scaled by 1 / sqrt(sigma^2 + 1) (`scale_model_input`); the initial noise by
@@ -411,20 +432,6 @@ class EulerDiscreteScheduler(_TrainingBetas):
       timesteps = 0.25 * np.log(sigmas[:-1])
     return Schedule(jnp.asarray(timesteps.astype(np.float32)), jnp.asarray(sigmas))
 
-  def init_noise_sigma(self, schedule: Schedule) -> float:
-    """Standard deviation of the initial noise, from the largest sigma."""
-    top = float(np.max(np.asarray(schedule.sigmas)))
-    return top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-
-  def init_state(self, sample: jax.Array) -> tuple:
-    """No state between steps: an empty tuple."""
-    return ()
-
-  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
-    """sample / sqrt(sigma_i^2 + 1), the input scaling of the k-diffusion Euler sampler."""
-    sigma = schedule.sigmas[i]
-    return (sample / jnp.sqrt(sigma * sigma + 1)).astype(sample.dtype)
-
   def step(self, schedule: Schedule, state: tuple, i: jax.Array, model_output: jax.Array,
            sample: jax.Array) -> tuple[jax.Array, tuple]:
     """x_{i+1} = x_i + (x_i - x0) / sigma_i * (sigma_{i+1} - sigma_i); returns model dtype."""
@@ -442,7 +449,7 @@ class EulerDiscreteScheduler(_TrainingBetas):
 
 
 @dataclass(frozen=True)
-class EulerAncestralDiscreteScheduler(_TrainingBetas):
+class EulerAncestralDiscreteScheduler(_KarrasSampler, _TrainingBetas):
   """Euler ancestral (k-diffusion's `sample_euler_ancestral`), SDXL-Turbo's sampler.
 
   Each step moves deterministically down to sigma_down and adds fresh noise of level sigma_up,
@@ -478,20 +485,6 @@ class EulerAncestralDiscreteScheduler(_TrainingBetas):
     sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
     sigmas = _append_final_sigma(sigmas, train_sigmas, "zero")
     return Schedule(jnp.asarray(timesteps.astype(np.float32)), jnp.asarray(sigmas))
-
-  def init_noise_sigma(self, schedule: Schedule) -> float:
-    """Standard deviation of the initial noise, from the largest sigma (as Euler)."""
-    top = float(np.max(np.asarray(schedule.sigmas)))
-    return top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
-
-  def init_state(self, sample: jax.Array) -> tuple:
-    """No state between steps: an empty tuple."""
-    return ()
-
-  def scale_model_input(self, schedule: Schedule, i: jax.Array, sample: jax.Array) -> jax.Array:
-    """sample / sqrt(sigma_i^2 + 1), as Euler."""
-    sigma = schedule.sigmas[i]
-    return (sample / jnp.sqrt(sigma * sigma + 1)).astype(sample.dtype)
 
   def step(self, schedule: Schedule, state: tuple, i: jax.Array, model_output: jax.Array,
            sample: jax.Array, *, noise: jax.Array | None = None) -> tuple[jax.Array, tuple]:
