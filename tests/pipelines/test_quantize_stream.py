@@ -30,11 +30,15 @@ SETTINGS = dict(num_inference_steps=2, height=32, width=32, seed=3, progress=Fal
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-  """A dev-like tiny FLUX folder of width 64, one double and one single block."""
+  """A dev-like tiny FLUX folder of width 64, one double and one single block, whose
+  sample_defaults.json asks for 16 T5 tokens and true classifier-free guidance (so the runs have
+  two branches, as the quantize workflow's calibration takes them from that file)."""
   folder = tmp_path_factory.mktemp("flux64") / "src"
   save_tiny_flux_pipeline(folder, heads=4)
   config = json.loads((folder / "transformer" / "config.json").read_text())
   assert config["num_layers"] == 1 and config["num_single_layers"] == 1
+  (folder / "sample_defaults.json").write_text(json.dumps(
+      {"max_sequence_length": 16, "negative_prompt": "", "true_cfg_scale": 2.0}))
   return folder
 
 
@@ -76,7 +80,8 @@ def test_streamed_equals_whole_model_layer_by_layer(flux, tmp_path):
   assert note["stream"] is True and note["calibration"]["prompts"] == 2
   assert sorted(p.name for p in streamed.iterdir()) == sorted(
       [p.name for p in flux.iterdir()] + ["svdq_quantization.json"])
-  kwargs = dict(height=32, width=32, num_inference_steps=2, seed=1, max_sequence_length=16)
+  kwargs = dict(height=32, width=32, num_inference_steps=2, seed=1, max_sequence_length=16,
+                negative_prompt="", true_cfg_scale=2.0)
   images = pipelines.load_pipeline(streamed)(["a red cat"], **kwargs)
   np.testing.assert_array_equal(images, pipelines.load_pipeline(whole)(["a red cat"], **kwargs))
 
@@ -102,8 +107,8 @@ def test_stream_holds_one_float_block_at_a_time(flux, tmp_path):
   quantize_pipeline_streamed(
       folder, tmp_path / "q", config=QuantConfig.preset("svdquant-int4"), preset="svdquant-int4",
       prompts=PROMPTS, num_inference_steps=2, height=32, width=32, seed=3, guidance_scale=None,
-      overwrite=False, dtype=None, nunchaku_layout=False, progress=False, sampling={},
-      block_hook=hook)
+      overwrite=False, dtype=None, nunchaku_layout=False, progress=False,
+      sampling={"max_sequence_length": 16}, block_hook=hook)
   blocks = ["transformer_blocks/0", "single_transformer_blocks/0"]
   assert [path for path, _ in reads] == blocks * 3  # 2 trajectory steps + calibration
   assert alive_bytes == [0] * len(reads), alive_bytes
