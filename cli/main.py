@@ -146,7 +146,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                               num_inference_steps=args.steps, height=args.height,
                               width=args.width, seed=args.seed, guidance_scale=args.guidance,
                               overwrite=args.overwrite, dtype=_dtype(args.dtype),
-                              nunchaku_layout=args.nunchaku_layout)
+                              nunchaku_layout=args.nunchaku_layout, stream=args.stream)
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0
 
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
   quant.add_argument("--nunchaku-layout", action="store_true",
                      help="FLUX: split proj_out and quantize q/k/v as one layer, as Nunchaku's "
                      "files need (for export-nunchaku)")
+  quant.add_argument("--stream", action="store_true",
+                     help="FLUX: hold one transformer block at a time (read from the "
+                     "safetensors, calibrated, quantized, released), for models larger than memory")
   quant.set_defaults(run=_cmd_quantize)
 
   sample = sub.add_parser("sample", help="text-to-image from a diffusers or svdq-jax folder")

@@ -444,6 +444,28 @@ class FluxTransformer(nnx.Module):
     Returns:
       (B, S, patch_size**2 * out_channels) in the computation dtype.
     """
+    hidden_states, encoder_hidden_states, temb, rotary = self.embed(
+        hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+        guidance)
+    for block in self.transformer_blocks:
+      encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb,
+                                                   rotary)
+    for block in self.single_transformer_blocks:
+      encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb,
+                                                   rotary)
+    return self.output(hidden_states, temb)
+
+  def embed(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array,
+            pooled_projections: jax.Array, timestep: jax.Array, img_ids: jax.Array,
+            txt_ids: jax.Array, guidance: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """What enters the first block, from `__call__`'s arguments (same meanings).
+
+    Returns:
+      (hidden_states (B, S, D), encoder_hidden_states (B, T, D), temb (B, D), rotary (cos, sin)
+      each (T + S, head_dim // 2) float32), in the computation dtype. Streamed quantization
+      (`pipelines.quantize_stream`) caches these and runs the blocks one at a time.
+    """
     config = self.config
     if (guidance is None) == config.guidance_embeds:
       raise ValueError("FluxTransformer: guidance is required when config.guidance_embeds is "
@@ -464,12 +486,10 @@ class FluxTransformer(nnx.Module):
     temb = self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
     rotary = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0),
                               config.axes_dims_rope, config.rope_theta)
+    return hidden_states, encoder_hidden_states, temb, rotary
 
-    for block in self.transformer_blocks:
-      encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb,
-                                                   rotary)
-    for block in self.single_transformer_blocks:
-      encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb,
-                                                   rotary)
+  def output(self, hidden_states: jax.Array, temb: jax.Array) -> jax.Array:
+    """The velocity (B, S, patch_size**2 * out_channels) from the last block's image tokens
+    (B, S, D) and temb (B, D): the final AdaLN norm and projection."""
     return self.proj_out(self.norm_out(hidden_states, temb))
 

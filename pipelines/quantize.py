@@ -20,6 +20,7 @@ from convert.nunchaku_export import split_proj_out
 from pipelines.folder import PipelineFolder
 from pipelines.inputs import check_image_size, prompt_list
 from pipelines.load import Pipeline, load_pipeline
+from pipelines.quantize_stream import check_streamable, quantize_pipeline_streamed
 from svdq_jax.config import NUNCHAKU_FUSED, NUNCHAKU_SHIFTED, QuantConfig
 from svdq_jax.errors import InputError
 
@@ -80,7 +81,7 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
                       height: int | None = None, width: int | None = None, seed: int = 0,
                       guidance_scale: float | None = None, overwrite: bool = False,
                       dtype: jnp.dtype | None = None, nunchaku_layout: bool = False,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, stream: bool = False) -> Path:
   """Writes a copy of a pipeline folder with its denoiser (transformer/ or unet/) calibrated and
   quantized.
 
@@ -106,6 +107,8 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
       (`QuantConfig.fused` = `NUNCHAKU_FUSED`) and INT4 inputs shifted exactly where Nunchaku
       shifts them (`QuantConfig.shifted` = `NUNCHAKU_SHIFTED`). Only with `NUNCHAKU_PRESETS`.
     progress: progress bars per prompt and per layer.
+    stream: hold one float transformer block at a time (FluxPipeline folders with a diffusers
+      transformer): `pipelines.quantize_stream`, same result layer by layer.
 
   Returns:
     The written folder.
@@ -131,6 +134,13 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
       raise InputError(f"quantize_pipeline: the Nunchaku layout needs a FluxPipeline and one of "
                        f"the presets {NUNCHAKU_PRESETS}, got {folder.pipeline} with {preset!r}")
     config = dataclasses.replace(config, fused=NUNCHAKU_FUSED, shifted=NUNCHAKU_SHIFTED)
+  if stream:
+    check_streamable(folder)
+    return quantize_pipeline_streamed(
+        folder, dst, config=config, preset=preset, prompts=prompts,
+        num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
+        guidance_scale=guidance_scale, overwrite=overwrite, dtype=dtype,
+        nunchaku_layout=nunchaku_layout, progress=progress, sampling=sampling)
   with atomic_folder(dst, overwrite=overwrite) as out:
     pipe = load_pipeline(folder, dtype=dtype)
     if nunchaku_layout:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,20 +53,24 @@ class ActivationStats:
 
 class _LayerRecord:
   """Running statistics of one layer; the sample keeps the rows with the largest random keys
-  (a uniform sample without replacement of every row seen)."""
+  (a uniform sample without replacement of every row seen). Each layer draws its keys from its
+  own generator, seeded by (seed, its path), so its sample depends only on the rows it saw and
+  their order, not on which other layers ran in between (streamed calibration runs the layers
+  block by block, `calibrate` step by step; both get the same samples)."""
 
-  def __init__(self, in_features: int):
+  def __init__(self, in_features: int, rng: np.random.Generator):
+    self.rng = rng
     self.minimum = np.full((in_features,), np.inf, np.float32)
     self.maximum = np.full((in_features,), -np.inf, np.float32)
     self.samples = np.zeros((0, in_features), np.float32)
     self.keys = np.zeros((0,), np.float64)
     self.num_tokens = 0
 
-  def add(self, rows: np.ndarray, rng: np.random.Generator, max_samples: int) -> None:
+  def add(self, rows: np.ndarray, max_samples: int) -> None:
     self.minimum = np.minimum(self.minimum, rows.min(axis=0))
     self.maximum = np.maximum(self.maximum, rows.max(axis=0))
     self.num_tokens += rows.shape[0]
-    keys = np.concatenate([self.keys, rng.random(rows.shape[0])])
+    keys = np.concatenate([self.keys, self.rng.random(rows.shape[0])])
     samples = np.concatenate([self.samples, rows])
     keep = np.sort(np.argsort(-keys)[:max_samples])
     self.keys, self.samples = keys[keep], samples[keep]
@@ -80,7 +85,7 @@ class Recorder:
   def __init__(self, paths_by_id: dict[int, str], max_samples: int, seed: int):
     self._paths_by_id = paths_by_id
     self._max_samples = max_samples
-    self._rng = np.random.default_rng(seed)
+    self._seed = seed
     self._records: dict[str, _LayerRecord] = {}
     self.traced_calls = 0
     self.unknown_calls = 0
@@ -100,8 +105,11 @@ class Recorder:
     if not np.all(np.isfinite(rows)):
       raise InputError(f"calibrate: layer {path!r} received NaN or inf activations; "
                        "calibration needs finite inputs")
-    record = self._records.setdefault(path, _LayerRecord(rows.shape[1]))
-    record.add(rows, self._rng, self._max_samples)
+    record = self._records.get(path)
+    if record is None:
+      rng = np.random.default_rng([self._seed, zlib.crc32(path.encode())])
+      record = self._records[path] = _LayerRecord(rows.shape[1], rng)
+    record.add(rows, self._max_samples)
 
   def stats(self) -> dict[str, ActivationStats]:
     return {path: self._records[path].stats() for path in sorted(self._records)}
