@@ -32,7 +32,7 @@ from convert.nunchaku_checkpoint import import_nunchaku
 from convert.nunchaku_export import export_nunchaku
 from demo import quality, sampling
 from models import sharding
-from pipelines import captions, train_lora
+from pipelines import captions, distributed, train_lora
 from pipelines.folder import PipelineFolder
 from svdq_jax.config import QuantConfig
 from svdq_jax.errors import InputError
@@ -165,15 +165,26 @@ def _sample_settings(args: argparse.Namespace, folder: PipelineFolder) -> dict:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+  """Samples and writes the PNGs. With several processes (`pipelines.distributed`) every process
+  runs this with the same arguments, and each writes the PNGs of the rows its devices computed
+  (`models.sharding.process_rows`): every image once, no image crossing processes."""
+  if distributed.requested(args.coordinator, args.num_processes, args.process_id):
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   loras = [parse_lora_spec(spec) for spec in args.lora]
   out = pipelines.check_png_path(args.out)
-  sharding.check_device_count(args.devices)
+  count = sharding.sampling_device_count(args.devices)
   folder = PipelineFolder.read(args.model)
   settings = _sample_settings(args, folder)
   if loras:
     settings["loras"] = loras
+  if args.shard_weights is not None:
+    settings["shard_weights"] = args.shard_weights
   pipeline = pipelines.PIPELINES[folder.pipeline]
   accepted = inspect.signature(pipeline.__call__).parameters
+  several = jax.process_count() > 1
+  if several and "gather" not in accepted:
+    raise InputError(f"{folder.pipeline} in {str(folder.path)!r} does not sample over several "
+                     "processes (FluxPipeline does)")
   for name in settings:
     if name not in accepted:
       raise InputError(f"{folder.pipeline} in {str(folder.path)!r} has no {name} setting "
@@ -183,14 +194,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                 width=settings["width"], size_multiple=folder.size_multiple,
                                 num_images_per_prompt=args.num_images)
   pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype))
-  images = pipe(prompts, seed=args.seed, num_images_per_prompt=args.num_images,
-                devices=args.devices, progress=not args.quiet, **settings)
+  progress = not args.quiet and args.shard_weights is None
+  images = pipe(prompts, seed=args.seed, num_images_per_prompt=args.num_images, devices=count,
+                progress=progress, **settings, **({"gather": False} if several else {}))
   per_image_prompts = [p for p in prompts for _ in range(args.num_images)]
+  rows = (sharding.process_rows(len(per_image_prompts), sharding.data_mesh(count)) if several
+          else list(range(len(per_image_prompts))))
   extra = {"model": str(folder.path), "steps": str(settings["num_inference_steps"])}
   if loras:
     extra["loras"] = " ".join(f"{path}:{strength:g}" for path, strength in loras)
-  paths = pipelines.save_images(images, out, prompts=per_image_prompts, seed=args.seed,
-                                extra=extra)
+  paths = pipelines.save_images(images, out, prompts=[per_image_prompts[r] for r in rows],
+                                seed=args.seed, extra=extra, indices=rows,
+                                batch_size=len(per_image_prompts))
   for path in paths:
     print(path)
   return 0
@@ -360,8 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
                       "--negative-prompt (default: the folder's sample_defaults.json, else 1)")
   sample.add_argument("--num-images", type=_positive("--num-images"), default=1,
                       help="images per prompt")
-  sample.add_argument("--devices", type=_positive("--devices"), default=1,
-                      help="data-parallel devices (the batch is sharded over them)")
+  sample.add_argument("--devices", type=_positive("--devices"), default=None,
+                      help="data-parallel devices (the batch is sharded over them; default 1, or "
+                      "every device of every process in a multi-process run)")
+  sample.add_argument("--shard-weights", choices=sharding.WEIGHT_SHARDINGS, default=None,
+                      help="split the transformer's parameters over the --devices, FSDP-style "
+                      "or by output channels, instead of a whole copy per device (no progress "
+                      "bar)")
+  sample.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                      help="several processes: process 0's coordinator address (else "
+                      "JAX_COORDINATOR_ADDRESS or a detected cluster); each process writes the "
+                      "PNGs of its rows")
+  sample.add_argument("--num-processes", type=_positive("--num-processes"), default=None,
+                      help="several processes: how many (else JAX_NUM_PROCESSES or a detected "
+                      "cluster)")
+  sample.add_argument("--process-id", type=int, default=None,
+                      help="several processes: this one's id, 0..N-1 (else JAX_PROCESS_ID or a "
+                      "detected cluster)")
   sample.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                       help="LoRA file (diffusers/PEFT, kohya or XLabs), strength 1 unless "
                       "given; repeat for several")

@@ -6,6 +6,15 @@ draws the initial latents from `jax.random.key(seed)` (or takes `latents`), runs
 `pipelines.loop` and decodes with the jitted VAE into images (B, H, W, 3) float32 in [0, 1].
 Same seed, same image: the noise is drawn for the whole batch on the host side of the mesh, so
 the image does not depend on the device count, and runs on CPU repeat bit for bit.
+
+Several devices (`devices`) or several processes (after `pipelines.distributed.initialize`):
+every process tokenizes, encodes and draws the noise of the whole batch on its first device (the
+text encoders cost little next to the denoising steps, and so the conditions do not depend on the
+process count); the denoising loop and the VAE decoder then run data-parallel over the devices of
+all processes, each device computing its rows of the batch. The images of a run therefore depend
+on the rows per device (XLA's CPU kernels round batch 1 and batch 8 differently in the last
+bits), not on how the devices are spread over processes. `gather=False` returns only the rows
+this process computed (`models.sharding.process_rows`), without any cross-process transfer.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from convert.safetensors_io import CheckpointError
-from models import schedulers
+from models import schedulers, sharding
 from models.clip import CLIPTextModel
 from models.flux import FluxTransformer
 from models.t5 import T5Encoder
@@ -123,6 +132,7 @@ class FluxPipeline:
     self._t5 = jit_module(text_encoder_2)
     self._decode = jit_module(vae, "decode")
     self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
+    self._decoders: dict = {}  # data-parallel VAE decoders by device count
     self._loras = LoRALoader("flux")
 
   @property
@@ -206,7 +216,8 @@ class FluxPipeline:
                latents: jax.Array | None = None, max_sequence_length: int = 512,
                devices: int | None = None, progress: bool = False,
                output_type: str = "np", jit: bool = True,
-               loras: Sequence[LoRASpec] | None = None) -> np.ndarray:
+               loras: Sequence[LoRASpec] | None = None, shard_weights: str | None = None,
+               gather: bool = True) -> np.ndarray:
     """Generates images.
 
     Args:
@@ -223,16 +234,23 @@ class FluxPipeline:
       num_images_per_prompt: images per prompt; the batch is B = len(prompts) * this.
       latents: packed initial latents (B, h/2 * w/2, 4C) instead of drawn ones.
       max_sequence_length: T5 tokens (512 for dev, 256 is common for schnell).
-      devices: run data-parallel over this many devices (None: one).
+      devices: run data-parallel over this many devices (None: one; with several processes,
+        every device of every process).
       progress: show a progress bar of the steps (runs the compiled one-step body per step).
       output_type: "np" for images, "latent" for the final packed latents.
       jit: False runs the steps eagerly in Python, one model call at a time (for `calibrate`;
         slow, and without data parallelism).
       loras: (LoRA file, strength) pairs applied for this call (`pipelines.loras`): diffusers/
         PEFT, kohya or XLabs FLUX.1 LoRAs; None or [] samples from the base model.
+      shard_weights: "fsdp" or "channels" splits the transformer's parameters (quantized ones
+        included) over the `devices` (`models.sharding.weight_shardings`) instead of replicating
+        them; None replicates. Runs the fused loop (no progress bar).
+      gather: with several processes, return every image on every process (an all-gather);
+        False returns only this process's rows, in `models.sharding.process_rows` order.
 
     Returns:
-      (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent".
+      (B, height, width, 3) float32 in [0, 1], or the packed latents for "latent" (with
+      gather=False in a multi-process run, only this process's rows).
 
     Raises:
       InputError for a negative prompt that is not one string or one per prompt, an empty or
@@ -241,6 +259,7 @@ class FluxPipeline:
       `size_multiple`, latents of the wrong shape, or a LoRA file that is missing, of another
       model or of an unknown format (naming the file and its first unmatched keys).
     """
+    count = sharding.sampling_device_count(devices)
     prompts = self.check_call(
         "FluxPipeline", prompt, negative_prompt, height=height, width=width,
         size_multiple=self.size_multiple(self.vae.config, self.transformer.config),
@@ -278,9 +297,35 @@ class FluxPipeline:
     latents = denoise(
         lambda eager: flux_step_fn(self.transformer, self.scheduler, eager=eager),
         self.scheduler, self._runners, state=state, schedule=schedule,
-        latents=latents, conditions=conditions, condition_axes=condition_axes, devices=devices,
-        progress=progress, jit=jit)
+        latents=latents, conditions=conditions, condition_axes=condition_axes, devices=count,
+        progress=progress, jit=jit, shard_weights=shard_weights)
     if output_type == "latent":
-      return np.asarray(latents)
-    raw = self.vae.unscale_latents(unpack_latents(latents, h, w))
-    return to_images(self._decode(raw))
+      return self._rows(latents, batch, count, gather)
+    if count == 1:
+      return to_images(self._decode(self.vae.unscale_latents(unpack_latents(latents, h, w))))
+    return to_images(self._rows(self._decoder(count, h, w)(nnx.state(self.vae), latents),
+                                batch, count, gather))
+
+  def _decoder(self, count: int, h: int, w: int) -> Callable[..., jax.Array]:
+    """`decode(vae_state, packed_latents) -> pixels (B, 3, H, W)` for an (h, w) latent grid,
+    data-parallel over `count` devices, the batch kept padded and split (for
+    `models.sharding.local_rows`)."""
+    key = (count, h, w)
+    if key not in self._decoders:
+      graphdef = nnx.graphdef(self.vae)
+
+      def decode(vae_state, packed):
+        vae = nnx.merge(graphdef, vae_state)
+        return vae.decode(vae.unscale_latents(unpack_latents(packed, h, w)))
+
+      self._decoders[key] = sharding.data_parallel(decode, devices=count, in_axes=(None, 0),
+                                                   trim=False)
+    return self._decoders[key]
+
+  @staticmethod
+  def _rows(x: jax.Array, batch: int, count: int, gather: bool) -> np.ndarray:
+    """The first `batch` rows of a (possibly padded, sharded) result as numpy: all of them, or
+    with gather=False in a multi-process run this process's rows only."""
+    if count == 1 or gather or jax.process_count() == 1:
+      return sharding.to_host(x)[:batch]
+    return sharding.local_rows(x, batch)

@@ -13,6 +13,14 @@ Latents that turn NaN or inf (a 16-bit overflow, a broken weight) raise `NonFini
 the first such step, and pixels the VAE decodes to NaN or inf raise it naming the VAE, so no black
 image is ever returned as if the run had worked. The fused loop finds that step with one
 `isfinite` reduction per step inside the loop.
+
+Sharded weights (`shard_weights="fsdp"` or `"channels"`, `models.sharding.weight_shardings`): the
+parameters are split over the devices and the loop is one `jax.jit` over the sharded parameters
+and the batch split along "data", partitioned by XLA (no `shard_map`), so no device holds the
+whole model.
+
+Several processes: every process calls `denoise` with the same whole-batch host values; the
+returned latents are a global array (`models.sharding.local_rows` reads this process's rows).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from models import schedulers, sharding
+from svdq_jax.errors import InputError
 
 
 class NonFiniteError(RuntimeError):
@@ -100,7 +109,8 @@ def _checked_loop(step: Callable[..., Any], scheduler: schedulers.Scheduler
 def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedulers.Scheduler,
              runners: dict, *, state: Any, schedule: schedulers.Schedule, latents: jax.Array,
              conditions: tuple, condition_axes: tuple, devices: int | None, progress: bool,
-             jit: bool, denoiser: str = "transformer") -> jax.Array:
+             jit: bool, denoiser: str = "transformer", shard_weights: str | None = None
+             ) -> jax.Array:
   """Runs the denoising loop and returns the final latents.
 
   Raises NonFiniteError, naming the first step and the `denoiser` ("transformer", "unet"), when
@@ -109,7 +119,8 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
   jit and no progress: the fused loop, jitted (or data-parallel over `devices`). jit and
   progress: the jitted one-step body, called per step with a tqdm bar. Not jit: eager steps in
   Python (calibration). `runners` caches the compiled functions per (mode, device count, number
-  of conditions).
+  of conditions, weight sharding). shard_weights: "fsdp" or "channels" splits the parameters over
+  the `devices` (see the module docstring); the fused loop only.
   """
   num_steps = schedule.num_steps
   carry = (latents, scheduler.init_state(latents))
@@ -121,6 +132,13 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
         _raise_at_step(i, num_steps, denoiser)
     return carry[0]
   count = devices or 1
+  if shard_weights is not None:
+    if progress:
+      raise InputError("sharded weights run the fused loop only: sample without a progress bar")
+    latents, first_bad = _sharded_run(make_step, scheduler, runners, state, schedule, latents,
+                                      conditions, condition_axes, count, shard_weights)
+    _check_first_bad(first_bad, num_steps, denoiser)
+    return latents
   key = ("per-step" if progress else "fused", count, len(conditions))
   if key not in runners:
     step = make_step(False)
@@ -131,9 +149,7 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
   run = runners[key]
   if not progress:
     latents, first_bad = run(state, schedule, latents, *conditions)
-    bad = np.asarray(first_bad)
-    if np.any(bad >= 0):
-      _raise_at_step(int(bad[bad >= 0].min()), num_steps, denoiser)
+    _check_first_bad(first_bad, num_steps, denoiser)
     return latents
   if count > 1:  # placed once here, so the per-step calls find the weights already replicated
     state, schedule = sharding.replicate((state, schedule), run.mesh)
@@ -144,3 +160,33 @@ def denoise(make_step: Callable[[bool], Callable[..., Any]], scheduler: schedule
         _raise_at_step(i, num_steps, denoiser)
       bar.update(1)
   return carry[0]
+
+
+def _check_first_bad(first_bad: jax.Array, num_steps: int, denoiser: str) -> None:
+  bad = sharding.to_host(first_bad)
+  if np.any(bad >= 0):
+    _raise_at_step(int(bad[bad >= 0].min()), num_steps, denoiser)
+
+
+def _sharded_run(make_step, scheduler, runners, state, schedule, latents, conditions,
+                 condition_axes, count, mode) -> tuple[jax.Array, jax.Array]:
+  """The fused loop as one jit over parameters split by `weight_shardings(mode)` and the batch
+  (padded to a multiple of `count`) split along "data"; returns the trimmed outputs."""
+  key = ("sharded", count, len(conditions), mode)
+  if key not in runners:
+    mesh = sharding.data_mesh(count)
+    runners[key] = (mesh, jax.jit(_checked_loop(make_step(False), scheduler)), {})
+  mesh, run, placed = runners[key]
+  if placed.get("source") is not state:  # the parameters are split once per state
+    placed.clear()
+    placed.update(source=state, state=jax.device_put(
+        state, sharding.weight_shardings(state, mesh, mode)))
+  batched = (latents, *(c for c, a in zip(conditions, condition_axes, strict=True) if a == 0))
+  padded, size = sharding.pad_batch(batched, count)
+  padded = iter(sharding.shard_batch(padded, mesh))
+  args = [next(padded)] + [next(padded) if a == 0 else sharding.replicate(c, mesh)
+                           for c, a in zip(conditions, condition_axes, strict=True)]
+  out_latents, first_bad = run(placed["state"], sharding.replicate(schedule, mesh), *args)
+  if size % count:
+    out_latents, first_bad = out_latents[:size], first_bad[:size]
+  return out_latents, first_bad

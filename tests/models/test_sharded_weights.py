@@ -1,0 +1,122 @@
+"""Sharded weights: the tiny FLUX pipeline's transformer (float, and quantized svdquant-int4)
+split over 8 virtual CPU devices, FSDP-style and by output channels, samples the images of the
+unsharded run; each device holds a fraction of the parameters (from the arrays' shardings).
+
+The sampling runs in a subprocess: the device count must be set before jax starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import sharding
+from svdq_jax.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent("""
+  import json, sys
+  import jax
+  jax.config.update("jax_num_cpu_devices", 8)
+  import numpy as np
+  from flax import nnx
+  import pipelines
+  from models import sharding
+  from svdq_jax import QuantConfig, SVDQLinear
+  folder, out = sys.argv[1], sys.argv[2]
+  pipe = pipelines.FluxPipeline.from_pretrained(folder)
+  prompts = [f"a {c} {a} in snow" for c in ("red", "blue", "green", "old")
+             for a in ("cat", "dog")]
+  kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16, seed=5)
+  images, record = {}, {}
+  mesh = sharding.data_mesh(8)
+  for name in ("float", "int4"):
+    if name == "int4":
+      pipelines.quantize_denoiser(pipe, QuantConfig.preset("svdquant-int4"), prompts[:2],
+                                  num_inference_steps=2, height=32, width=32,
+                                  max_sequence_length=16, progress=False)
+    images[f"{name}_one"] = pipe(prompts, devices=1, **kw)
+    images[f"{name}_replicated"] = pipe(prompts, devices=8, **kw)
+    state = nnx.state(pipe.transformer)
+    record[f"{name}_total"] = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    for mode in ("fsdp", "channels"):
+      images[f"{name}_{mode}"] = pipe(prompts[:6], devices=8, shard_weights=mode, **kw)
+      placed = jax.device_put(state, sharding.weight_shardings(state, mesh, mode))
+      record[f"{name}_{mode}_bytes"] = sorted(sharding.bytes_per_device(placed).values())
+      layers = [leaf for leaf in jax.tree.leaves(placed, is_leaf=lambda x: isinstance(
+          x, SVDQLinear)) if isinstance(leaf, SVDQLinear)]
+      record[f"{name}_{mode}_split_qweights"] = sum(
+          not leaf.qweight.sharding.is_fully_replicated for leaf in layers)
+      record[f"{name}_{mode}_qweights"] = len(layers)
+  np.savez(out + "/images.npz", **images)
+  with open(out + "/record.json", "w") as f:
+    json.dump(record, f)
+""")
+
+
+@pytest.mark.slow
+def test_sharded_weights_sample_the_unsharded_images(tmp_path):
+  pytest.importorskip("torch")
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
+
+  folder = tmp_path / "flux"
+  save_tiny_flux_pipeline(folder, heads=4)  # width 64: one INT4 group
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path)], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  images = dict(np.load(tmp_path / "images.npz"))
+  record = json.loads((tmp_path / "record.json").read_text())
+  for name in ("float", "int4"):
+    one, replicated = images[f"{name}_one"], images[f"{name}_replicated"]
+    assert one.shape == (8, 32, 32, 3)
+    for mode in ("fsdp", "channels"):
+      sharded = images[f"{name}_{mode}"]
+      assert sharded.shape == (6, 32, 32, 3)  # 6 prompts on 8 devices: padded and cut
+      # Against data parallelism with replicated weights and against one device: the same
+      # math, only float32 summation orders differ (XLA's CPU matmuls block batch 1 and batch
+      # 8 differently; a partitioned matmul may add its partial sums in another order).
+      np.testing.assert_allclose(sharded, replicated[:6], rtol=0, atol=1e-5)
+      np.testing.assert_allclose(sharded, one[:6], rtol=0, atol=1e-5)
+      per_device = record[f"{name}_{mode}_bytes"]
+      assert len(per_device) == 8
+      total = record[f"{name}_total"]
+      # Every device holds well under the whole model (what cannot be split is replicated).
+      assert max(per_device) < total / 2, (name, mode, per_device, total)
+    assert np.abs(one[0] - one[1]).max() > 1e-3  # different prompts, different images
+  assert record["int4_fsdp_qweights"] > 0
+  for mode in ("fsdp", "channels"):
+    assert record[f"int4_{mode}_split_qweights"] == record[f"int4_{mode}_qweights"]
+
+
+def test_weight_shardings_split_the_axes_they_name():
+  mesh = sharding.data_mesh(1)
+  state = {"block": {"kernel": jax.ShapeDtypeStruct((6, 8), jnp.float32),
+                     "lora_down": jax.ShapeDtypeStruct((6, 2), jnp.float32)}}
+  channels = sharding.weight_shardings(state, mesh, "channels")
+  assert channels["block"]["kernel"].spec == jax.sharding.PartitionSpec(None, "data")
+  assert channels["block"]["lora_down"].spec == jax.sharding.PartitionSpec()
+  fsdp = sharding.weight_shardings(state, mesh, "fsdp")
+  assert fsdp["block"]["kernel"].spec == jax.sharding.PartitionSpec(None, "data")  # the larger
+  assert fsdp["block"]["lora_down"].spec == jax.sharding.PartitionSpec("data", None)
+  with pytest.raises(InputError, match="unknown weight sharding 'rows'"):
+    sharding.weight_shardings(state, mesh, "rows")
+
+
+def test_split_axis_rules():
+  assert sharding._split_axis("kernel", (64, 96), 8, "channels") == 1
+  assert sharding._split_axis("qweight", (96, 32), 8, "channels") == 0
+  assert sharding._split_axis("wscales", (1, 96), 8, "channels") == 1
+  assert sharding._split_axis("kernel", (64, 90), 8, "channels") is None  # 90 % 8: replicated
+  assert sharding._split_axis("smooth", (64,), 8, "channels") is None
+  assert sharding._split_axis("anything", (64, 96), 8, "fsdp") == 1
+  assert sharding._split_axis("anything", (64, 90), 8, "fsdp") == 0
+  assert sharding._split_axis("wtscale", (), 8, "fsdp") is None
