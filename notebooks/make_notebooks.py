@@ -257,10 +257,13 @@ layers, smooths, spans = {}, {}, {}
 for label, path in LAYERS.items():
   layer = quantize(path, QuantConfig.preset("svdquant-int4"))
   layers[label], smooths[label] = layer, np.asarray(layer.smooth)
-  span_x, span_w = stats[path].absmax, np.abs(kernels[path]).max(axis=1)
+  # The span of what the 4-bit path quantizes: max |x| per channel, or max |x + shift|.
+  s = stats[path]
+  span_x = s.maximum + layer.act_shift if layer.act_shift else s.absmax
+  span_w = np.abs(kernels[path]).max(axis=1)
   spans[label] = (span_x, span_w)
-  candidates = np.asarray(smooth_candidates(jnp.asarray(span_x + layer.act_shift),
-                                            jnp.asarray(span_w), DEFAULT_SMOOTH_GRID))
+  candidates = np.asarray(smooth_candidates(jnp.asarray(span_x), jnp.asarray(span_w),
+                                            DEFAULT_SMOOTH_GRID))
   won = int(np.argmin(np.abs(candidates - smooths[label]).max(axis=1)))
   alphas = len(DEFAULT_SMOOTH_GRID)
   form = ("no smoothing" if won == 0 else
@@ -271,10 +274,11 @@ for label, path in LAYERS.items():
         f"held-out error {held_out_error(path, layer):.4f}")"""),
     ("md", """## Per-channel magnitudes before and after smoothing
 
-Left: the largest |x| each input channel saw (the activation span), before and after dividing by
-λ. Right: the largest |W| in each input channel's row, before and after multiplying by λ. A few
-activation channels dominate before; after smoothing the activations are flatter (a 4-bit scale
-per token fits them better) and the weight rows carry the difference."""),
+Left: the largest |x| each input channel saw (|x + 0.171875| for the shifted MLP
+down-projection: the activation span), before and after dividing by λ. Right: the largest |W|
+in each input channel's row, before and after multiplying by λ. A few activation channels
+dominate before; after smoothing the activations are flatter (a 4-bit scale per token fits them
+better) and the weight rows carry the difference."""),
     ("code", """fig, axes = plt.subplots(len(LAYERS), 2, figsize=(11, 6.5), squeeze=False)
 for row, label in enumerate(LAYERS):
   span_x, span_w = spans[label]
@@ -346,7 +350,7 @@ smoothed domain (kernel λW, inputs x / λ, `smooth=None`, rank 32), which is th
 activations are signed INT4 here for both layers, so the points compare with each other (the
 searched layer of the MLP down-projection above uses the shifted unsigned INT4). The searched λ
 goes through the same path as a dashed line."""),
-    ("code", """ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    ("code", """ALPHAS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 fixed = QuantConfig.preset("svdquant-int4", smooth=None)
 
 
@@ -358,7 +362,7 @@ def presmoothed_error(path, smooth):
 
 fig, axes = plt.subplots(1, len(LAYERS), figsize=(11, 3.5), squeeze=False)
 for ax, (label, path) in zip(axes[0], LAYERS.items(), strict=True):
-  span_x, span_w = (jnp.asarray(s) for s in spans[label])
+  span_x, span_w = jnp.asarray(stats[path].absmax), jnp.asarray(spans[label][1])
   curves = {"span_x^α": [], "span_x^α / span_w^(1−α)": []}
   for alpha in ALPHAS:
     candidates = np.asarray(smooth_candidates(span_x, span_w, (alpha,)))

@@ -45,7 +45,10 @@ def _check_inside_svdquant(outputs: str) -> None:
     assert float(after) < float(before), ratios
   svd = _numbers(r"residual's largest singular value / smoothed weight's 33rd: ([0-9.]+)", outputs)
   for (ratio,) in svd:  # >= 1 by Eckart-Young; near 1 when the branch holds the top directions
-    assert float(ratio) < 1.5, svd
+    assert float(ratio) < 1.1, svd
+  energy = _numbers(r"top 32 singular values: W ([0-9.]+), smoothed ([0-9.]+)", outputs)
+  for before, after in energy:  # smoothing concentrates the weight in its top singular values
+    assert float(after) > float(before), energy
   ranks = _numbers(r"error by rank: 0: ([0-9.]+), 4: ([0-9.]+), 8: ([0-9.]+), 16: ([0-9.]+), "
                    r"32: ([0-9.]+)", outputs)
   assert len(ranks) == 2, ranks
