@@ -2,6 +2,10 @@
 
   quickstart.ipynb   SVDQuant on one layer and on a tiny FLUX transformer
   lora.ipynb         training a LoRA on a tiny 4-bit FLUX transformer, then applying it
+  inside_svdquant.ipynb  smoothing, singular values, error against rank and smoothing strength,
+                         on two linears of the shipped demo model and its activations
+  end_to_end.ipynb   the demo model converted, quantized (svdquant-int4), sampled beside the
+                     float model: PSNR per image, transformer bytes
 
 Run `python notebooks/make_notebooks.py` after editing the cells below.
 """
@@ -185,7 +189,282 @@ print("without the LoRA again == base:", np.array_equal(np.asarray(forward(state
 print("compiled forwards:", forward._cache_size())"""),
 ]
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "lora.ipynb": LORA}
+INSIDE_SVDQUANT = [
+    ("md", """# Inside SVDQuant, on the demo model's own layers
+
+SVDQuant quantizes a linear layer y = x W in three moves (DESIGN.md, section 1): smoothing
+divides each input channel of x by λ and multiplies the matching row of W by it (activation
+outliers move into the weights), a rank-r 16-bit branch takes the largest singular directions of
+the smoothed weight, and only the residual is quantized to 4 bits. Here each move is looked at on
+two linears of the shipped demo model (`demo/emoji_flux`, a small FLUX.1-architecture pipeline
+trained on emoji): the first double block's attention query projection and its MLP
+down-projection, with the activations they see while the model samples. Every plot is drawn when
+the notebook runs; the calls are `svdq_jax`'s own (`quantize_linear`, `smooth_candidates`,
+`svdq_dot`, `metrics`)."""),
+    ("code", """import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+from demo import sampling
+from pipelines import calibrate_denoiser
+from svdq_jax import QuantConfig, quantize_linear, svdq_dot
+from svdq_jax.config import DEFAULT_SMOOTH_GRID
+from svdq_jax.metrics import relative_error
+from svdq_jax.transform import smooth_candidates
+
+pipe = sampling.load_pipeline("demo/emoji_flux")
+# The folder's sampling settings (32x32, 12 tokens, true CFG 4 against ""), two steps per run.
+settings = {k: v for k, v in sampling.SAMPLE_DEFAULTS.items() if k != "num_inference_steps"}
+CALIBRATION = ["cyclone", "hot dog", "tulip"]  # training names, none an evaluation prompt
+HELD_OUT = ["red apple", "rocket", "owl"]  # measures the errors on activations not calibrated on
+stats = calibrate_denoiser(pipe, CALIBRATION, num_inference_steps=2, batch_size=3,
+                           progress=False, **settings)
+test_stats = calibrate_denoiser(pipe, HELD_OUT, num_inference_steps=2, batch_size=3, seed=1,
+                                progress=False, **settings)
+kernels = {"/".join(map(str, path)): np.asarray(v.get_value(), np.float32)
+           for path, v in nnx.to_flat_state(nnx.state(pipe.transformer, nnx.Param))}
+LAYERS = {"to_q": "transformer_blocks/0/attn/to_q/kernel",
+          "ff down": "transformer_blocks/0/ff/net/2/kernel"}
+for label, path in LAYERS.items():
+  print(f"{label:8s} {path}: kernel {kernels[path].shape}, {stats[path].num_tokens} calibration "
+        f"tokens ({stats[path].samples.shape[0]} kept), {test_stats[path].samples.shape[0]} "
+        "held-out")"""),
+    ("md", """## The quantized layers
+
+`quantize_linear` gets what `quantize_params` gives it for the whole model: the kernel, the
+calibration samples and the per-channel spans. The defaults of the `svdquant-int4` preset search
+the smoothing factor λ over DeepCompressor's grid (α = 0.1 ... 0.9, an activation-only form
+span_x^α and the SmoothQuant form span_x^α / span_w^(1−α), and no smoothing), keep a rank-32
+branch and quantize the residual to INT4 in groups of 64. The MLP down-projection reads GELU
+outputs, so its activations are shifted by 0.171875 and quantized as unsigned INT4.
+`smooth_candidates` rebuilds the search's candidates, which tells which one won."""),
+    ("code", """def quantize(path, config, **overrides):
+  s = stats[path]
+  return quantize_linear(kernels[path], None, s.samples, config, act_absmax=s.absmax,
+                         act_max=s.maximum, act_min=float(s.minimum.min()), **overrides)
+
+
+def held_out_error(path, layer, scale=None):
+  \"\"\"Relative output error on held-out activations (x / scale: a pre-smoothed layer).\"\"\"
+  x = test_stats[path].samples
+  reference = x.astype(np.float64) @ kernels[path]
+  inputs = x if scale is None else x / scale
+  return relative_error(svdq_dot(jnp.asarray(inputs), layer, impl="xla"), reference)
+
+
+layers, smooths, spans = {}, {}, {}
+for label, path in LAYERS.items():
+  layer = quantize(path, QuantConfig.preset("svdquant-int4"))
+  layers[label], smooths[label] = layer, np.asarray(layer.smooth)
+  # The span of what the 4-bit path quantizes: max |x| per channel, or max |x + shift|.
+  s = stats[path]
+  span_x = s.maximum + layer.act_shift if layer.act_shift else s.absmax
+  span_w = np.abs(kernels[path]).max(axis=1)
+  spans[label] = (span_x, span_w)
+  candidates = np.asarray(smooth_candidates(jnp.asarray(span_x), jnp.asarray(span_w),
+                                            DEFAULT_SMOOTH_GRID))
+  won = int(np.argmin(np.abs(candidates - smooths[label]).max(axis=1)))
+  alphas = len(DEFAULT_SMOOTH_GRID)
+  form = ("no smoothing" if won == 0 else
+          f"span_x^{DEFAULT_SMOOTH_GRID[won - 1]}" if won <= alphas else
+          f"span_x^{DEFAULT_SMOOTH_GRID[won - 1 - alphas]} / span_w^"
+          f"{1 - DEFAULT_SMOOTH_GRID[won - 1 - alphas]:.1f}")
+  print(f"{label:8s} act_shift {layer.act_shift}, chosen smoothing: {form}; "
+        f"held-out error {held_out_error(path, layer):.4f}")"""),
+    ("md", """## Per-channel magnitudes before and after smoothing
+
+Left: the largest |x| each input channel saw (|x + 0.171875| for the shifted MLP
+down-projection: the activation span), before and after dividing by λ. Right: the largest |W|
+in each input channel's row, before and after multiplying by λ. A few activation channels
+dominate before; after smoothing the activations are flatter (a 4-bit scale per token fits them
+better) and the weight rows carry the difference."""),
+    ("code", """fig, axes = plt.subplots(len(LAYERS), 2, figsize=(11, 6.5), squeeze=False)
+for row, label in enumerate(LAYERS):
+  span_x, span_w = spans[label]
+  smooth = smooths[label]
+  panels = [("activation |x| max", span_x, span_x / smooth),
+            ("weight row |W| max", span_w, span_w * smooth)]
+  for ax, (what, before, after) in zip(axes[row], panels, strict=True):
+    ax.plot(before, lw=0.8, label="before")
+    ax.plot(after, lw=0.8, label="after smoothing")
+    ax.set_yscale("log")
+    ax.set_title(f"{label}: {what} per input channel")
+    ax.set_xlabel("input channel")
+    ax.legend()
+  ratio = lambda v: float(v.max() / np.median(v))
+  print(f"{label:8s} activation max/median channel ratio {ratio(span_x):.2f} -> "
+        f"{ratio(span_x / smooth):.2f}; weight {ratio(span_w):.2f} -> {ratio(span_w * smooth):.2f}")
+fig.tight_layout()
+plt.show()"""),
+    ("md", """## Singular values: the weight, the smoothed weight, the residual
+
+The rank-32 branch takes the largest singular directions of the smoothed weight λW. What the
+4-bit residual λW − L1 L2 keeps is the tail of the spectrum: its largest singular value is about
+the 33rd of λW (Eckart–Young; the branch is refined against the quantization error, so not
+exactly)."""),
+    ("code", """fig, axes = plt.subplots(1, len(LAYERS), figsize=(11, 3.5), squeeze=False)
+for ax, label in zip(axes[0], LAYERS, strict=True):
+  layer, smooth, kernel = layers[label], smooths[label], kernels[LAYERS[label]]
+  smoothed = smooth[:, None] * kernel
+  branch = (smooth[:, None] * np.asarray(layer.lora_down, np.float32)) @ np.asarray(
+      layer.lora_up, np.float32)
+  spectra = {"W": np.linalg.svd(kernel, compute_uv=False),
+             "λW (smoothed)": np.linalg.svd(smoothed, compute_uv=False),
+             "λW − L1 L2 (residual)": np.linalg.svd(smoothed - branch, compute_uv=False)}
+  for name, values in spectra.items():
+    ax.semilogy(values, label=name)
+  ax.axvline(layer.rank, color="gray", ls=":", lw=0.8)
+  ax.set_title(f"{label}: singular values")
+  ax.set_xlabel("index")
+  ax.legend()
+  top = lambda s: float(np.sum(s[:32] ** 2) / np.sum(s ** 2))
+  print(f"{label:8s} energy in the top 32 singular values: W {top(spectra['W']):.3f}, smoothed "
+        f"{top(spectra['λW (smoothed)']):.3f}; residual's largest singular value / smoothed "
+        f"weight's 33rd: {spectra['λW − L1 L2 (residual)'][0] / spectra['λW (smoothed)'][32]:.3f}")
+fig.tight_layout()
+plt.show()"""),
+    ("md", """## Layer error against the rank of the branch
+
+The same quantization (smoothing searched again at each rank) with a branch of rank 0 (SmoothQuant
+W4A4, as the `smoothquant-w4a4` preset), 4, 8, 16 and 32, measured on held-out activations."""),
+    ("code", """RANKS = (0, 4, 8, 16, 32)
+rank_errors = {label: [held_out_error(path, quantize(path, QuantConfig.preset(
+                   "svdquant-int4", rank=rank))) for rank in RANKS]
+               for label, path in LAYERS.items()}
+fig, ax = plt.subplots(figsize=(5.5, 3.5))
+for label, errors in rank_errors.items():
+  ax.plot(RANKS, errors, "o-", label=label)
+  print(f"{label:8s} error by rank: "
+        + ", ".join(f"{r}: {e:.4f}" for r, e in zip(RANKS, errors, strict=True)))
+ax.set_xlabel("rank of the 16-bit branch")
+ax.set_ylabel("relative output error")
+ax.set_yscale("log")
+ax.legend()
+plt.show()"""),
+    ("md", """## Layer error against the smoothing strength α
+
+To see what each strength does by itself, λ is fixed instead of searched: λ = span_x^α (α = 0 is
+no smoothing) and the SmoothQuant form λ = span_x^α / span_w^(1−α). The layer is quantized in the
+smoothed domain (kernel λW, inputs x / λ, `smooth=None`, rank 32), which is the same layer;
+activations are signed INT4 here for both layers, so the points compare with each other (the
+searched layer of the MLP down-projection above uses the shifted unsigned INT4). The searched λ
+goes through the same path as a dashed line."""),
+    ("code", """ALPHAS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
+fixed = QuantConfig.preset("svdquant-int4", smooth=None)
+
+
+def presmoothed_error(path, smooth):
+  layer = quantize_linear(kernels[path] * smooth[:, None], None, stats[path].samples / smooth,
+                          fixed, act_shift=0.0)
+  return held_out_error(path, layer, scale=smooth)
+
+
+fig, axes = plt.subplots(1, len(LAYERS), figsize=(11, 3.5), squeeze=False)
+for ax, (label, path) in zip(axes[0], LAYERS.items(), strict=True):
+  span_x, span_w = jnp.asarray(stats[path].absmax), jnp.asarray(spans[label][1])
+  curves = {"span_x^α": [], "span_x^α / span_w^(1−α)": []}
+  for alpha in ALPHAS:
+    candidates = np.asarray(smooth_candidates(span_x, span_w, (alpha,)))
+    curves["span_x^α"].append(presmoothed_error(path, candidates[1]))
+    curves["span_x^α / span_w^(1−α)"].append(presmoothed_error(path, candidates[2]))
+  searched = presmoothed_error(path, smooths[label])
+  for name, errors in curves.items():
+    ax.plot(ALPHAS, errors, "o-", label=name)
+  ax.axhline(searched, color="gray", ls="--", label="searched λ")
+  ax.set_title(f"{label}: error against α (rank 32)")
+  ax.set_xlabel("α")
+  ax.set_yscale("log")
+  ax.legend()
+  best = int(np.argmin(curves["span_x^α"]))
+  print(f"{label:8s} error at alpha 0 (no smoothing) {curves['span_x^α'][0]:.4f}, "
+        f"best span_x^alpha at alpha {ALPHAS[best]} {curves['span_x^α'][best]:.4f}, "
+        f"searched smoothing {searched:.4f}")
+fig.tight_layout()
+plt.show()"""),
+]
+
+
+END_TO_END = [
+    ("md", """# Text to image, end to end
+
+The shipped demo model (`demo/emoji_flux`: a FLUX.1-architecture pipeline trained here on
+OpenMoji emoji, diffusers layout) goes the way a real FLUX.1 folder goes: converted to this
+project's checkpoint format (`svdq-jax convert`), calibrated on a few prompts and quantized with
+the `svdquant-int4` preset (`svdq-jax quantize`), then sampled with the same prompts and seeds as
+the float model (`svdq-jax sample`). The Python calls below are the ones those commands make."""),
+    ("code", """import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+from flax import nnx
+
+import convert
+from demo import sampling
+from pipelines import PipelineFolder, load_pipeline, quantize_pipeline
+from svdq_jax import metrics
+
+work = Path(tempfile.mkdtemp())
+start = time.perf_counter()
+ours = convert.convert("demo/emoji_flux", work / "emoji_flux", progress=False)
+print(f"converted in {time.perf_counter() - start:.1f} s:", sorted(p.name for p in ours.iterdir()))
+print("sampling defaults of the folder:", PipelineFolder.read(ours).sample_defaults)"""),
+    ("md", """## Quantize
+
+`quantize_pipeline` samples the calibration prompts eagerly for two steps (with the folder's
+settings: 32x32, true classifier-free guidance, so both branches are recorded), quantizes the
+transformer (block linears W4A4 with a rank-32 branch, AdaLN modulation W4A16, embedders and the
+final projection 16-bit) and writes a pipeline folder whose other components are copied."""),
+    ("code", """CALIBRATION = ["cyclone", "hot dog", "tulip", "mushroom"]  # training names
+start = time.perf_counter()
+quantized = quantize_pipeline(ours, work / "emoji_flux_int4", preset="svdquant-int4",
+                              prompts=CALIBRATION, num_inference_steps=2, progress=False)
+print(f"quantized in {time.perf_counter() - start:.1f} s:",
+      (quantized / "svdq_quantization.json").read_text()[:120], "...")"""),
+    ("md", """## Sample, float and 4-bit, same prompts and seeds
+
+`demo.sampling.generate` uses the folder's settings (20 steps, guidance 4 against the empty
+prompt). The float model with another seed gives the PSNR of two unrelated images of the same
+prompt: the 4-bit model's images should be far closer to the float ones than that."""),
+    ("code", """PROMPTS = ["red apple", "rocket", "penguin", "sunflower"]
+float_pipe = load_pipeline(ours)
+int4_pipe = load_pipeline(quantized)
+float_images = sampling.generate(float_pipe, PROMPTS, seed=0)
+int4_images = sampling.generate(int4_pipe, PROMPTS, seed=0)
+other_seed = sampling.generate(float_pipe, PROMPTS, seed=1)
+
+fig, axes = plt.subplots(2, len(PROMPTS), figsize=(2.2 * len(PROMPTS), 4.8))
+for column, prompt in enumerate(PROMPTS):
+  for row, (name, images) in enumerate([("float", float_images), ("svdquant-int4", int4_images)]):
+    axes[row, column].imshow(images[column], interpolation="nearest")
+    axes[row, column].set_title(f"{name}\\n{prompt}", fontsize=8)
+    axes[row, column].axis("off")
+fig.tight_layout()
+plt.show()
+for prompt, a, b, c in zip(PROMPTS, int4_images, float_images, other_seed, strict=True):
+  print(f"{prompt:10s} PSNR int4 vs float {metrics.psnr(a, b):.2f} dB  "
+        f"(float, other seed: {metrics.psnr(c, b):.2f} dB)")"""),
+    ("md", """## Size of the transformer
+
+`metrics.model_bytes` counts what the parameters take as stored: the float model as loaded
+(float32) and as shipped (bf16), and the 4-bit one (packed INT4 codes, scales, the smoothing
+factors, the bf16 rank-32 branch, and the layers kept in 16 bits). At this toy width (128) the
+rank-32 branch is as large as half a bf16 kernel, so the 4-bit transformer is far less than 4x
+smaller than bf16; at FLUX.1's width (3072) the same rules give 3.5x (README, memory table)."""),
+    ("code", """float_state = nnx.state(float_pipe.transformer, nnx.Param)
+float_bytes = metrics.model_bytes(float_state)
+bf16_bytes = metrics.model_bytes(
+    [jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16) for leaf in jax.tree.leaves(float_state)])
+int4_bytes = metrics.model_bytes(nnx.state(int4_pipe.transformer, nnx.Param))
+print(f"transformer bytes: float32 {float_bytes}, bf16 {bf16_bytes}, svdquant-int4 {int4_bytes}")
+print(f"size ratio bf16 / int4: {bf16_bytes / int4_bytes:.2f}")"""),
+]
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "lora.ipynb": LORA,
+             "inside_svdquant.ipynb": INSIDE_SVDQUANT, "end_to_end.ipynb": END_TO_END}
 
 
 def build(cells: list[tuple[str, str]] = QUICKSTART) -> nbformat.NotebookNode:
