@@ -305,13 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: read from the source's config.json")
   conv.set_defaults(run=_cmd_convert)
 
-  nunchaku = sub.add_parser("import-nunchaku", help="Nunchaku INT4/NVFP4 FLUX.1 checkpoint -> "
-                            "svdq-jax checkpoint (exact, no re-quantization)")
+  nunchaku = sub.add_parser("import-nunchaku", help="Nunchaku INT4/NVFP4 FLUX.1 or SDXL "
+                            "checkpoint -> svdq-jax checkpoint (exact, no re-quantization)")
   nunchaku.add_argument("src", help="Nunchaku .safetensors file or legacy folder")
   nunchaku.add_argument("dst", help="output folder (written atomically)")
   nunchaku.add_argument("--base", default=None,
-                        help="diffusers FluxPipeline folder: write a whole pipeline folder whose "
-                        "other components are copied from it (loadable by `svdq-jax sample`)")
+                        help="diffusers FluxPipeline (FLUX.1) or StableDiffusionXLPipeline (SDXL) "
+                        "folder: write a whole pipeline folder whose other components are "
+                        "copied from it (loadable by `svdq-jax sample`)")
   nunchaku.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   nunchaku.set_defaults(run=_cmd_import_nunchaku)
 

@@ -229,7 +229,7 @@ def linear_precision(tensors: dict[str, np.ndarray], name: str = "linear") -> st
 
 def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
                   in_features: int | None = None, out_features: int | None = None,
-                  name: str = "linear") -> SVDQLinear:
+                  has_bias: bool = True, name: str = "linear") -> SVDQLinear:
   """Our `SVDQLinear` from one Nunchaku W4A4 linear's tensors, with no value rounded.
 
   Args:
@@ -243,6 +243,8 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
       down-projections); their bias already holds the shift compensation.
     in_features, out_features: the layer's true shape when Nunchaku padded it to multiples of
       128 (default: the stored, padded one); the padding is cut off.
+    has_bias: False for a linear Nunchaku builds without a bias (SDXL's attention q/k/v): then
+      the tensors hold no 'bias' and the layer's `bias` is None.
     name: the layer's name in error messages.
 
   Returns:
@@ -275,7 +277,10 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
     raise _layer_error(name, f"in_features {k} is not a multiple of the group size {group}")
   scales = _need(t, "wscales", name, (k_pad // group, n_pad),
                  MODEL_DTYPES if fmt == "int4" else (FP8,))
-  bias = _need(t, "bias", name, (n_pad,), MODEL_DTYPES)
+  if has_bias:
+    bias = _need(t, "bias", name, (n_pad,), MODEL_DTYPES)
+  elif "bias" in t:
+    raise _layer_error(name, "unexpected tensor 'bias' (this linear has none)")
   smooth = _need(t, "smooth", name, (k_pad,), MODEL_DTYPES)
   if ("lora_down" in t) != ("lora_up" in t):
     raise _layer_error(name, "has only one of the low-rank factors 'proj_down' / 'proj_up'")
@@ -314,7 +319,7 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
       smooth=unpack_scales(smooth)[:k].astype(np.float32),
       lora_down=np.ascontiguousarray(_as_bf16_exactly(lora_down, "'proj_down'", name)),
       lora_up=np.ascontiguousarray(_as_bf16_exactly(lora_up, "'proj_up'", name)),
-      bias=unpack_scales(bias)[:n].astype(np.float32),
+      bias=unpack_scales(bias)[:n].astype(np.float32) if has_bias else None,
       format=w4a4_format(fmt, float(act_shift)), in_features=k, out_features=n,
       wcscales=wcscales)
 

@@ -1,15 +1,18 @@
-"""Whole Nunchaku FLUX.1 checkpoints -> ours: `import_nunchaku(src, dst, *, base=None)`.
+"""Whole Nunchaku checkpoints -> ours: `import_nunchaku(src, dst, *, base=None)`, FLUX.1 and SDXL.
 
-SRC is a Nunchaku single-file checkpoint (`svdq-int4_r32-flux.1-dev.safetensors` and the like: its
-safetensors metadata holds `config`, `quantization_config` and `model_class`) or the older folder
-(`transformer_blocks.safetensors`, `unquantized_layers.safetensors`, `config.json`). Keys under
-`transformer_blocks.` / `single_transformer_blocks.` are Nunchaku's quantized blocks (notes/
-nunchaku.md 3.2, DeepCompressor's names); every other key is a diffusers FluxTransformer2DModel
-weight. The layers map onto `models.flux.FluxTransformer` with `split_proj_out` (see `DOUBLE`,
-`SINGLE`): a fused qkv becomes to_q / to_k / to_v (exact, `svdq_jax.qlinear.split_outputs`), a
-single block's `out_proj` and `mlp_fc2` become `proj_out` and `proj_out_mlp`, the W4A16 AdaLN
-linears are `convert.nunchaku.unpack_w4a16`. The whole bias of each quantized linear is in its
-SVDQLinear; the layer's own bias is zero.
+SRC is a Nunchaku single-file checkpoint (`svdq-int4_r32-flux.1-dev.safetensors`,
+`svdq-int4_r32-sdxl.safetensors` and the like: its safetensors metadata holds `config`,
+`quantization_config` and `model_class`) or the older folder (`transformer_blocks.safetensors`,
+`unquantized_layers.safetensors`, `config.json`). The model class (or, for a folder, the config's
+`_class_name`) picks the model: FLUX.1 transformers here, SDXL UNets in `convert.nunchaku_sdxl`.
+
+FLUX.1: keys under `transformer_blocks.` / `single_transformer_blocks.` are Nunchaku's quantized
+blocks (notes/nunchaku.md 3.2, DeepCompressor's names); every other key is a diffusers
+FluxTransformer2DModel weight. The layers map onto `models.flux.FluxTransformer` with
+`split_proj_out` (see `DOUBLE`, `SINGLE`): a fused qkv becomes to_q / to_k / to_v (exact,
+`svdq_jax.qlinear.split_outputs`), a single block's `out_proj` and `mlp_fc2` become `proj_out` and
+`proj_out_mlp`, the W4A16 AdaLN linears are `convert.nunchaku.unpack_w4a16`. The whole bias of each
+quantized linear is in its SVDQLinear; the layer's own bias is zero.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from convert import flux, mapping, registry
+from convert import flux, mapping, registry, sdxl
 from convert import nunchaku as nk
 from convert.checkpoint import atomic_folder, check_against_model, write_into
 from convert.loading import read_json_object
+from convert.nunchaku_sdxl import SDXL_CLASS, read_nunchaku_sdxl
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.flux import FluxConfig
+from models.unet_sdxl import UNetSDXLConfig
 from svdq_jax.qlinear import split_outputs
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
@@ -60,16 +65,20 @@ DOUBLE_NORMS = {"norm_q": "attn/norm_q", "norm_k": "attn/norm_k",
 SINGLE_NORMS = {"norm_q": "attn/norm_q", "norm_k": "attn/norm_k"}
 PRECISIONS = {"int4": "int4", "fp4_e2m1_all": "nvfp4"}
 FLUX_CLASS = "NunchakuFluxTransformer2dModel"
+# Our model type -> (the diffusers pipeline --base must be, the component folder DST replaces).
+BASES = {"flux": ("FluxPipeline", "transformer"), "unet": ("StableDiffusionXLPipeline", "unet")}
 
 
 @dataclasses.dataclass(frozen=True)
 class NunchakuSource:
-  """An opened Nunchaku checkpoint: its tensors, our FluxConfig, precision ("int4" / "nvfp4")."""
+  """An opened Nunchaku checkpoint: its tensors, our model type ("flux" / "unet") and config
+  (FluxConfig / UNetSDXLConfig), precision ("int4" / "nvfp4")."""
 
   reader: CheckpointReader
-  config: FluxConfig
+  config: FluxConfig | UNetSDXLConfig
   precision: str
   name: str
+  model_type: str = "flux"
 
 
 def _metadata_json(meta: Mapping[str, str], key: str, name: str) -> Any:
@@ -79,13 +88,15 @@ def _metadata_json(meta: Mapping[str, str], key: str, name: str) -> Any:
     raise CheckpointError(f"{name}: safetensors metadata {key!r} is not valid JSON: {e}") from e
 
 
-def _check_model_class(model_class: str, name: str) -> None:
-  if "sdxl" in model_class.lower() or "unet" in model_class.lower():
-    raise CheckpointError(f"{name}: Nunchaku SDXL checkpoints ({model_class}) are not supported "
-                          "yet (the SDXL UNet is being added); FLUX.1 ones are")
-  if "flux" not in model_class.lower():
-    raise CheckpointError(f"{name}: model_class {model_class!r} is not supported (only Nunchaku "
-                          "FLUX.1 transformers are)")
+def _model_type(model_class: str, name: str) -> str:
+  """"flux" or "unet" for a Nunchaku model class (a folder: its config's `_class_name`)."""
+  lowered = model_class.lower()
+  if "flux" in lowered:
+    return "flux"
+  if "sdxl" in lowered or model_class in sdxl.MODEL_TYPES:
+    return "unet"
+  raise CheckpointError(f"{name}: model_class {model_class!r} is not supported (Nunchaku FLUX.1 "
+                        f"transformers and {SDXL_CLASS} are)")
 
 
 def _precision_of(reader: CheckpointReader) -> str:
@@ -111,7 +122,7 @@ def open_nunchaku(src: str | os.PathLike) -> NunchakuSource:
                             "config.json)")
     reader = CheckpointReader(path)
     raw_config = read_json_object(path / "config.json")
-    _check_model_class(str(raw_config.get("_class_name", "")), name)
+    model_type = _model_type(str(raw_config.get("_class_name", "")), name)
     precision = _precision_of(reader)
     rank = None
   else:
@@ -121,7 +132,7 @@ def open_nunchaku(src: str | os.PathLike) -> NunchakuSource:
     if missing:
       raise CheckpointError(f"{name}: not a Nunchaku checkpoint (its safetensors metadata lacks "
                             f"{missing})")
-    _check_model_class(meta["model_class"], name)
+    model_type = _model_type(meta["model_class"], name)
     raw_config = _metadata_json(meta, "config", name)
     quant = _metadata_json(meta, "quantization_config", name)
     weight = quant.get("weight", {}) if isinstance(quant, dict) else {}
@@ -139,6 +150,8 @@ def open_nunchaku(src: str | os.PathLike) -> NunchakuSource:
   if not isinstance(raw_config, dict):
     raise CheckpointError(f"{name}: config is not a JSON object")
   try:
+    if model_type == "unet":
+      return NunchakuSource(reader, sdxl.config_from_json(raw_config), precision, name, "unet")
     config = flux.config_from_json(raw_config)
   except CheckpointError as e:
     raise CheckpointError(f"{name}: {e}") from e
@@ -173,13 +186,16 @@ def _layer_tensors(reader: CheckpointReader, prefix: str, keys_by_layer: dict[st
 
 
 def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str, Any]:
-  """Our flat FluxTransformer parameters (`split_proj_out`) from an opened Nunchaku checkpoint:
-  SVDQLinear kernels for the quantized linears (zero own biases), the rest as stored.
+  """Our flat parameters from an opened Nunchaku checkpoint: FluxTransformer (`split_proj_out`)
+  or UNetSDXL, with SVDQLinear kernels for the quantized linears (zero own biases), the rest as
+  stored.
 
   Raises:
     CheckpointError naming the key for a missing, misshapen or unexpected tensor.
   """
   reader, config, name = source.reader, source.config, source.name
+  if source.model_type == "unet":
+    return read_nunchaku_sdxl(reader, config, name=name, progress=progress)
   table = {key: entry for key, entry in flux.key_table(config).items()
            if not key.startswith(BLOCK_PREFIXES)}
   missing = sorted(set(table) - set(reader.keys()))
@@ -233,29 +249,32 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
   return arrays
 
 
-def _base_pipeline(base: str | os.PathLike) -> Path:
+def _base_pipeline(base: str | os.PathLike, model_type: str) -> Path:
+  pipeline = BASES[model_type][0]
   base = Path(base)
   index = base / "model_index.json"
   if not index.is_file():
-    raise CheckpointError(f"{base}: no model_index.json (--base needs a diffusers FluxPipeline "
+    raise CheckpointError(f"{base}: no model_index.json (--base needs a diffusers {pipeline} "
                           "folder)")
   cls = read_json_object(index).get("_class_name")
-  if cls != "FluxPipeline":
-    raise CheckpointError(f"{base}: model_index.json names {cls!r}, --base needs a FluxPipeline")
+  if cls != pipeline:
+    raise CheckpointError(f"{base}: model_index.json names {cls!r}, --base needs a {pipeline} "
+                          "for this checkpoint")
   return base
 
 
 def import_nunchaku(src: str | os.PathLike, dst: str | os.PathLike, *,
                     base: str | os.PathLike | None = None, overwrite: bool = False,
                     progress: bool = True) -> Path:
-  """Writes a Nunchaku FLUX.1 checkpoint as ours, exactly (no re-quantization).
+  """Writes a Nunchaku FLUX.1 or SDXL checkpoint as ours, exactly (no re-quantization).
 
   Args:
     src: the Nunchaku single file or legacy folder.
-    dst: the folder to write: our transformer checkpoint, or with `base` a whole pipeline folder
-      (`svdq-jax sample DST` runs it) whose transformer is the import and whose other components
-      (text encoders, VAE, tokenizers, scheduler) are copied from `base`.
-    base: a diffusers FluxPipeline folder, or None.
+    dst: the folder to write: our transformer (UNet) checkpoint, or with `base` a whole pipeline
+      folder (`svdq-jax sample DST` runs it) whose transformer (UNet) is the import and whose
+      other components (text encoders, VAE, tokenizers, scheduler) are copied from `base`.
+    base: a diffusers FluxPipeline folder for a FLUX.1 checkpoint, a StableDiffusionXLPipeline
+      folder (SDXL or SDXL-Turbo) for an SDXL one, or None.
     overwrite: replace an existing `dst`.
     progress: a progress bar over the blocks.
 
@@ -265,20 +284,21 @@ def import_nunchaku(src: str | os.PathLike, dst: str | os.PathLike, *,
   Raises:
     CheckpointError (an InputError) with one line naming the file and what is wrong.
   """
-  base_path = None if base is None else _base_pipeline(base)
   if Path(dst).exists() and not overwrite:
     raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
   source = open_nunchaku(src)
+  base_path = None if base is None else _base_pipeline(base, source.model_type)
+  component = BASES[source.model_type][1]
   arrays = read_nunchaku(source, progress=progress)
   with atomic_folder(dst, overwrite=overwrite) as folder:
     target = folder
     if base_path is not None:
       for entry in base_path.iterdir():
-        if entry.name == "transformer":
+        if entry.name == component:
           continue
         copy = shutil.copytree if entry.is_dir() else shutil.copy2
         copy(entry, folder / entry.name)
-      target = folder / "transformer"
+      target = folder / component
       target.mkdir()
-    write_into(target, arrays, model_type="flux", config=source.config)
+    write_into(target, arrays, model_type=source.model_type, config=source.config)
   return Path(dst)

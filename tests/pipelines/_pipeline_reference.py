@@ -158,11 +158,13 @@ SDXL_TURBO_SCHEDULER = dict(SDXL_SCHEDULER, timestep_spacing="trailing")
 
 
 def save_tiny_sdxl_pipeline(folder: Path, *, turbo: bool = False, force_zeros: bool = True,
-                            seed: int = 0) -> StableDiffusionXLPipeline:
+                            seed: int = 0, block_out_channels: tuple[int, int] = (16, 32)
+                            ) -> StableDiffusionXLPipeline:
   """A tiny StableDiffusionXLPipeline saved to `folder`: CLIP ViT-L-like (quick_gelu) and
   bigG-like (gelu, projection, pad "!") encoders, an SDXL-like UNet (text_time embedding,
-  transformer depth 2 at the bottom), the 4-channel VAE with SDXL's scaling factor; Euler with
-  SDXL's settings, or Euler ancestral with Turbo's (`turbo`)."""
+  transformer depth 2 at the bottom, the transformers at `block_out_channels[1]` channels with 4
+  heads), the 4-channel VAE with SDXL's scaling factor; Euler with SDXL's settings, or Euler
+  ancestral with Turbo's (`turbo`)."""
   torch.manual_seed(seed)
   tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")
 
@@ -178,7 +180,7 @@ def save_tiny_sdxl_pipeline(folder: Path, *, turbo: bool = False, force_zeros: b
       tokenizer_2, hidden_size=40, intermediate_size=64, num_attention_heads=5, hidden_act="gelu",
       projection_dim=20))
   unet = UNet2DConditionModel(
-      sample_size=HEIGHT // 2, block_out_channels=(16, 32), layers_per_block=1,
+      sample_size=HEIGHT // 2, block_out_channels=block_out_channels, layers_per_block=1,
       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
       attention_head_dim=(2, 4), cross_attention_dim=32 + 40, use_linear_projection=True,
