@@ -13,8 +13,8 @@ pytest.importorskip("diffusers")
 
 from flax import nnx  # noqa: E402
 
-import cli  # noqa: E402
 import pipelines  # noqa: E402
+from cli import main as cli  # noqa: E402
 from convert.checkpoint import read_arrays  # noqa: E402
 from pipelines.folder import PipelineFolder  # noqa: E402
 from pipelines.quantize_stream import quantize_pipeline_streamed  # noqa: E402
