@@ -13,8 +13,8 @@ pytest.importorskip("diffusers")
 
 from flax import nnx  # noqa: E402
 
-import cli  # noqa: E402
 import pipelines  # noqa: E402
+from cli import main as cli  # noqa: E402
 from convert.checkpoint import read_arrays  # noqa: E402
 from pipelines.folder import PipelineFolder  # noqa: E402
 from pipelines.quantize_stream import quantize_pipeline_streamed  # noqa: E402
@@ -121,6 +121,7 @@ def test_stream_refuses_what_it_cannot_stream(flux, tmp_path, capsys):
   PixArt folder, and a folder whose transformer is already our checkpoint."""
   pixart = tmp_path / "pixart"
   save_tiny_pixart_pipeline(pixart)
+  capsys.readouterr()  # diffusers' progress bars while saving
   calib = tmp_path / "calib.txt"
   calib.write_text("a red cat\n")
   base = ["--calib", str(calib), "--steps", "1", "--height", "32", "--width", "32"]
