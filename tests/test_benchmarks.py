@@ -37,3 +37,12 @@ def test_memory_script_meets_the_paper_ratio():
   found = re.search(r"svdquant-int4: [\d.]+ GB -> [\d.]+ GB, ([\d.]+)x smaller", result.stdout)
   assert found, result.stdout[-2000:]
   assert float(found.group(1)) >= 3.5  # SVDQuant paper: 3.5x less memory for the transformer
+
+
+def test_long_run_compiles_only_for_the_first_prompt():
+  result = _run("long_run_memory.py", "--prompts", "3", "--every", "1", "--steps", "2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  found = re.search(r"compilations: (\d+) during prompt 1, (\d+) during prompts 2-3",
+                    result.stdout)
+  assert found, result.stdout[-2000:]
+  assert int(found.group(1)) > 0 and int(found.group(2)) == 0
