@@ -106,11 +106,12 @@ def _precision_of(reader: CheckpointReader) -> str:
 
 
 def open_nunchaku(src: str | os.PathLike) -> NunchakuSource:
-  """Opens a Nunchaku FLUX.1 checkpoint (single file or legacy folder) and checks its metadata.
+  """Opens a Nunchaku FLUX.1 or SDXL checkpoint (single file or legacy folder) and checks its
+  metadata and config.
 
   Raises:
-    CheckpointError (one line) for a file that is not a Nunchaku checkpoint, an SDXL or other
-    unsupported model class, or an unsupported precision, group size or rank.
+    CheckpointError (one line) for a file that is not a Nunchaku checkpoint, an unsupported model
+    class or config, or an unsupported precision, group size or rank.
   """
   path = Path(src)
   name = str(path)

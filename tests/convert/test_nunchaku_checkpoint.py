@@ -68,7 +68,8 @@ def test_import_errors_are_one_line_and_write_nothing(tmp_path, np_rng):
     return path
 
   cases = [
-      (write("sdxl.safetensors", model_class="NunchakuSDXLUNet2DConditionModel"), "SDXL"),
+      (write("sdxl.safetensors", model_class="NunchakuSDXLUNet2DConditionModel"),
+       "config is for 'FluxTransformer2DModel'"),
       (write("sana.safetensors", model_class="NunchakuSanaTransformer2DModel"), "not supported"),
       (write("r20.safetensors", quantization_config=meta["quantization_config"].replace(
           '"rank": 32', '"rank": 20')), "rank 20"),

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cli import main as cli
 from convert import mapping
 from convert import nunchaku_checkpoint as nc
+from convert.nunchaku import concat_outputs
 from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
 from models.unet_sdxl import UNetSDXL
 from pipelines.sdxl import StableDiffusionXLPipeline
 from svdq_jax import is_quantized
+from svdq_jax.qlinear import split_outputs
 
 pytest.importorskip("deepcompressor.backend.nunchaku.convert")
 pytest.importorskip("diffusers")
@@ -94,10 +97,22 @@ def _unet_inputs(config, seed=0):
                                  "time_ids": jnp.array([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])})
 
 
+def _swap_geglu_halves(unet) -> None:
+  """The layout mistake of exchanging GEGLU's value and gate halves, in every transformer block."""
+  for level in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+    for transformer in level.attentions or ():
+      for block in transformer.transformer_blocks:
+        kernel = block.ff.net[0].proj.kernel
+        half = kernel.get_value().out_features // 2
+        value, gate = split_outputs(kernel.get_value(), (half, half))
+        kernel.set_value(concat_outputs([gate, value]))
+
+
 @pytest.mark.slow
 def test_imported_pipeline_samples_close_to_the_float_one(sdxl_file, tmp_path):
-  """Imported with the diffusers folder as --base: the UNet's output and the sampled images are
-  those of the float pipeline up to the 4-bit error."""
+  """Imported with the diffusers folder as --base: the UNet's output is the float UNet's up to
+  the 4-bit error, well below what exchanging GEGLU's halves gives; the sampled images are close
+  to the float pipeline's; `svdq-jax sample` runs the folder."""
   base, src, _ = sdxl_file
   dst = nc.import_nunchaku(src, tmp_path / "sdxl-int4", base=base, progress=False)
   quantized = StableDiffusionXLPipeline.from_pretrained(dst)
@@ -106,20 +121,26 @@ def test_imported_pipeline_samples_close_to_the_float_one(sdxl_file, tmp_path):
                       .kernel.get_value())
   inputs = _unet_inputs(floating.unet.config)
   run = nnx.jit(lambda m, i: m(**i))
-  y, want = np.asarray(run(quantized.unet, inputs)), np.asarray(run(floating.unet, inputs))
-  rel = np.linalg.norm(y - want) / np.linalg.norm(want)
-  print(f"UNet output relative error {rel:.4f}")
-  assert rel < 0.1, rel
-  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=5.0, seed=0)
+  want = np.asarray(run(floating.unet, inputs))
+  rel = np.linalg.norm(np.asarray(run(quantized.unet, inputs)) - want) / np.linalg.norm(want)
+  kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, guidance_scale=5.0, seed=0)
   images = quantized(["a photo of a red cat"], **kwargs)
   expected = floating(["a photo of a red cat"], **kwargs)
-  err = np.abs(images - expected)
-  print(f"image error: mean {err.mean():.4f} max {err.max():.4f}; "
-        f"image spread {np.abs(expected - expected.mean()).mean():.4f}")
-  assert err.mean() < 0.2 * np.abs(expected - expected.mean()).mean()
+  psnr = 10 * np.log10(1 / np.mean((images - expected) ** 2))
+  _swap_geglu_halves(quantized.unet)
+  swapped = np.linalg.norm(np.asarray(run(quantized.unet, inputs)) - want) / np.linalg.norm(want)
+  print(f"UNet relative error {rel:.4f} (GEGLU halves exchanged: {swapped:.4f}); "
+        f"images {psnr:.1f} dB")
+  assert rel < 0.4 and rel < 0.6 * swapped, (rel, swapped)
+  assert psnr > 17, psnr
+  png = tmp_path / "cat.png"
+  status = cli.main(["sample", str(dst), "--prompt", "a photo of a red cat", "--steps", "1",
+                     "--height", str(HEIGHT), "--width", str(WIDTH), "--out", str(png), "--quiet"])
+  assert status == 0 and png.is_file()
 
 
-def test_import_errors_are_one_line_and_write_nothing(sdxl_file, tmp_path):
+def test_import_errors_are_one_line_and_write_nothing(sdxl_file, tmp_path, capsys):
+  """Library: one-line CheckpointErrors, nothing written; command line: one line, exit 2."""
   _, src, _ = sdxl_file
   reader = CheckpointReader(src)
   tensors = {k: np.asarray(reader.get(k)) for k in reader.keys()}
@@ -160,3 +181,8 @@ def test_import_errors_are_one_line_and_write_nothing(sdxl_file, tmp_path):
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    argv = ["import-nunchaku", str(path), str(tmp_path / "out")]
+    status = cli.main(argv + (["--base", str(base)] if base else []))
+    err = capsys.readouterr().err.strip().split("\r")[-1]  # after the progress bar's returns
+    assert status == cli.EXIT_BAD_INPUT and "\n" not in err and match in err, err
+    assert err.startswith("svdq-jax import-nunchaku: error:") and not (tmp_path / "out").exists()
