@@ -9,14 +9,26 @@ Formats (detected per key, by the suffix of each tensor's name):
   XLabs (FLUX.1)     `double_blocks.<i>.processor.{qkv,proj}_lora{1,2}.{down,up}.weight` and
                      `single_blocks.<i>.processor.{qkv,proj}_lora.{down,up}.weight`.
 
-`<module>` may be a diffusers module path (dots or, for kohya, underscores) or, for FLUX.1, a
-module of Black Forest Labs' original model (`double_blocks.0.img_attn.qkv`, `single_blocks.0.
-linear1`, `final_layer.adaLN_modulation.1`, ...), as kohya, XLabs and fal write them. A fused BFL
+`<module>` may be a diffusers module path (dots or, for kohya, underscores); for SDXL, a module
+of the original (SGM / LDM) UNet, as kohya writes them (`input_blocks_4_1_transformer_blocks_0_
+attn1_to_q`, see `_sdxl_sgm_targets`); for FLUX.1, a module of Black Forest Labs' original model
+(`double_blocks.0.img_attn.qkv`, `single_blocks.0.linear1`, `final_layer.adaLN_modulation.1`,
+...), as kohya, XLabs and fal write them. A fused BFL
 projection is split onto our separate layers: `img_attn.qkv` onto to_q / to_k / to_v (the rows of
 lora_up; lora_down is shared), a single block's `linear1` onto to_q / to_k / to_v / proj_mlp, and
 `final_layer.adaLN_modulation.1` onto norm_out.linear with its (shift, scale) halves swapped to
 diffusers' (scale, shift). Rank components whose lora_up part is all zero for a layer (a block-
 diagonal qkv LoRA) are dropped from that layer, which changes nothing but the rank.
+
+Convolutions (SDXL's ResNet, conv_in/out, down/upsamplers; kohya's LoCon "conv_dim" LoRAs and
+PEFT's Conv2d LoRAs): lora_down a kernel (r, I, kh, kw), lora_up a 1x1 kernel (O, r, 1, 1); they
+are applied in 16 bits to the conv's kernel (convs are never quantized), as
+`svdq_jax.lora.apply_loras` describes.
+
+Text encoders: a pipeline's LoRA file may hold LoRAs of its text encoders too, `text_encoder.` /
+`text_encoder_2.` (diffusers/PEFT, transformers' `text_model.` module paths) or `lora_te1_` /
+`lora_te2_` (`lora_te_`: the first) for kohya. `read_pipeline_lora` returns one adapter per
+component; the components a pipeline does not apply LoRAs to are an error naming the first key.
 
 `write_lora` writes an adapter (e.g. one trained by `pipelines.train_lora`) as a diffusers/PEFT
 file: `transformer.<module>.lora_A.weight` (r, K) and `.lora_B.weight` (N, r) with PEFT's config
@@ -27,8 +39,8 @@ reader gets the same product, whether it reads the metadata or not (diffusers'
 
 Scaling, applied once (`LayerLoRA.scale`, used by `apply_loras` times the strength):
   scale = alpha / r, with r the module's rank (rows of its lora_down) and alpha from, in order,
-  the module's `.alpha` tensor, the diffusers metadata `lora_adapter_metadata` (its
-  `alpha_pattern` entry for the module, else `lora_alpha`), else alpha = r (scale 1: a file
+  the module's `.alpha` tensor, the diffusers metadata `lora_adapter_metadata` (the component's
+  `alpha_pattern` entry for the module, else its `lora_alpha`), else alpha = r (scale 1: a file
   without alpha means `W + B @ A`, as diffusers, PEFT and XLabs read it).
 """
 
@@ -48,16 +60,24 @@ import numpy as np
 
 from convert.mapping import FLOAT_DTYPES
 from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
-from svdq_jax.lora import Adapter, LayerLoRA, linear_shapes
+from svdq_jax.lora import Adapter, LayerLoRA, kernel_shapes, matrix_shape
 
 MODEL_TYPES: tuple[str, ...] = ("flux", "pixart", "sdxl")
 COMPONENT_PREFIX = {"flux": "transformer", "pixart": "transformer", "sdxl": "unet"}
 """The key prefix of the denoiser's LoRA in a diffusers pipeline's LoRA file, by model type."""
 _SHOWN = 5  # unmatched keys named by the error
 
-# Key prefixes that name the component, stripped before the module is looked up.
+TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+# Key prefixes that name the denoiser, stripped before the module is looked up.
 _PREFIXES = ("base_model.model.", "transformer.", "unet.", "model.diffusion_model.",
              "diffusion_model.", "lora_unet_", "lora_transformer_")
+# Key prefixes of the text encoders' LoRAs (diffusers/PEFT, kohya) -> (component, the prefix of
+# transformers' module paths after it, which our CLIP paths leave out).
+_TEXT_ENCODER_PREFIXES = (("text_encoder_2.", "text_encoder_2", "text_model."),
+                          ("text_encoder.", "text_encoder", "text_model."),
+                          ("lora_te2_", "text_encoder_2", "text_model_"),
+                          ("lora_te1_", "text_encoder", "text_model_"),
+                          ("lora_te_", "text_encoder", "text_model_"))
 # Tensor-name suffixes by format: (regex, format, role).
 _SUFFIXES: tuple[tuple[re.Pattern, str, str], ...] = (
     (re.compile(r"\.lora_A(?:\.[A-Za-z0-9_]+)?\.weight$"), "peft", "down"),
@@ -159,23 +179,116 @@ def _flux_bfl_targets(shapes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[
   return targets
 
 
-def lora_targets(model_type: str, shapes: Mapping[str, tuple[int, int]]
-                 ) -> dict[str, tuple[_Piece, ...]]:
+# SDXL: the modules inside a diffusers ResNet block -> the original UNet's ResBlock.
+_SGM_RESNET = {"conv1": "in_layers/2", "time_emb_proj": "emb_layers/1", "conv2": "out_layers/3",
+               "conv_shortcut": "skip_connection"}
+_SGM_TOP = {"conv_in": "input_blocks/0/0", "conv_out": "out/2",
+            "time_embedding/linear_1": "time_embed/0", "time_embedding/linear_2": "time_embed/2",
+            "add_embedding/linear_1": "label_emb/0/0", "add_embedding/linear_2": "label_emb/0/2"}
+
+
+def _sgm_module_names(modules: set[str]) -> dict[str, str]:
+  """SDXL: our (diffusers) module prefixes -> the original (SGM) UNet's, for the blocks present.
+
+  The original UNet numbers its down path `input_blocks.<n>` (n = 0: conv_in; then one per ResNet
+  layer of each down block, its ResNet at `.0` and its transformer at `.1`, and one per
+  downsampler, `.0.op`), the mid block `middle_block.{0,1,2}` (ResNet, transformer, ResNet) and
+  its up path `output_blocks.<n>` (one per ResNet layer of each up block; the block's upsampler
+  follows the last layer's ResNet and transformer in the same entry).
+  """
+  def has(prefix: str) -> bool:
+    return any(m.startswith(prefix + "/") for m in modules)
+
+  def count(prefix: str) -> int:
+    n = 0
+    while has(f"{prefix}/{n}"):
+      n += 1
+    return n
+
+  names: dict[str, str] = {}
+  n = 1
+  for i in range(count("down_blocks")):
+    block = f"down_blocks/{i}"
+    for j in range(count(f"{block}/resnets")):
+      names[f"{block}/resnets/{j}"] = f"input_blocks/{n}/0"
+      names[f"{block}/attentions/{j}"] = f"input_blocks/{n}/1"
+      n += 1
+    if has(f"{block}/downsamplers/0"):
+      names[f"{block}/downsamplers/0/conv"] = f"input_blocks/{n}/0/op"
+      n += 1
+  for j, sgm in ((0, 0), (1, 2)):
+    names[f"mid_block/resnets/{j}"] = f"middle_block/{sgm}"
+  names["mid_block/attentions/0"] = "middle_block/1"
+  n = 0
+  for i in range(count("up_blocks")):
+    block = f"up_blocks/{i}"
+    layers = count(f"{block}/resnets")
+    for j in range(layers):
+      names[f"{block}/resnets/{j}"] = f"output_blocks/{n}/0"
+      attention = has(f"{block}/attentions/{j}")
+      names[f"{block}/attentions/{j}"] = f"output_blocks/{n}/1"
+      if j == layers - 1 and has(f"{block}/upsamplers/0"):
+        names[f"{block}/upsamplers/0/conv"] = f"output_blocks/{n}/{1 + attention}/conv"
+      n += 1
+  return names
+
+
+def _sdxl_sgm_targets(shapes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[_Piece, ...]]:
+  """SDXL: normalized original-UNet module names (kohya's SDXL LoRAs) -> our layers.
+
+  As diffusers' `_maybe_map_sgm_blocks_to_diffusers` and `_convert_unet_lora_key` read them:
+  the block numbering of `_sgm_module_names`; in a ResNet, in_layers.2 = conv1, emb_layers.1 =
+  time_emb_proj, out_layers.3 = conv2, skip_connection = conv_shortcut; time_embed.{0,2} and
+  label_emb.0.{0,2} are the time and "text_time" embeddings' linears, input_blocks.0.0 is
+  conv_in and out.2 conv_out. A transformer's inner names are diffusers' own.
+  """
+  modules = {path.removesuffix("/kernel") for path in shapes}
+  blocks = _sgm_module_names(modules)
+  targets = {}
+  for path, (_, n) in shapes.items():
+    module = path.removesuffix("/kernel")
+    sgm = _SGM_TOP.get(module)
+    for ours, theirs in () if sgm else blocks.items():
+      if module == ours or module.startswith(ours + "/"):
+        inner = module[len(ours) + 1:]
+        if "resnets/" in ours:
+          inner = _SGM_RESNET.get(inner)  # None: no module of an original ResBlock
+          if inner is None:
+            break
+        sgm = f"{theirs}/{inner}" if inner else theirs
+        break
+    if sgm is not None:
+      targets[_normalized(sgm.replace("/", "."))] = _full(path, n)
+  return targets
+
+
+def lora_targets(model_type: str, shapes: Mapping[str, tuple[int, ...]], *,
+                 component: str | None = None) -> dict[str, tuple[_Piece, ...]]:
   """Normalized module name ("." -> "_") -> the pieces of our layers its LoRA lands on.
 
-  Every model: its diffusers module paths ("transformer_blocks_0_attn_to_q"). FLUX.1 also: the
-  BFL / XLabs names (see the module docstring).
+  Every model: its diffusers (transformers, for a text encoder) module paths
+  ("transformer_blocks_0_attn_to_q"). The denoiser of FLUX.1 also: the BFL / XLabs names; of
+  SDXL: the original UNet's (see the module docstring).
+
+  Args:
+    model_type: "flux", "pixart" or "sdxl".
+    shapes: `{kernel path: shape}` of the component's layers (`svdq_jax.lora.kernel_shapes`).
+    component: the denoiser (None, or `COMPONENT_PREFIX[model_type]`) or a text encoder.
   """
   if model_type not in MODEL_TYPES:
     raise CheckpointError(f"LoRA: unknown model type {model_type!r}; known: {list(MODEL_TYPES)}")
+  matrices = {path: matrix_shape(shape) for path, shape in shapes.items()}
   targets = {_normalized(path.removesuffix("/kernel").replace("/", ".")): _full(path, n)
-             for path, (_, n) in shapes.items()}
-  if model_type == "flux":
-    bfl = _flux_bfl_targets(shapes)
-    clash = sorted(set(bfl) & set(targets))
+             for path, (_, n) in matrices.items()}
+  if component not in (None, COMPONENT_PREFIX[model_type]):
+    return targets
+  extra = {"flux": _flux_bfl_targets, "sdxl": _sdxl_sgm_targets}.get(model_type)
+  if extra is not None:
+    names = extra(matrices)
+    clash = sorted(set(names) & set(targets))
     if clash:
-      raise ValueError(f"lora_targets: BFL names {clash} are also diffusers module names")
-    targets |= bfl
+      raise ValueError(f"lora_targets: original-model names {clash} are also diffusers names")
+    targets |= names
   return targets
 
 
@@ -184,6 +297,15 @@ def _strip_prefix(module: str) -> str:
     if module.startswith(prefix):
       return module[len(prefix):]
   return module
+
+
+def _split_component(module: str, denoiser: str) -> tuple[str, str]:
+  """(component, module path inside it) of a LoRA module name."""
+  for prefix, component, inner in _TEXT_ENCODER_PREFIXES:
+    if module.startswith(prefix):
+      module = module[len(prefix):]
+      return component, module[len(inner):] if module.startswith(inner) else module
+  return denoiser, _strip_prefix(module)
 
 
 def _classify(key: str) -> tuple[str, str, str] | None:
@@ -198,9 +320,11 @@ def _classify(key: str) -> tuple[str, str, str] | None:
   return None
 
 
-def _metadata_alphas(metadata: Mapping[str, str], *, name: str) -> tuple[float | None, dict]:
-  """(lora_alpha, alpha_pattern) of diffusers' `lora_adapter_metadata`, for the transformer/unet
-  component (keys "transformer.lora_alpha") or a model-level file ("lora_alpha")."""
+def _metadata_alphas(metadata: Mapping[str, str], component: str, denoiser: str, *, name: str
+                     ) -> tuple[float | None, dict]:
+  """(lora_alpha, alpha_pattern) of diffusers' `lora_adapter_metadata` for a component (keys
+  "unet.lora_alpha", "text_encoder.lora_alpha", ...; for the denoiser also "transformer." and a
+  model-level file's "lora_alpha")."""
   raw = metadata.get(_METADATA_KEY)
   if raw is None:
     return None, {}
@@ -210,7 +334,8 @@ def _metadata_alphas(metadata: Mapping[str, str], *, name: str) -> tuple[float |
     raise CheckpointError(f"{name}: metadata {_METADATA_KEY!r} is not JSON: {e}") from e
   if not isinstance(config, dict):
     raise CheckpointError(f"{name}: metadata {_METADATA_KEY!r} is not a JSON object")
-  for prefix in ("", "transformer.", "unet."):
+  prefixes = ("", "transformer.", "unet.") if component == denoiser else (f"{component}.",)
+  for prefix in prefixes:
     if f"{prefix}lora_alpha" in config:
       alpha = config[f"{prefix}lora_alpha"]
       pattern = config.get(f"{prefix}alpha_pattern") or {}
@@ -224,9 +349,8 @@ def _metadata_alphas(metadata: Mapping[str, str], *, name: str) -> tuple[float |
 def _pattern_alpha(module: str, default: float | None, pattern: Mapping[str, Any]
                    ) -> float | None:
   """PEFT's alpha_pattern rule: a pattern matches a module name ending in it ("(.*\\.)?pat$")."""
-  dotted = _strip_prefix(module)
   for key, alpha in pattern.items():
-    if re.fullmatch(rf"(.*\.)?(?:{key})", dotted):
+    if re.fullmatch(rf"(.*\.)?(?:{key})", module):
       return float(alpha)
   return default
 
@@ -260,27 +384,59 @@ def _layer_factors(down: np.ndarray, up: np.ndarray, piece_group: Sequence[_Piec
   return down.T, layer_up
 
 
-def read_lora(path: str | os.PathLike, model_type: str,
-              shapes: Mapping[str, tuple[int, int]]) -> dict[str, LayerLoRA]:
-  """The adapter `{our kernel path: LayerLoRA}` of one LoRA file (safetensors) for a model.
+def _factor_shapes(layer: tuple[int, ...], n_fused: int, down: tuple[int, ...],
+                   up: tuple[int, ...]) -> bool:
+  """Whether factors of shapes `down` and `up` fit a layer of kernel shape `layer`: a linear
+  (K, N) takes (r, K) and (N_fused, r); a conv (kh, kw, I, O) takes (r, I, kh, kw) (or (r, I)
+  when 1x1) and (O, r, 1, 1) (or (O, r))."""
+  if len(down) < 2 or len(up) < 2 or up[:2] != (n_fused, down[0]):
+    return False
+  if len(layer) == 2:
+    return len(down) == 2 and len(up) == 2 and down[1] == layer[0]
+  kh, kw, i, _ = layer
+  return (down[1:] in ((i, kh, kw), (i,) if (kh, kw) == (1, 1) else None)
+          and up[2:] in ((1, 1), ()))
+
+
+def _matrix_factors(down: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(down (r, K), up (N, r)) of a linear's or a conv's factors: a conv's down kernel
+  (r, I, kh, kw) becomes (r, kh * kw * I) in HWIO order (`svdq_jax.lora.matrix_shape`)."""
+  if down.ndim == 4:
+    down = down.transpose(0, 2, 3, 1).reshape(down.shape[0], -1)
+  return down, up.reshape(up.shape[0], up.shape[1])
+
+
+def read_pipeline_lora(path: str | os.PathLike, model_type: str,
+                       shapes: Mapping[str, Mapping[str, tuple[int, ...]]]
+                       ) -> dict[str, dict[str, LayerLoRA]]:
+  """The adapters `{component: {our kernel path: LayerLoRA}}` of one LoRA file (safetensors).
 
   Args:
     path: the LoRA file.
     model_type: "flux", "pixart" or "sdxl" (which module names are known; see `lora_targets`).
-    shapes: `{kernel path: (K, N)}` of the model's linear layers (`svdq_jax.lora.linear_shapes`).
+    shapes: `{component: {kernel path: shape}}` of the components LoRAs may target (the denoiser,
+      `COMPONENT_PREFIX[model_type]`, and optionally "text_encoder" / "text_encoder_2"): the
+      layers of `svdq_jax.lora.kernel_shapes`, linear (K, N) or conv (kh, kw, I, O).
 
   Returns:
-    One LayerLoRA per targeted layer: factors (K, r) and (r, N) in the file's dtype, the scale
-    alpha / r (see the module docstring). Two modules landing on one layer are concatenated.
+    One adapter per component of `shapes` (empty where the file has none for it), one LayerLoRA
+    per targeted layer: factors (K, r) and (r, N) in the file's dtype (a conv's K is kh * kw * I),
+    the scale alpha / r (see the module docstring). Two modules landing on one layer are
+    concatenated.
 
   Raises:
     CheckpointError (an InputError), one line naming the file: not a safetensors file; a key of an
-    unsupported kind (LoKr, LoHa, DoRA, diff) or of no known format; modules that match no layer of
-    the model (a LoRA for another model; the first unmatched keys are named); a module without
-    its down or up factor; factors whose shapes do not fit the layer.
+    unsupported kind (LoKr, LoHa, DoRA, diff) or of no known format; LoRAs of a component not in
+    `shapes`; modules that match no layer of the model (a LoRA for another model; the first
+    unmatched keys are named); a module without its down or up factor; factors whose shapes do
+    not fit the layer.
   """
   name = str(path)
-  targets = lora_targets(model_type, shapes)
+  if model_type not in MODEL_TYPES:
+    raise CheckpointError(f"LoRA: unknown model type {model_type!r}; known: {list(MODEL_TYPES)}")
+  denoiser = COMPONENT_PREFIX[model_type]
+  targets = {component: lora_targets(model_type, component_shapes, component=component)
+             for component, component_shapes in shapes.items()}
   with CheckpointReader(path) as reader:
     keys = list(reader.keys())
     if not keys:
@@ -302,32 +458,43 @@ def read_lora(path: str | os.PathLike, model_type: str,
           f"{name}: not a LoRA file of a known format (diffusers/PEFT lora_A/lora_B, kohya "
           f"lora_down/lora_up/alpha, XLabs processor down/up): keys {unknown[:_SHOWN]} "
           f"({len(unknown)} of {len(keys)})")
-    unmatched = sorted(next(iter(roles.values())) for module, roles in modules.items()
-                       if _normalized(_strip_prefix(module)) not in targets)
+    located = {module: _split_component(module, denoiser) for module in modules}
+    elsewhere = sorted(next(iter(modules[m].values())) for m, (c, _) in located.items()
+                       if c not in targets)
+    if elsewhere:
+      component = located[_classify(elsewhere[0])[0]][0]
+      raise CheckpointError(
+          f"{name}: holds LoRAs of the {component}, which this pipeline does not apply LoRAs to "
+          f"(only to {sorted(targets)}): first keys {elsewhere[:_SHOWN]}")
+    unmatched = sorted(next(iter(modules[m].values())) for m, (c, inner) in located.items()
+                       if _normalized(inner) not in targets[c])
     if unmatched:
       raise CheckpointError(
           f"{name}: {len(unmatched)} LoRA modules match no layer of the {model_type} model (a "
           f"LoRA for another model or component?): first keys {unmatched[:_SHOWN]}")
-    meta_alpha, alpha_pattern = _metadata_alphas(reader.metadata, name=name)
-    adapter: dict[str, LayerLoRA] = {}
+    alphas = {c: _metadata_alphas(reader.metadata, c, denoiser, name=name) for c in targets}
+    adapters: dict[str, dict[str, LayerLoRA]] = {c: {} for c in targets}
     for module, roles in modules.items():
       if "down" not in roles or "up" not in roles:
         have = sorted(roles.values())
         raise CheckpointError(f"{name}: module {module!r} needs both its down and up factors, "
                               f"found only {have}")
-      pieces = targets[_normalized(_strip_prefix(module))]
+      component, inner = located[module]
+      pieces = targets[component][_normalized(inner)]
+      layer_shape = tuple(shapes[component][pieces[0].path])
       down_shape, up_shape = reader.shape(roles["down"]), reader.shape(roles["up"])
-      k = shapes[pieces[0].path][0]
       n_fused = max(p.stop for p in pieces)
-      if (len(down_shape) != 2 or len(up_shape) != 2 or down_shape[1] != k
-          or up_shape != (n_fused, down_shape[0])):
+      if not _factor_shapes(layer_shape, n_fused, tuple(down_shape), tuple(up_shape)):
+        need = ((f"(r, {layer_shape[0]})", f"({n_fused}, r)") if len(layer_shape) == 2 else
+                (f"(r, {layer_shape[2]}, {layer_shape[0]}, {layer_shape[1]})",
+                 f"({n_fused}, r, 1, 1)"))
         raise CheckpointError(
             f"{name}: module {module!r} has factors {roles['down']!r} {down_shape} and "
-            f"{roles['up']!r} {up_shape}; the model's layer needs (r, {k}) and ({n_fused}, r)")
-      down = _tensor(reader, roles["down"], name=name)
-      up = _tensor(reader, roles["up"], name=name)
+            f"{roles['up']!r} {up_shape}; the model's layer needs {need[0]} and {need[1]}")
+      down, up = _matrix_factors(_tensor(reader, roles["down"], name=name),
+                                 _tensor(reader, roles["up"], name=name))
       rank = down.shape[0]
-      alpha = _pattern_alpha(module, meta_alpha, alpha_pattern)
+      alpha = _pattern_alpha(inner, *alphas[component])
       if "alpha" in roles:
         value = reader.get(roles["alpha"])
         if value.size != 1 or not np.isfinite(value).all():
@@ -338,11 +505,31 @@ def read_lora(path: str | os.PathLike, model_type: str,
       by_layer: dict[str, list[_Piece]] = {}
       for piece in pieces:
         by_layer.setdefault(piece.path, []).append(piece)
+      adapter = adapters[component]
       for layer, group in by_layer.items():
-        layer_down, layer_up = _layer_factors(down, up, group, shapes[layer][1])
+        n = matrix_shape(shapes[component][layer])[1]
+        layer_down, layer_up = _layer_factors(down, up, group, n)
         lora = LayerLoRA(layer_down, layer_up, scale)
         adapter[layer] = lora if layer not in adapter else _concatenated(adapter[layer], lora)
-  return adapter
+  return adapters
+
+
+def read_lora(path: str | os.PathLike, model_type: str,
+              shapes: Mapping[str, tuple[int, ...]]) -> dict[str, LayerLoRA]:
+  """The adapter `{our kernel path: LayerLoRA}` of one LoRA file for a model's denoiser (the
+  transformer or UNet): `read_pipeline_lora` with that one component, so a file that holds
+  text-encoder LoRAs too is an error.
+
+  Args:
+    path: the LoRA file.
+    model_type: "flux", "pixart" or "sdxl".
+    shapes: `{kernel path: shape}` of the denoiser's layers (`svdq_jax.lora.kernel_shapes`;
+      `linear_shapes` for the linear layers alone).
+  """
+  if model_type not in MODEL_TYPES:
+    raise CheckpointError(f"LoRA: unknown model type {model_type!r}; known: {list(MODEL_TYPES)}")
+  denoiser = COMPONENT_PREFIX[model_type]
+  return read_pipeline_lora(path, model_type, {denoiser: shapes})[denoiser]
 
 
 def _concatenated(a: LayerLoRA, b: LayerLoRA) -> LayerLoRA:
@@ -372,7 +559,7 @@ def load_loras(model_type: str, loras: Sequence[tuple[str | os.PathLike, float]]
     CheckpointError (an InputError) naming the file, as `read_lora`; a strength that is not a
     finite number.
   """
-  shapes = linear_shapes(params)
+  shapes = kernel_shapes(params)
   adapters, strengths = [], []
   for path, strength in loras:
     try:

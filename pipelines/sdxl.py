@@ -14,6 +14,10 @@ As diffusers' `StableDiffusionXLPipeline`:
     SDXL-Turbo's) draws each step's noise from per-image keys derived from the seed, so an image
     does not depend on the batch split over devices.
 
+`loras=[(file, strength), ...]` applies SDXL LoRAs for one call (`pipelines.loras`): diffusers/PEFT
+or kohya files, on the UNet (its linears, and its convs in 16 bits) and on the text encoders when
+the file holds LoRAs of them.
+
 SDXL-Turbo is the same pipeline with `guidance_scale=0` and 1 to 4 steps of Euler ancestral (or
 Euler) with "trailing" timestep spacing, as its scheduler_config.json says.
 """
@@ -39,6 +43,7 @@ from models.vae import AutoencoderKL
 from pipelines.folder import PipelineFolder, unet_size_multiple
 from pipelines.inputs import check_call
 from pipelines.loop import denoise, to_images
+from pipelines.loras import LoRALoader, LoRASpec
 from svdq_jax.errors import InputError
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
@@ -69,17 +74,18 @@ def _negative_prompts(negative_prompt: str | Sequence[str], count: int) -> list[
   return negatives
 
 
-def _jit_text_features(encoder: CLIPTextModel) -> Callable[[jax.Array], tuple]:
-  """`ids -> (penultimate hidden state, text_embeds or None)` of a CLIP encoder, jitted with the
-  parameters as an argument (`output_hidden_states` is static, so `jit_module` does not fit)."""
-  graphdef, state = nnx.split(encoder)
+def _jit_text_features(encoder: CLIPTextModel) -> Callable[[Any, jax.Array], tuple]:
+  """`(state, ids) -> (penultimate hidden state, text_embeds or None)` of a CLIP encoder, jitted
+  with its parameters `state` (`nnx.state(encoder)`, or one with LoRAs applied) as an argument
+  (`output_hidden_states` is static, so `jit_module` does not fit)."""
+  graphdef, _ = nnx.split(encoder)
 
   @jax.jit
   def features(state, ids):
     out = nnx.merge(graphdef, state)(ids, output_hidden_states=True)
     return out.hidden_states[-2], out.text_embeds
 
-  return lambda ids: features(state, ids)
+  return features
 
 
 def _jit_decode(vae: AutoencoderKL) -> Callable[[jax.Array], jax.Array]:
@@ -199,6 +205,7 @@ class StableDiffusionXLPipeline:
     self._clip_2 = _jit_text_features(text_encoder_2)
     self._decode = _jit_decode(vae)
     self._runners: dict = {}  # compiled loops per guidance mode, see `pipelines.loop.denoise`
+    self._loras = LoRALoader("sdxl")
 
   @property
   def denoiser(self) -> UNetSDXL:
@@ -253,15 +260,20 @@ class StableDiffusionXLPipeline:
       _negative_prompts(negative_prompt, len(prompts))
     return prompts
 
-  def encode_prompt(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+  def encode_prompt(self, prompts: Sequence[str], states: Sequence[Any] | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """(text features (B, T, D1 + D2), pooled projection (B, P)), as diffusers' `encode_prompt`
-    without clip_skip: each encoder's penultimate hidden state, and bigG's `text_embeds`."""
+    without clip_skip: each encoder's penultimate hidden state, and bigG's `text_embeds`.
+    `states`: the two encoders' parameters (default: their own; `__call__` passes them with its
+    LoRAs applied)."""
+    if states is None:
+      states = (nnx.state(self.text_encoder), nnx.state(self.text_encoder_2))
     features = []
-    for tokenizer, encoder, config in ((self.tokenizer, self._clip, self.text_encoder.config),
-                                       (self.tokenizer_2, self._clip_2,
-                                        self.text_encoder_2.config)):
+    for tokenizer, encoder, state, config in (
+        (self.tokenizer, self._clip, states[0], self.text_encoder.config),
+        (self.tokenizer_2, self._clip_2, states[1], self.text_encoder_2.config)):
       length = tokenizer.model_max_length or config.max_position_embeddings
-      hidden, pooled = encoder(jnp.asarray(tokenizer(list(prompts), length).input_ids))
+      hidden, pooled = encoder(state, jnp.asarray(tokenizer(list(prompts), length).input_ids))
       features.append(hidden)
     return jnp.concatenate(features, axis=-1), pooled
 
@@ -278,7 +290,7 @@ class StableDiffusionXLPipeline:
                negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                negative_target_size: tuple[int, int] | None = None,
                devices: int | None = None, progress: bool = False, output_type: str = "np",
-               jit: bool = True) -> np.ndarray:
+               jit: bool = True, loras: Sequence[LoRASpec] | None = None) -> np.ndarray:
     """Generates images; arguments as `FluxPipeline.__call__`, and:
 
     Args:
@@ -295,12 +307,16 @@ class StableDiffusionXLPipeline:
       original_size, crops_coords_top_left, target_size: the micro-conditioning (sizes default
         to (height, width)); negative_*: those of the unconditional branch, used (as in diffusers)
         only when both negative sizes are given; otherwise it gets the conditional branch's.
+      loras: (LoRA file, strength) pairs applied for this call (`pipelines.loras`): diffusers/
+        PEFT or kohya SDXL LoRAs, on the UNet and, where the file has them, the text encoders;
+        None or [] samples from the base model.
 
     Returns:
       (B, height, width, 3) float32 in [0, 1], or the final latents (B, 4, h, w) for "latent".
 
     Raises:
-      InputError for bad prompts, sizes, micro-conditioning, latents or output settings;
+      InputError for bad prompts, sizes, micro-conditioning, latents or output settings, or a
+      LoRA file that is missing, of another model or format, or whose keys match no layer;
       NonFiniteError (`pipelines.loop`) when the latents or pixels turn NaN or inf.
     """
     prompts = self.check_call(
@@ -319,14 +335,17 @@ class StableDiffusionXLPipeline:
           _pair("negative_original_size", negative_original_size),
           _pair("negative_crops_coords_top_left", negative_crops_coords_top_left),
           _pair("negative_target_size", negative_target_size))
-    embeds, pooled = self.encode_prompt(prompts)
+    states = self._loras.states({"unet": self.unet, "text_encoder": self.text_encoder,
+                                 "text_encoder_2": self.text_encoder_2}, loras, jit=jit)
+    text_states = (states["text_encoder"], states["text_encoder_2"])
+    embeds, pooled = self.encode_prompt(prompts, text_states)
     if not guided:  # the step ignores them; no second text-encoder run
       neg_embeds, neg_pooled = embeds, pooled
     elif negative_prompt is None and self.force_zeros_for_empty_prompt:
       neg_embeds, neg_pooled = jnp.zeros_like(embeds), jnp.zeros_like(pooled)
     else:
       neg_embeds, neg_pooled = self.encode_prompt(
-          _negative_prompts(negative_prompt or "", len(prompts)))
+          _negative_prompts(negative_prompt or "", len(prompts)), text_states)
     batch = len(prompts) * num_images_per_prompt
     repeat = functools.partial(jnp.repeat, repeats=num_images_per_prompt, axis=0)
     embeds, pooled, neg_embeds, neg_pooled = map(repeat, (embeds, pooled, neg_embeds, neg_pooled))
@@ -349,7 +368,7 @@ class StableDiffusionXLPipeline:
     guidance = jnp.full((batch,), guidance_scale, jnp.float32)
     latents = denoise(
         lambda eager: sdxl_step_fn(self.unet, self.scheduler, guided=guided, eager=eager),
-        self.scheduler, self._runners.setdefault(guided, {}), state=nnx.state(self.unet),
+        self.scheduler, self._runners.setdefault(guided, {}), state=states["unet"],
         schedule=schedule, latents=latents,
         conditions=(embeds, pooled, tile(time_ids), neg_embeds, neg_pooled, tile(neg_time_ids),
                     guidance, noise_keys),

@@ -10,7 +10,11 @@ tree in which
     no smoothing correction is needed);
   - a plain kernel (the layers kept in 16 bits: embedders, the final projection, or a whole float
     model) gets `kernel + sum_i strength_i * scale_i * lora_down_i @ lora_up_i`, computed in float32
-    and stored in the kernel's dtype.
+    and stored in the kernel's dtype;
+  - a convolution's HWIO kernel (kh, kw, I, O), always 16-bit, is the same for its matrix view
+    (kh * kw * I, O): its LoRA's lora_down is (kh * kw * I, r) in that order (a conv LoRA's
+    down kernel (r, I, kh, kw) transposed to (kh, kw, I, r) and flattened; its 1x1 up kernel is
+    lora_up), and the product is reshaped back to the kernel's shape.
 
 Strengths are arrays: a new strength changes values, never shapes, so a jitted sampler that takes
 the parameters as an argument is not recompiled (and `apply_loras` itself jits with the strengths
@@ -100,6 +104,22 @@ def linear_shapes(params: Any) -> dict[str, tuple[int, int]]:
           if path.rsplit("/", 1)[-1] == "kernel" and _is_linear(leaf)}
 
 
+def kernel_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  """`{kernel path: shape}` of every layer a LoRA can target: the linear layers of
+  `linear_shapes` (K, N), and the convolutions, plain 4-D float kernels (kh, kw, I, O)."""
+  shapes: dict[str, tuple[int, ...]] = dict(linear_shapes(params))
+  for path, leaf in named_leaves(params):
+    if (path.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) == 4
+        and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
+      shapes[path] = tuple(int(d) for d in leaf.shape)
+  return shapes
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+  """(K, N) of a kernel of `shape`: itself for a linear (K, N), (kh * kw * I, O) for a conv."""
+  return int(np.prod(shape[:-1])), int(shape[-1])
+
+
 def check_adapter(adapter: Adapter, shapes: Mapping[str, tuple[int, int]], *,
                   name: str = "LoRA") -> None:
   """Raises `InputError` naming `name` unless every layer of `adapter` is a linear of `shapes`
@@ -135,11 +155,12 @@ def _join_branch(w: SVDQLinear, loras: list[tuple[jax.Array, LayerLoRA]]) -> SVD
 
 
 def _add_to_kernel(kernel: jax.Array, loras: list[tuple[jax.Array, LayerLoRA]]) -> jax.Array:
-  """kernel + sum strength * scale * down @ up, in float32, stored in the kernel's dtype."""
+  """kernel + sum strength * scale * down @ up (reshaped to a conv kernel's HWIO shape), in
+  float32, stored in the kernel's dtype."""
   total = jnp.asarray(kernel, jnp.float32)
   for strength, lora in loras:
     product = (jnp.asarray(lora.lora_down, jnp.float32) @ jnp.asarray(lora.lora_up, jnp.float32))
-    total = total + (strength * jnp.float32(lora.scale)) * product
+    total = total + (strength * jnp.float32(lora.scale)) * product.reshape(kernel.shape)
   return total.astype(kernel.dtype)
 
 
@@ -149,7 +170,8 @@ def apply_loras(params: Any, adapters: Sequence[Adapter], strengths: Any, *,
 
   Args:
     params: an nnx.State (e.g. `nnx.state(model)`) or a nested dict, float or quantized.
-    adapters: one `{kernel path: LayerLoRA}` per LoRA (`convert.lora.load_loras`).
+    adapters: one `{kernel path: LayerLoRA}` per LoRA (`convert.lora.load_loras`); a conv's
+      LoRA acts on its kernel's matrix view (`matrix_shape`).
     strengths: one strength per adapter, an array (A,) or a sequence of numbers / 0-d arrays;
       traced under `jax.jit` like any array. 0 leaves a LoRA without effect (its rank stays).
     max_rank: the largest low-rank branch an SVDQLinear may end up with (the GPU kernel's limit,
@@ -157,7 +179,8 @@ def apply_loras(params: Any, adapters: Sequence[Adapter], strengths: Any, *,
 
   Returns:
     The same structure: each targeted SVDQLinear with rank r + sum of its LoRAs' ranks (factors
-    in its branch dtype, bfloat16), each targeted plain kernel with the LoRA products added.
+    in its branch dtype, bfloat16), each targeted plain (linear or conv) kernel with the LoRA
+    products added.
 
   Raises:
     InputError: as many strengths as adapters are needed; a LoRA layer that is not a linear of
@@ -167,7 +190,7 @@ def apply_loras(params: Any, adapters: Sequence[Adapter], strengths: Any, *,
   if strengths.shape[0] != len(adapters):
     raise InputError(f"apply_loras: {len(adapters)} LoRAs need as many strengths, got "
                      f"{strengths.shape[0]}")
-  shapes = linear_shapes(params)
+  shapes = {path: matrix_shape(shape) for path, shape in kernel_shapes(params).items()}
   by_layer: dict[str, list[tuple[jax.Array, LayerLoRA]]] = {}
   for i, adapter in enumerate(adapters):
     check_adapter(adapter, shapes, name=f"apply_loras: LoRA {i}")

@@ -9,8 +9,10 @@ the output of the peft model. Our output from every file must then match diffuse
 parameters, so the comparison is tight).
 """
 
+import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, PixArtTransformer2DModel
+from diffusers.loaders.lora_conversion_utils import (
+  _convert_non_diffusers_lora_to_diffusers,
+  _maybe_map_sgm_blocks_to_diffusers,
+)
 from flax import nnx
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
@@ -25,13 +31,20 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from _flux_reference import TINY, make_inputs, perturb_, reference_forward  # noqa: E402
 
-from convert.lora import load_loras, parse_lora_spec, read_lora, write_lora  # noqa: E402
+from convert.lora import (  # noqa: E402
+  load_loras,
+  lora_targets,
+  parse_lora_spec,
+  read_lora,
+  write_lora,
+)
 from convert.safetensors_io import CheckpointError  # noqa: E402
 from models.flux import FluxTransformer  # noqa: E402
 from models.pixart import PixArtSigmaTransformer  # noqa: E402
+from models.unet_sdxl import UNetSDXL, UNetSDXLConfig  # noqa: E402
 from svdq_jax import QuantConfig, quantize_linear  # noqa: E402
 from svdq_jax.errors import InputError  # noqa: E402
-from svdq_jax.lora import LayerLoRA, apply_loras, linear_shapes  # noqa: E402
+from svdq_jax.lora import LayerLoRA, apply_loras, kernel_shapes, linear_shapes  # noqa: E402
 from svdq_jax.qlinear import xla_dot  # noqa: E402
 from svdq_jax.tree import map_named_leaves, named_leaves  # noqa: E402
 
@@ -428,3 +441,27 @@ def test_written_lora_loads_in_diffusers_and_reads_back(flux, tmp_path):
   with pytest.raises(InputError, match="one rank for every layer"):
     write_lora(tmp_path / "mixed.safetensors", {**adapter, layers[0]: LayerLoRA(
         np.zeros((shapes[layers[0]][0], 1)), np.zeros((1, shapes[layers[0]][1])), 1.0)}, "flux")
+
+
+def test_sdxl_original_unet_names_are_the_ones_diffusers_reads():
+  """Every layer of SDXL base (abstract shapes) under its kohya / original-UNet name, as we map
+  it, is the module diffusers' own kohya reader (`_maybe_map_sgm_blocks_to_diffusers`, then
+  `_convert_non_diffusers_lora_to_diffusers`) puts that LoRA on."""
+  config = UNetSDXLConfig()
+  shapes = kernel_shapes(nnx.state(nnx.eval_shape(lambda: UNetSDXL(config, rngs=nnx.Rngs(0)))))
+  ours = {name: pieces[0].path.removesuffix("/kernel").replace("/", ".")
+          for name, pieces in lora_targets("sdxl", shapes).items()
+          if name.startswith(("input_blocks", "middle_block", "output_blocks", "out_",
+                              "time_embed_", "label_emb"))}
+  assert len(ours) == len(shapes)  # every linear and conv has an original name
+  kohya = {f"lora_unet_{name}.lora_{part}.weight": torch.zeros(1)
+           for name in ours for part in ("down", "up")}
+  mapped = _maybe_map_sgm_blocks_to_diffusers(kohya, SimpleNamespace(layers_per_block=2))
+  converted, _ = _convert_non_diffusers_lora_to_diffusers(mapped)
+  theirs = set()
+  for key in converted:
+    if key.endswith("down.weight"):  # unet.<module>[.processor.to_q_lora | .lora].down.weight
+      module = re.sub(r"(\.lora|_lora)\.down\.weight$", "", key.removeprefix("unet."))
+      module = module.replace(".processor.", ".").replace("to_out", "to_out.0")
+      theirs.add(module)
+  assert theirs == set(ours.values())
