@@ -1,9 +1,10 @@
-"""CPU time of one thin SVD by LAPACK's divide and conquer (gesdd, `jnp.linalg.svd`'s default)
-against the QR algorithm (gesvd, `svdq_jax.transform._svd`), on the matrices the smoothing search
-factors: the (rank + 16, N) projection of the randomized SVD and small exact ones.
+"""CPU time of one thin SVD by LAPACK's divide and conquer (gesdd, `jnp.linalg.svd`'s default,
+what `svdq_jax.transform.low_rank` calls) and by the QR algorithm (gesvd), on the matrices the
+smoothing search factors: the (rank + 16, N) projection of the randomized SVD and small exact ones.
 
 CPU time (`time.process_time`, all threads) rather than wall time, since the machine is shared:
-a threaded OpenBLAS that waits for busy cores burns CPU time in gesdd.
+a threaded OpenBLAS that waits for busy cores burns CPU time. Run it with and without
+OPENBLAS_NUM_THREADS=1 (read when the library loads; the `svdq-jax` command sets it).
 
 Usage: python benchmarks/svd_algorithm.py [--shapes 48x128,48x512,128x128] [--calls 20]
 """
@@ -18,8 +19,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from svdq_jax.transform import _svd
 
 
 def cpu_seconds(fn, a: jax.Array, calls: int) -> float:
@@ -43,7 +42,8 @@ def main() -> None:
   print("| shape | gesdd ms CPU | gesvd (QR) ms CPU | ratio |")
   print("|---|---:|---:|---:|")
   default = jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False))
-  qr = jax.jit(_svd)
+  qr = jax.jit(lambda a: jax.lax.linalg.svd(a, full_matrices=False,
+                                             algorithm=jax.lax.linalg.SvdAlgorithm.QR))
   rng = np.random.default_rng(0)
   for shape in args.shapes.split(","):
     m, n = (int(v) for v in shape.split("x"))

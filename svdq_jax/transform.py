@@ -51,16 +51,6 @@ def _check_finite(what: str, x, name: str | None) -> None:
     raise InputError(f"{_layer(name)}: {what} has {bad} NaN or inf values; it needs finite values")
 
 
-def _svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Thin SVD (u, s, vt) of a (M, N) float32 by the QR algorithm (LAPACK gesvd on CPU).
-
-  The default divide-and-conquer routine (gesdd) gives the same factors up to rounding (and the
-  sign of each singular pair) but, with a threaded OpenBLAS on a busy CPU, spends many times more
-  CPU time on the small matrices of the smoothing search (benchmarks/svd_algorithm.py).
-  """
-  return jax.lax.linalg.svd(a, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR)
-
-
 def low_rank(w: jax.Array, rank: int, key: jax.Array, power_iters: int | None = POWER_ITERS
              ) -> tuple[jax.Array, jax.Array]:
   """Rank-`rank` factors (K, r), (r, N) of w (K, N) in float32, singular values split evenly.
@@ -73,14 +63,14 @@ def low_rank(w: jax.Array, rank: int, key: jax.Array, power_iters: int | None = 
   """
   k, n = w.shape
   if power_iters is None or rank + _OVERSAMPLE >= min(k, n):
-    u, s, vt = _svd(w)
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   else:
     probe = jax.random.normal(key, (n, rank + _OVERSAMPLE), jnp.float32)
     basis, _ = jnp.linalg.qr(w @ probe)
     for _ in range(power_iters):
       co_basis, _ = jnp.linalg.qr(w.T @ basis)
       basis, _ = jnp.linalg.qr(w @ co_basis)
-    u_small, s, vt = _svd(basis.T @ w)
+    u_small, s, vt = jnp.linalg.svd(basis.T @ w, full_matrices=False)
     u = basis @ u_small
   root = jnp.sqrt(s[:rank])
   return u[:, :rank] * root, root[:, None] * vt[:rank]
