@@ -453,7 +453,8 @@ for prompt, a, b, c in zip(PROMPTS, int4_images, float_images, other_seed, stric
 (float32) and as shipped (bf16), and the 4-bit one (packed INT4 codes, scales, the smoothing
 factors, the bf16 rank-32 branch, and the layers kept in 16 bits). At this toy width (128) the
 rank-32 branch is as large as half a bf16 kernel, so the 4-bit transformer is far less than 4x
-smaller than bf16; at FLUX.1's width (3072) the same rules give 3.5x (README, memory table)."""),
+smaller than bf16; at FLUX.1's width (3072) the same rules give 3.56x (the README's memory table
+of the FLUX.1-dev transformer, `benchmarks/memory.py`)."""),
     ("code", """float_state = nnx.state(float_pipe.transformer, nnx.Param)
 float_bytes = metrics.model_bytes(float_state)
 bf16_bytes = metrics.model_bytes(
