@@ -450,16 +450,19 @@ for prompt, a, b, c in zip(PROMPTS, int4_images, float_images, other_seed, stric
     ("md", """## Size of the transformer
 
 `metrics.model_bytes` counts what the parameters take as stored: the float model as loaded
-(float32) and as shipped (bf16), and the 4-bit one (packed INT4 codes, scales, the smoothing
-factors, the bf16 rank-32 branch, and the layers kept in 16 bits). At this toy width (128) the
-rank-32 branch is as large as half a bf16 kernel, so the 4-bit transformer is far less than 4x
-smaller than bf16; at FLUX.1's width (3072) the same rules give 3.5x (README, memory table)."""),
+(its parameters' dtypes are printed) and in bf16 (as shipped), and the 4-bit one (packed INT4
+codes, scales, the smoothing factors, the bf16 rank-32 branch, and the layers kept in 16 bits).
+At this toy width (128) the rank-32 branch is as large as half a bf16 kernel, so the 4-bit
+transformer is far less than 4x smaller than bf16; at FLUX.1's width (3072) the same rules give
+3.56x (the README's memory table of the FLUX.1-dev transformer, `benchmarks/memory.py`)."""),
     ("code", """float_state = nnx.state(float_pipe.transformer, nnx.Param)
+dtypes = ", ".join(sorted({str(leaf.dtype) for leaf in jax.tree.leaves(float_state)}))
 float_bytes = metrics.model_bytes(float_state)
 bf16_bytes = metrics.model_bytes(
     [jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16) for leaf in jax.tree.leaves(float_state)])
 int4_bytes = metrics.model_bytes(nnx.state(int4_pipe.transformer, nnx.Param))
-print(f"transformer bytes: float32 {float_bytes}, bf16 {bf16_bytes}, svdquant-int4 {int4_bytes}")
+print(f"transformer bytes: float as loaded ({dtypes}) {float_bytes}, bf16 {bf16_bytes}, "
+      f"svdquant-int4 {int4_bytes}")
 print(f"size ratio bf16 / int4: {bf16_bytes / int4_bytes:.2f}")"""),
 ]
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 from nbclient import NotebookClient
 
 NOTEBOOKS_DIR = Path(__file__).parents[2] / "notebooks"
@@ -43,7 +44,7 @@ def _check_inside_svdquant(outputs: str) -> None:
   for before, after in ratios:  # smoothing flattens the activations' channel spans
     assert float(after) < float(before), ratios
   svd = _numbers(r"residual's largest singular value / smoothed weight's 33rd: ([0-9.]+)", outputs)
-  for (ratio,) in svd:  # >= 1 by Eckart-Young; near 1 when the branch holds the top directions
+  for ratio in svd:  # >= 1 by Eckart-Young; near 1 when the branch holds the top directions
     assert float(ratio) < 1.1, svd
   energy = _numbers(r"top 32 singular values: W ([0-9.]+), smoothed ([0-9.]+)", outputs)
   for before, after in energy:  # smoothing concentrates the weight in its top singular values
@@ -67,12 +68,13 @@ def _check_end_to_end(outputs: str) -> None:
   psnrs = _numbers(r"PSNR int4 vs float ([0-9.]+) dB  \(float, other seed: ([0-9.]+) dB\)",
                    outputs)
   assert len(psnrs) == 4, psnrs
-  for int4, other_seed in psnrs:
-    assert float(int4) > 18.0, psnrs  # close to the float model's image
-    assert float(int4) > float(other_seed) + 5.0, psnrs  # far closer than another sample
+  int4, other_seed = (np.array([float(row[i]) for row in psnrs]) for i in (0, 1))
+  assert np.all(int4 > 20.0), psnrs  # close to the float model's image
+  # Closer to the float image than the float model's own image for another seed, by far on average.
+  assert np.all(int4 > other_seed + 3.0) and int4.mean() > other_seed.mean() + 8.0, psnrs
   (ratio,) = _numbers(r"size ratio bf16 / int4: ([0-9.]+)", outputs)
   # Below 4x at width 128: the bf16 rank-32 branch is half a kernel there (see the notebook).
-  assert 1.2 < float(ratio) < 4.0, ratio
+  assert 1.5 < float(ratio) < 4.0, ratio
 
 
 CHECKS = {"quickstart.ipynb": _check_quickstart, "lora.ipynb": _check_lora,
