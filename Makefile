@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 PYTHON312 := $(shell command -v python3.12 2>/dev/null || ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Threaded OpenBLAS spends 30-40x the CPU time on the small SVDs and QRs of quantization on a busy
+# machine (benchmarks/results/svd_algorithm_cpu.txt); the tests and the demo run it single-threaded.
+export OPENBLAS_NUM_THREADS := 1
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: venv venv-test demo test test-fast lint bench clean
