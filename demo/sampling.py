@@ -22,7 +22,8 @@ classifier-free guidance against the empty prompt (it was trained with 10% of pr
 
 
 def load_pipeline(folder: str | os.PathLike) -> FluxPipeline:
-  """The demo's FluxPipeline from a pipeline folder (float32)."""
+  """The demo's FluxPipeline from a pipeline folder (float32 from a diffusers-layout folder such
+  as the shipped one; a folder converted by svdq-jax keeps its stored dtypes)."""
   return FluxPipeline.from_pretrained(folder)
 
 

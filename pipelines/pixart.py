@@ -58,7 +58,8 @@ class PixArtSigmaPipeline:
     """Loads a diffusers `PixArtSigmaPipeline` folder, or ours of the same layout.
 
     path: the folder, or its `PipelineFolder` record when the caller has read it.
-    dtype: computation and parameter dtype of every model (None: float32).
+    dtype: computation and parameter dtype of every model (None: float32 for diffusers weights;
+      a component already in our checkpoint format keeps its stored dtypes).
     """
     folder = PipelineFolder.read(path)
     path, scheduler = folder.path, folder.scheduler
