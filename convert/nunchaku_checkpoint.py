@@ -250,18 +250,18 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
   return arrays
 
 
-def _base_pipeline(base: str | os.PathLike, model_type: str) -> Path:
-  pipeline = BASES[model_type][0]
+def _base_pipeline(base: str | os.PathLike) -> tuple[Path, str]:
+  """The --base folder and the diffusers pipeline class its model_index.json names."""
   base = Path(base)
   index = base / "model_index.json"
+  pipelines = " or ".join(p for p, _ in BASES.values())
   if not index.is_file():
-    raise CheckpointError(f"{base}: no model_index.json (--base needs a diffusers {pipeline} "
+    raise CheckpointError(f"{base}: no model_index.json (--base needs a diffusers {pipelines} "
                           "folder)")
   cls = read_json_object(index).get("_class_name")
-  if cls != pipeline:
-    raise CheckpointError(f"{base}: model_index.json names {cls!r}, --base needs a {pipeline} "
-                          "for this checkpoint")
-  return base
+  if cls not in [p for p, _ in BASES.values()]:
+    raise CheckpointError(f"{base}: model_index.json names {cls!r}, --base needs a {pipelines}")
+  return base, cls
 
 
 def import_nunchaku(src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -285,11 +285,14 @@ def import_nunchaku(src: str | os.PathLike, dst: str | os.PathLike, *,
   Raises:
     CheckpointError (an InputError) with one line naming the file and what is wrong.
   """
+  base_path, base_class = (None, None) if base is None else _base_pipeline(base)
   if Path(dst).exists() and not overwrite:
     raise CheckpointError(f"{dst}: already exists (remove it or pass overwrite=True)")
   source = open_nunchaku(src)
-  base_path = None if base is None else _base_pipeline(base, source.model_type)
-  component = BASES[source.model_type][1]
+  pipeline, component = BASES[source.model_type]
+  if base_path is not None and base_class != pipeline:
+    raise CheckpointError(f"{base_path}: model_index.json names {base_class!r}, --base needs a "
+                          f"{pipeline} for this checkpoint")
   arrays = read_nunchaku(source, progress=progress)
   with atomic_folder(dst, overwrite=overwrite) as folder:
     target = folder
