@@ -62,6 +62,8 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known bug, open: the 8-device CPU sampling run segfaults "
+                   "in XLA's compile (first pipe call, replicated float weights); unresolved")
 def test_sharded_weights_sample_the_unsharded_images(tmp_path):
   pytest.importorskip("torch")
   from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
