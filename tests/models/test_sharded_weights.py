@@ -26,7 +26,7 @@ TOLERANCE = 1e-5
 SCRIPT = textwrap.dedent("""
   import json, sys
   import jax
-  assert len(jax.devices()) == 8, jax.devices()
+  jax.config.update("jax_num_cpu_devices", 8)
   import numpy as np
   from flax import nnx
   import pipelines
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
   from svdq_jax import QuantConfig, SVDQLinear
   folder, out = sys.argv[1], sys.argv[2]
   pipe = pipelines.FluxPipeline.from_pretrained(folder)
-  prompts = [f"a {c} {a} in snow" for c in ("red", "blue", "green", "white") for a in ("cat", "dog")]
+  prompts = [f"a {c} {a} in snow" for c in ("red", "blue", "green") for a in ("cat", "dog")]
   kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16, seed=5)
   images, record = {}, {}
   mesh = sharding.data_mesh(8)
@@ -70,8 +70,7 @@ def test_sharded_weights_sample_the_unsharded_images(tmp_path):
 
   folder = tmp_path / "flux"
   save_tiny_flux_pipeline(folder, heads=4)  # width 64: one INT4 group
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path)], env=env,
                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
