@@ -2,6 +2,8 @@
 with the folder's own settings."""
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,22 @@ def test_folder_is_what_the_package_ships():
   assert "CC BY-SA 4.0" in (FOLDER / "MODEL_CARD.md").read_text()
   size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
   assert size <= 25 * 2**20
+
+
+def test_files_the_model_card_shows_are_in_the_folder():
+  """Every figure the card points to (`name.png`) is there, and tracked by git (a .gitignore rule
+  once kept them out), unless the card says it is lost."""
+  card = (FOLDER / "MODEL_CARD.md").read_text()
+  named = set(re.findall(r"`([\w.-]+\.png)`", card))
+  lost = {name for name in named if f"`{name}` were not committed" in card}
+  assert named - lost >= {"samples.png", "held_out.png", "vae_reconstructions.png"}
+  for name in named - lost:
+    assert (FOLDER / name).is_file(), name
+  tracked = subprocess.run(["git", "ls-files", "--full-name", str(FOLDER)], cwd=FOLDER,
+                           capture_output=True, text=True)
+  if tracked.returncode == 0 and tracked.stdout:  # a git checkout (not an installed package)
+    for name in named - lost:
+      assert f"emoji_flux/{name}" in tracked.stdout, f"{name} is not tracked by git"
 
 
 @pytest.mark.parity
