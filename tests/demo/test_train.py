@@ -6,6 +6,7 @@ Tiny configs on random data: no rendering, no VAE training.
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from demo import architecture, train
 from demo.tokenizer import MAX_LENGTH
@@ -61,3 +62,15 @@ def test_denoiser_is_deterministic_and_resumes_exactly(tmp_path, np_rng):
   assert steps_c == TINY.steps + TINY.guidance_steps and losses_c == losses_a
   for a, c in zip(params_a, params_c, strict=True):
     np.testing.assert_array_equal(a, c)
+
+
+def test_loss_curve_is_written_from_the_loss_logs(tmp_path):
+  """loss.png: one panel per stage, drawn from the CSV logs run_loop writes (step,loss)."""
+  (tmp_path / "vae_loss.csv").write_text("".join(f"{s},{1 / (s + 1)}\n" for s in range(50)))
+  (tmp_path / "denoiser_loss.csv").write_text("".join(f"{s},{2 - s / 100}\n" for s in range(80)))
+  path = train.plot_losses(tmp_path)
+  image = np.asarray(Image.open(path).convert("L"))
+  half = image.shape[1] // 2
+  assert path == tmp_path / "loss.png"
+  assert (image[:, :half] < 128).sum() > 100 and (image[:, half:] < 128).sum() > 100
+  assert not np.array_equal(image[:, :half], image[:, half:2 * half])  # two different curves
