@@ -186,8 +186,8 @@ def _worker(args) -> dict:
         quantized = calibrate_quantize_block(block, prefix, [list(s) for s in samples], quant)
         del block
     elapsed = time.perf_counter() - started
-  rows = len(samples) * (args.image_tokens + args.text_tokens)
-  stats_bytes = _stats_bytes(file, rows)
+    rows = len(samples) * (args.image_tokens + args.text_tokens)
+    stats_bytes = _stats_bytes(file, rows)
   device = jax.devices()[0]
   memory = device.memory_stats() if device.platform != "cpu" else None
   return {"kind": kind, "mode": mode, "seconds": elapsed,

@@ -46,3 +46,18 @@ def test_long_run_compiles_only_for_the_first_prompt():
                     result.stdout)
   assert found, result.stdout[-2000:]
   assert int(found.group(1)) > 0 and int(found.group(2)) == 0
+
+
+@pytest.mark.slow
+def test_quantize_cost_runs_both_modes_at_a_small_width():
+  """The script end to end at width 128 (one head), a few tokens: every (kind, mode) row, the
+  extrapolation table, and the streamed block's quantized bytes below its float weights."""
+  result = _run("quantize_cost.py", "--heads", "1", "--runs", "1", "--steps", "1",
+                "--image-tokens", "32", "--text-tokens", "8", timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  for kind in ("double", "single"):
+    for mode in ("whole", "stream"):
+      assert any(line.split()[:2] == [kind, mode] for line in lines), (kind, mode, lines)
+  table = [line.split() for line in lines if line.split()[:1] in (["whole"], ["stream"])]
+  assert len(table) == 2 and all(len(row) == 5 and float(row[3]) > 0 for row in table), table
