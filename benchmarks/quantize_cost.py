@@ -13,17 +13,21 @@ Modes, per block (each in a fresh subprocess, so peak resident memory is its own
           and applied to that step's samples), then the block read again and
           `pipelines.quantize_stream.calibrate_quantize_block` (record, quantize, copy to host).
 
-Reported: wall time, peak resident memory of the process (ru_maxrss), on an accelerator its peak
-device memory (`memory_stats()["peak_bytes_in_use"]`), and the bytes of the block's float weights
-and calibration statistics. Extrapolation to the 57 blocks: time 19 t_double + 38 t_single (the
-part outside the blocks and the text encoders are not counted); peak memory, whole model: all 57
-blocks' float weights + the statistics of all their layers (calibrate records every layer before
-any is quantized) + the largest per-block working set beyond its weights; streamed: the largest
-measured per-block peak + the 57 quantized blocks kept until the end + the activation cache
-(runs x steps x tokens x width, float32).
+`--devices N` spreads the block's linears over the first N local devices (`quantize_params`'s
+`devices`; default 1); the calibration forwards stay on the first.
+
+Reported: wall time, peak resident memory of the process (ru_maxrss), on an accelerator the peak
+device memory of the fullest device used (`memory_stats()["peak_bytes_in_use"]`), and the bytes of
+the block's float weights and calibration statistics. Extrapolation to the 57 blocks: time 19
+t_double + 38 t_single (the part outside the blocks and the text encoders are not counted); peak
+memory, whole model: all 57 blocks' float weights + the statistics of all their layers (calibrate
+records every layer before any is quantized) + the largest per-block working set beyond its weights;
+streamed: the largest measured per-block peak + the 57 quantized blocks kept until the end + the
+activation cache (runs x steps x tokens x width, float32).
 
 Usage: python benchmarks/quantize_cost.py [--platform cpu|gpu] [--runs 2 --steps 2]
          [--image-tokens 512 --text-tokens 256] [--preset svdquant-int4] [--dtype float32]
+         [--devices 1]
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--preset", default="svdquant-int4")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="calibration dtype (quantize_pipeline's default is float32)")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="local devices the linears are quantized on (default 1)")
   parser.add_argument("--kinds", default=",".join(KINDS))
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
@@ -169,7 +175,8 @@ def _worker(args) -> dict:
           block(*state)
 
         stats = svdq_jax.calibrate(run, samples, model=params, progress=False)
-        quantized = svdq_jax.quantize_params(params, stats, quant, progress=False)
+        quantized = svdq_jax.quantize_params(params, stats, quant, progress=False,
+                                             devices=args.devices)
         jax.block_until_ready(quantized)
         del stats
       else:
@@ -183,18 +190,20 @@ def _worker(args) -> dict:
           weights = _tree_bytes(nnx.state(block, nnx.Param))
           del block, states
         block = blocks.block(group, 0)
-        quantized = calibrate_quantize_block(block, prefix, [list(s) for s in samples], quant)
+        quantized = calibrate_quantize_block(block, prefix, [list(s) for s in samples], quant,
+                                             args.devices)
         del block
     elapsed = time.perf_counter() - started
     rows = len(samples) * (args.image_tokens + args.text_tokens)
     stats_bytes = _stats_bytes(file, rows)
   device = jax.devices()[0]
-  memory = device.memory_stats() if device.platform != "cpu" else None
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use")
+           for d in jax.local_devices()[:args.devices]] if device.platform != "cpu" else []
   return {"kind": kind, "mode": mode, "seconds": elapsed,
           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           "baseline_rss": baseline, "weights": weights, "stats": stats_bytes,
           "quantized": _tree_bytes(quantized),
-          "device_peak": None if memory is None else memory.get("peak_bytes_in_use"),
+          "device_peak": max((p for p in peaks if p is not None), default=None),
           "device": str(device), "samples": len(samples)}
 
 
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
       cmd = [sys.executable, __file__, "--worker", kind, mode, "--runs", str(args.runs),
              "--steps", str(args.steps), "--image-tokens", str(args.image_tokens),
              "--text-tokens", str(args.text_tokens), "--preset", args.preset,
-             "--heads", str(args.heads),
+             "--heads", str(args.heads), "--devices", str(args.devices),
              "--dtype", args.dtype]
       result = subprocess.run(cmd, env=env, capture_output=True, text=True)
       if result.returncode:
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   first = next(iter(rows.values()))
   print(f"\n{args.preset}, {args.dtype} calibration, {first['samples']} samples "
         f"({args.runs} runs x {args.steps} steps) of {args.image_tokens} image + "
-        f"{args.text_tokens} text tokens, width {args.heads * 128}, on {first['device']}")
+        f"{args.text_tokens} text tokens, width {args.heads * 128}, on {first['device']}"
+        f"{f' and {args.devices - 1} more' if args.devices > 1 else ''}")
   print(f"{'mode':8s} {'t double s':>11s} {'t single s':>11s} {'57 blocks h':>12s} "
         f"{'est. peak GB':>13s}")
   cache = args.runs * args.steps * (args.image_tokens + args.text_tokens) * args.heads * 128 * 4

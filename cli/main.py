@@ -146,7 +146,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                               num_inference_steps=args.steps, height=args.height,
                               width=args.width, seed=args.seed, guidance_scale=args.guidance,
                               overwrite=args.overwrite, dtype=_dtype(args.dtype),
-                              nunchaku_layout=args.nunchaku_layout, stream=args.stream)
+                              nunchaku_layout=args.nunchaku_layout, stream=args.stream,
+                              devices=args.devices)
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0
 
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
   quant.add_argument("--stream", action="store_true",
                      help="FLUX: hold one transformer block at a time (read from the "
                      "safetensors, calibrated, quantized, released), for models larger than memory")
+  quant.add_argument("--devices", type=_positive("--devices"), default=None,
+                     help="quantize the layers on the first N local devices, spread over them "
+                     "(default: all; the result is the same on any number)")
   quant.set_defaults(run=_cmd_quantize)
 
   sample = sub.add_parser("sample", help="text-to-image from a diffusers or svdq-jax folder")

@@ -5,13 +5,12 @@ prompts, quantize it, write the folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 import svdq_jax
@@ -20,7 +19,11 @@ from convert.nunchaku_export import split_proj_out
 from pipelines.folder import PipelineFolder
 from pipelines.inputs import check_image_size, prompt_list
 from pipelines.load import Pipeline, load_pipeline
-from pipelines.quantize_stream import check_streamable, quantize_pipeline_streamed
+from pipelines.quantize_stream import (
+  check_streamable,
+  quantize_pipeline_streamed,
+  write_folder_rest,
+)
 from svdq_jax.config import NUNCHAKU_FUSED, NUNCHAKU_SHIFTED, QuantConfig
 from svdq_jax.errors import InputError
 
@@ -57,18 +60,22 @@ def calibrate_denoiser(pipe: Pipeline, prompts: str | Sequence[str], *,
 def quantize_denoiser(pipe: Pipeline, config: Any, prompts: str | Sequence[str], *,
                       num_inference_steps: int = 4, height: int = 512, width: int = 512,
                       seed: int = 0, guidance_scale: float | None = None,
-                      progress: bool = True, **sampling: Any) -> None:
+                      progress: bool = True,
+                      devices: Sequence[jax.Device] | int | None = None,
+                      **sampling: Any) -> None:
   """Calibrates `pipe.denoiser` on prompts (`calibrate_denoiser`, same arguments) and quantizes it
-  in place with `config`.
+  in place with `config`, its layers spread over `devices` (`svdq_jax.quantize_model`; None:
+  every local device; the calibration runs on the default device).
 
   `svdq_jax.quantize_model` applies the config (a `QuantConfig`; its `skip` patterns keep the
   embedders, the final norm and projection, and the UNet's projections, cross-attention
   key/value and ResNet time projections in 16 bits). Progress bars run per prompt and per layer.
   """
+  devices = svdq_jax.quantize_devices(devices)
   stats = calibrate_denoiser(pipe, prompts, num_inference_steps=num_inference_steps,
                              height=height, width=width, seed=seed,
                              guidance_scale=guidance_scale, progress=progress, **sampling)
-  svdq_jax.quantize_model(pipe.denoiser, stats, config, progress=progress)
+  svdq_jax.quantize_model(pipe.denoiser, stats, config, progress=progress, devices=devices)
   pipe._runners.clear()  # the quantized denoiser has other parameter shapes
 
 
@@ -81,7 +88,8 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
                       height: int | None = None, width: int | None = None, seed: int = 0,
                       guidance_scale: float | None = None, overwrite: bool = False,
                       dtype: jnp.dtype | None = None, nunchaku_layout: bool = False,
-                      progress: bool = True, stream: bool = False) -> Path:
+                      progress: bool = True, stream: bool = False,
+                      devices: Sequence[jax.Device] | int | None = None) -> Path:
   """Writes a copy of a pipeline folder with its denoiser (transformer/ or unet/) calibrated and
   quantized.
 
@@ -109,17 +117,20 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
     progress: progress bars per prompt and per layer.
     stream: hold one float transformer block at a time (FluxPipeline folders with a diffusers
       transformer): `pipelines.quantize_stream`, same result layer by layer.
+    devices: the devices the layers are quantized on (`svdq_jax.quantize_devices`; None: every
+      local device); the result is the same on any number of them.
 
   Returns:
     The written folder.
 
   Raises:
-    InputError, before any model is loaded, for an unknown preset, bad prompts, a bad `src`
-    folder (CheckpointError), a size the pipeline cannot make or an existing `dst` without
+    InputError, before any model is loaded, for an unknown preset, bad prompts, bad `devices`, a
+    bad `src` folder (CheckpointError), a size the pipeline cannot make or an existing `dst` without
     `overwrite` (checked by `atomic_folder` as it starts).
   """
   config = QuantConfig.preset(preset)
   prompts = prompt_list(prompts)
+  devices = svdq_jax.quantize_devices(devices)
   folder = PipelineFolder.read(src)
   sampling = dict(folder.sample_defaults)
   height = sampling.pop("height", 512) if height is None else height
@@ -140,24 +151,18 @@ def quantize_pipeline(src: str | os.PathLike | PipelineFolder, dst: str | os.Pat
         folder, dst, config=config, preset=preset, prompts=prompts,
         num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
         guidance_scale=guidance_scale, overwrite=overwrite, dtype=dtype,
-        nunchaku_layout=nunchaku_layout, progress=progress, sampling=sampling)
+        nunchaku_layout=nunchaku_layout, progress=progress, sampling=sampling, devices=devices)
   with atomic_folder(dst, overwrite=overwrite) as out:
     pipe = load_pipeline(folder, dtype=dtype)
     if nunchaku_layout:
       pipe.transformer = split_proj_out(pipe.transformer)
     quantize_denoiser(pipe, config, prompts, num_inference_steps=num_inference_steps,
                       height=height, width=width, seed=seed, guidance_scale=guidance_scale,
-                      progress=progress, **sampling)
-    for entry in folder.path.iterdir():
-      if entry.name == folder.denoiser_name:
-        continue
-      copy = shutil.copytree if entry.is_dir() else shutil.copy2
-      copy(entry, out / entry.name)
+                      progress=progress, devices=devices, **sampling)
     save_checkpoint(pipe.denoiser, out / folder.denoiser_name,
                     model_type=folder.denoiser.entry.name, config=pipe.denoiser.config)
-    quant_note = {"preset": preset, "nunchaku_layout": nunchaku_layout,
-                  "quant_config": config.to_dict(), "calibration": {
+    write_folder_rest(folder, out, preset=preset, config=config,
+                      nunchaku_layout=nunchaku_layout, stream=False, calibration={
         "prompts": len(prompts), "num_inference_steps": num_inference_steps, "height": height,
-        "width": width, "seed": seed, "guidance_scale": guidance_scale}}
-    (out / "svdq_quantization.json").write_text(json.dumps(quant_note, indent=2) + "\n")
+        "width": width, "seed": seed, "guidance_scale": guidance_scale})
   return Path(dst)

@@ -301,10 +301,11 @@ def _to_host(value: Any) -> Any:
 
 
 def calibrate_quantize_block(block: nnx.Module, prefix: str, inputs: list[list],
-                             config: QuantConfig) -> dict[str, Any]:
+                             config: QuantConfig,
+                             devices: Sequence[jax.Device] | int | None = None) -> dict[str, Any]:
   """Runs `block` on each cached input [hidden, encoder_hidden, temb, rotary] (replaced in place
   by the block's outputs, the next block's inputs) while recording its linears' inputs, then
-  quantizes it with those statistics.
+  quantizes it with those statistics, its linears spread over `devices` (`quantize_params`).
 
   Returns:
     {path: host numpy array or SVDQLinear of numpy arrays} of the block's parameters, paths
@@ -324,12 +325,12 @@ def calibrate_quantize_block(block: nnx.Module, prefix: str, inputs: list[list],
   for part in parents:
     node = node.setdefault(part, {})
   node[last] = _nested(block)
-  quantized = svdq_jax.quantize_params(params, stats, config, progress=False)
+  quantized = svdq_jax.quantize_params(params, stats, config, progress=False, devices=devices)
   return {path: _to_host(leaf) for path, leaf in named_leaves(quantized)}
 
 
 def _calibrate_and_quantize(blocks: BlockReader, cache: list[list], config: QuantConfig,
-                            progress: bool) -> dict[str, Any]:
+                            progress: bool, devices: list[jax.Device]) -> dict[str, Any]:
   """Pass 2: each block recorded on the cached float inputs, quantized, released; returns the
   flat quantized parameters of all blocks (host arrays, "transformer_blocks/0/...")."""
   out: dict[str, Any] = {}
@@ -341,7 +342,7 @@ def _calibrate_and_quantize(blocks: BlockReader, cache: list[list], config: Quan
     for kind, index in tqdm(blocks.blocks(), desc="stream: calibrate+quantize", unit="block",
                             disable=not progress, leave=False):
       block = blocks.block(kind, index)
-      out.update(calibrate_quantize_block(block, f"{kind}/{index}", inputs, config))
+      out.update(calibrate_quantize_block(block, f"{kind}/{index}", inputs, config, devices))
       del block
       _release()
   finally:
@@ -382,20 +383,25 @@ def quantize_flux_streamed(folder: PipelineFolder, out: Path, config: QuantConfi
                            dtype: jnp.dtype | None, nunchaku_layout: bool, batch_size: int = 1,
                            progress: bool = True, block_hook: BlockHook | None = None,
                            negative_prompt: str | None = None, true_cfg_scale: float = 1.0,
-                           max_sequence_length: int = 512) -> FluxConfig:
+                           max_sequence_length: int = 512,
+                           devices: Sequence[jax.Device] | int | None = None) -> FluxConfig:
   """Writes `folder`'s transformer, calibrated and quantized one block at a time, as our
   checkpoint in `out/transformer` (see the module docstring for the order); returns its config.
 
   The arguments are `quantize_pipeline`'s (settings already resolved); `batch_size` prompts per
   run as `calibrate_denoiser`; negative_prompt / true_cfg_scale / max_sequence_length as the
-  pipeline call (the folder's sample_defaults). `block_hook` sees every float block read.
+  pipeline call (the folder's sample_defaults). `block_hook` sees every float block read. Each
+  block's linears are quantized over `devices` (`svdq_jax.quantize_params`; None: every local
+  device) while the calibration forwards run on the default device.
 
   Raises:
-    InputError (CheckpointError) for a transformer file that does not fit its config, or a config
-    that would quantize a layer outside the blocks (the presets keep them 16-bit);
+    InputError (CheckpointError) for a transformer file that does not fit its config, a config
+    that would quantize a layer outside the blocks (the presets keep them 16-bit), or `devices`
+    that `svdq_jax.quantize_devices` refuses;
     NonFiniteError when the float trajectory turns NaN or inf.
   """
   check_streamable(folder)
+  devices = svdq_jax.quantize_devices(devices)
   model_config = folder.denoiser.config
   if nunchaku_layout:
     model_config = dataclasses.replace(model_config, split_proj_out=True)
@@ -427,7 +433,7 @@ def quantize_flux_streamed(folder: PipelineFolder, out: Path, config: QuantConfi
     arrays = {path_str(path): _to_host(variable.get_value())
               for path, variable in nnx.to_flat_state(outer_params)}
     del outer, outer_params
-    arrays.update(_calibrate_and_quantize(blocks, cache, config, progress))
+    arrays.update(_calibrate_and_quantize(blocks, cache, config, progress, devices))
     del cache
   transformer = out / folder.denoiser_name
   transformer.mkdir()
@@ -440,26 +446,36 @@ def quantize_pipeline_streamed(folder: PipelineFolder, dst: str | Path, *, confi
                                height: int, width: int, seed: int,
                                guidance_scale: float | None, overwrite: bool,
                                dtype: jnp.dtype | None, nunchaku_layout: bool, progress: bool,
-                               sampling: dict[str, Any], block_hook: BlockHook | None = None
-                               ) -> Path:
+                               sampling: dict[str, Any], block_hook: BlockHook | None = None,
+                               devices: Sequence[jax.Device] | int | None = None) -> Path:
   """`quantize_pipeline(..., stream=True)` once its arguments are checked: the same folder
   (other components copied, transformer/ as our checkpoint, svdq_quantization.json with
   "stream": true), written atomically."""
   check_streamable(folder)
+  devices = svdq_jax.quantize_devices(devices)
   with atomic_folder(dst, overwrite=overwrite) as out:
     quantize_flux_streamed(folder, out, config, prompts, num_inference_steps=num_inference_steps,
                            height=height, width=width, seed=seed, guidance_scale=guidance_scale,
                            dtype=dtype, nunchaku_layout=nunchaku_layout, progress=progress,
-                           block_hook=block_hook, **sampling)
-    for entry in folder.path.iterdir():
-      if entry.name == folder.denoiser_name:
-        continue
-      copy = shutil.copytree if entry.is_dir() else shutil.copy2
-      copy(entry, out / entry.name)
-    quant_note = {"preset": preset, "nunchaku_layout": nunchaku_layout, "stream": True,
-                  "quant_config": config.to_dict(), "calibration": {
+                           block_hook=block_hook, devices=devices, **sampling)
+    write_folder_rest(folder, out, preset=preset, config=config,
+                      nunchaku_layout=nunchaku_layout, stream=True, calibration={
         "prompts": len(prompts), "num_inference_steps": num_inference_steps, "height": height,
-        "width": width, "seed": seed, "guidance_scale": guidance_scale}}
-    (out / "svdq_quantization.json").write_text(json.dumps(quant_note, indent=2) + "\n")
+        "width": width, "seed": seed, "guidance_scale": guidance_scale})
   return Path(dst)
+
+
+def write_folder_rest(folder: PipelineFolder, out: Path, *, preset: str, config: QuantConfig,
+                      nunchaku_layout: bool, stream: bool, calibration: dict[str, Any]) -> None:
+  """The quantized folder `out` apart from its denoiser: `folder`'s other components copied
+  unchanged and svdq_quantization.json (preset, layout, config, calibration settings, and
+  "stream": true for a streamed run)."""
+  for entry in folder.path.iterdir():
+    if entry.name == folder.denoiser_name:
+      continue
+    copy = shutil.copytree if entry.is_dir() else shutil.copy2
+    copy(entry, out / entry.name)
+  note = {"preset": preset, "nunchaku_layout": nunchaku_layout, **({"stream": True} if stream
+          else {}), "quant_config": config.to_dict(), "calibration": calibration}
+  (out / "svdq_quantization.json").write_text(json.dumps(note, indent=2) + "\n")
 

@@ -23,6 +23,7 @@ _EXPORTS = {
     "svdq_dot": "svdq_jax.dot",
     "use_impl": "svdq_jax.dot",
     "QuantFormat": "svdq_jax.formats",
+    "quantize_devices": "svdq_jax.params",
     "quantize_model": "svdq_jax.params",
     "quantize_params": "svdq_jax.params",
     "selected_kernels": "svdq_jax.params",

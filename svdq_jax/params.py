@@ -9,14 +9,20 @@ group size (e.g. a width-32 test model under a g64 preset) stays 16-bit, and `qu
 logs one notice per call counting such layers (zero-padding K, as Nunchaku does, would change the
 SVDQLinear layout). Sibling linears named by a `QuantConfig.fused` group (q/k/v) are quantized as
 one concatenated layer and split back, so they share the smoothing factor and `lora_down`.
+The layers are spread over the local devices (`devices`), each result sent back to its kernel's
+device; the result does not depend on how many devices ran it.
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import dataclasses
 import fnmatch
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -123,10 +129,36 @@ def fused_units(params: Any, config: QuantConfig) -> dict[str, tuple[str, ...]]:
   return units
 
 
+def quantize_devices(devices: Sequence[jax.Device] | int | None = None) -> list[jax.Device]:
+  """The devices `quantize_params` spreads its layers over: None for every local device of the
+  default backend (`jax.local_devices()`), a count for the first that many, or the devices given.
+
+  Raises:
+    InputError for a count below 1 or above the local device count, or an empty sequence.
+  """
+  available = jax.local_devices()
+  if devices is None:
+    return available
+  if isinstance(devices, int):
+    if not 1 <= devices <= len(available):
+      raise InputError(f"quantize: asked for {devices} devices, but there are {len(available)} "
+                       f"{available[0].platform} device(s): ask for 1 to {len(available)}")
+    return available[:devices]
+  chosen = list(devices)
+  if not chosen:
+    raise InputError("quantize: devices is empty; give at least one device (or None for all)")
+  return chosen
+
+
 def _quantize_kernel(kernel: Any, path: str, layer: QuantConfig,
-                     stats: Mapping[str, ActivationStats] | None) -> SVDQLinear:
+                     stats: Mapping[str, ActivationStats] | None,
+                     device: jax.Device | None = None) -> SVDQLinear:
   """quantize_linear of one kernel (K, N) with the statistics recorded at `path`; the input shift
-  from `layer.shifted` when it is set (INT4 activations)."""
+  from `layer.shifted` when it is set (INT4 activations). With a `device` the kernel and the
+  statistics are put there first, so the transform runs (asynchronously) on it."""
+  def put(x: Any) -> Any:
+    return x if device is None else jax.device_put(x, device)
+
   shift = None
   if layer.shifted is not None and layer.act_format == "int4":
     shift = qz.GELU_SHIFT if matches_any(path, layer.shifted) else 0.0
@@ -137,25 +169,39 @@ def _quantize_kernel(kernel: Any, path: str, layer: QuantConfig,
                      f"(stats has {len(stats or {})} layers); calibrate with the same model "
                      "or add the layer to config.skip")
   if layer_stats is None:
-    return quantize_linear(kernel, None, None, layer, act_shift=shift, name=path)
-  return quantize_linear(kernel, None, jnp.asarray(layer_stats.samples), layer,
-                         act_absmax=jnp.asarray(layer_stats.absmax),
-                         act_max=jnp.asarray(layer_stats.maximum),
+    return quantize_linear(put(kernel), None, None, layer, act_shift=shift, name=path)
+  return quantize_linear(put(kernel), None, put(layer_stats.samples), layer,
+                         act_absmax=put(layer_stats.absmax), act_max=put(layer_stats.maximum),
                          act_min=float(np.min(layer_stats.minimum)), act_shift=shift, name=path)
 
 
-def _quantize_fused(paths: tuple[str, ...], kernels: list[Any], layer: QuantConfig,
-                    stats: Mapping[str, ActivationStats] | None) -> dict[str, SVDQLinear]:
-  """One fused group: the kernels concatenated along N quantized as one layer (calibrated on the
-  first linear's inputs, which all of them read), split back per linear."""
-  fused = _quantize_kernel(jnp.concatenate([jnp.asarray(k) for k in kernels], axis=1), paths[0],
-                           layer, stats)
-  parts = split_outputs(fused, tuple(int(k.shape[1]) for k in kernels))
+def _home(kernel: Any, devices: list[jax.Device]) -> jax.Device:
+  """Where a layer's result goes: the kernel's device (the first of `devices` for host arrays
+  and kernels spread over several devices), as a one-device run leaves it."""
+  placed = kernel.devices() if isinstance(kernel, jax.Array) else ()
+  return next(iter(placed)) if len(placed) == 1 else devices[0]
+
+
+def _quantize_unit(paths: tuple[str, ...], kernels: list[Any], layer: QuantConfig,
+                   stats: Mapping[str, ActivationStats] | None, device: jax.Device,
+                   home: jax.Device) -> dict[str, SVDQLinear]:
+  """One layer, or one fused group (the kernels concatenated along N, quantized as one layer
+  calibrated on the first linear's inputs, which all of them read, split back per linear), run
+  on `device`; the results are sent to `home` (asynchronously)."""
+  kernel = kernels[0] if len(kernels) == 1 else jnp.concatenate(
+      [jnp.asarray(k) for k in kernels], axis=1)
+  quantized = _quantize_kernel(kernel, paths[0], layer, stats, device)
+  if device != home:
+    quantized = jax.device_put(quantized, home)
+  if len(paths) == 1:
+    return {paths[0]: quantized}
+  parts = split_outputs(quantized, tuple(int(k.shape[1]) for k in kernels))
   return dict(zip(paths, parts, strict=True))
 
 
 def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
-                    config: QuantConfig, *, progress: bool = True) -> Any:
+                    config: QuantConfig, *, progress: bool = True,
+                    devices: Sequence[jax.Device] | int | None = None) -> Any:
   """Replaces every selected dense kernel with an SVDQLinear; a pure function.
 
   Args:
@@ -165,7 +211,15 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
       configs without smoothing and GPTQ).
     config: the model-wide QuantConfig. weight_format None (the "bf16" preset) casts the selected
       kernels to bfloat16 instead.
-    progress: show a tqdm bar over the layers.
+    progress: show a tqdm bar over the layers (it advances as layers finish, in order).
+    devices: the devices the layers are quantized on (`quantize_devices`: None for every local
+      device). Each layer (or fused group) goes, with its statistics, to the device with the least
+      K * N assigned so far; with several devices one worker thread per device dispatches them
+      (at most twice the device count in flight, so they run concurrently; thread-local jax
+      settings such as a `jax.default_matmul_precision` context do not reach the workers, set
+      them with `jax.config.update`) and every result is sent back to its kernel's device. The
+      transform depends only on the layer (its RNG keys come from `config.seed`), so the result
+      is the same, bit for bit, on any number of devices of one kind.
 
   Returns:
     The same structure with the selected kernels replaced; the input is not modified. Kernels of
@@ -173,42 +227,86 @@ def quantize_params(params: Any, stats: Mapping[str, ActivationStats] | None,
   """
   selected, unfit = _selection(params, config)
   units = fused_units(params, config)
-  kernels = {path: leaf for path, leaf in named_leaves(params) if path in units}
-  fused_done: dict[str, SVDQLinear] = {}
   if unfit:
     path, (k, group) = next(iter(unfit.items()))
     logger.warning("quantize: %d linear layer(s) stay 16-bit because their in_features are not a "
                    "multiple of the group size (e.g. %r: %d inputs, group %d)", len(unfit), path,
                    k, group)
-  bar = tqdm(total=len(selected), desc="quantize", disable=not progress, leave=False)
-
-  def replace(path: str, leaf: Any) -> Any:
-    layer = selected.get(path)
-    if layer is None:
-      return leaf
-    bar.set_postfix_str(path, refresh=False)
-    bar.update()
+  kernels = {path: leaf for path, leaf in named_leaves(params) if path in selected}
+  done: dict[str, Any] = {}
+  jobs: list[tuple[str, ...]] = []
+  for path, leaf in kernels.items():
+    layer = selected[path]
     if layer.weight_format is None:
-      if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
-      return leaf.astype(jnp.bfloat16)
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-      return abstract_svdq_linear(leaf, layer)
-    unit = units.get(path)
-    if unit is None:
-      return _quantize_kernel(leaf, path, layer, stats)
-    if path not in fused_done:
-      fused_done.update(_quantize_fused(unit, [kernels[p] for p in unit], layer, stats))
-    return fused_done.pop(path)
-
+      done[path] = (jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
+                    if isinstance(leaf, jax.ShapeDtypeStruct) else leaf.astype(jnp.bfloat16))
+    elif isinstance(leaf, jax.ShapeDtypeStruct):
+      done[path] = abstract_svdq_linear(leaf, layer)
+    elif path not in units or units[path][0] == path:
+      jobs.append(units.get(path, (path,)))
+  bar = tqdm(total=len(selected), desc="quantize", disable=not progress, leave=False)
   try:
-    return map_named_leaves(replace, params)
+    bar.update(len(done))
+    if jobs:
+      _run_jobs(jobs, kernels, selected, stats, quantize_devices(devices), done, bar)
   finally:
     bar.close()
+  return map_named_leaves(lambda path, leaf: done[path] if path in done else leaf, params)
+
+
+def _run_jobs(jobs: list[tuple[str, ...]], kernels: dict[str, Any],
+              selected: dict[str, QuantConfig], stats: Mapping[str, ActivationStats] | None,
+              devices: list[jax.Device], done: dict[str, Any], bar: Any) -> None:
+  """Quantizes the layers (or fused groups) `jobs` over `devices` into `done`.
+
+  Each job goes to the least loaded device (by K * N). With one device they run in order here;
+  with several, one worker thread per device dispatches its jobs (so the host-side work of a
+  layer, its compilation included, overlaps the others' device work), at most 2 * len(devices)
+  in flight, and they are collected (waited for) in order here, which advances the bar.
+  """
+  load = [0] * len(devices)
+  calls: list[tuple[tuple[str, ...], int, functools.partial]] = []
+  for paths in jobs:
+    unit = [kernels[p] for p in paths]
+    index = min(range(len(devices)), key=load.__getitem__)
+    load[index] += int(unit[0].shape[0]) * sum(int(k.shape[1]) for k in unit)
+    calls.append((paths, index, functools.partial(
+        _quantize_unit, paths, unit, selected[paths[0]], stats, devices[index],
+        _home(unit[0], devices))))
+  if len(devices) == 1:
+    for paths, _, call in calls:
+      bar.set_postfix_str(paths[0], refresh=False)
+      done.update(call())
+      bar.update(len(paths))
+    return
+  workers = [futures.ThreadPoolExecutor(1, thread_name_prefix=f"svdq-quantize-{i}")
+             for i in range(len(devices))]
+  pending: collections.deque = collections.deque()
+
+  def collect() -> None:
+    paths, future = pending.popleft()
+    done.update(jax.block_until_ready(future.result()))
+    bar.set_postfix_str(paths[0], refresh=False)
+    bar.update(len(paths))
+
+  try:
+    for paths, index, call in calls:
+      logger.debug("quantize: %s on %s", paths[0], devices[index])
+      pending.append((paths, workers[index].submit(contextvars.copy_context().run, call)))
+      if len(pending) >= 2 * len(devices):
+        collect()
+    while pending:
+      collect()
+  finally:
+    for worker in workers:
+      worker.shutdown(wait=True, cancel_futures=True)
 
 
 def quantize_model(model: nnx.Module, stats: Mapping[str, ActivationStats] | None,
-                   config: QuantConfig, *, progress: bool = True) -> nnx.Module:
-  """Quantizes an NNX model in place (`nnx.update` with `quantize_params`' result); returns it."""
-  nnx.update(model, quantize_params(nnx.state(model), stats, config, progress=progress))
+                   config: QuantConfig, *, progress: bool = True,
+                   devices: Sequence[jax.Device] | int | None = None) -> nnx.Module:
+  """Quantizes an NNX model in place (`nnx.update` with `quantize_params`' result, its layers
+  spread over `devices`, every local device by default); returns it."""
+  nnx.update(model, quantize_params(nnx.state(model), stats, config, progress=progress,
+                                    devices=devices))
   return model

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -262,6 +263,10 @@ def test_other_sample_and_quantize_checks_come_before_the_model(tmp_path, capsys
   (tmp_path / "done").mkdir()
   _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "done")], capsys)[::2],
                     "already exists", "overwrite")
+  count = len(jax.local_devices())
+  _assert_bad_input(*_run(["quantize", flux, str(tmp_path / "new"), "--devices",
+                           str(count + 1)], capsys)[::2], f"asked for {count + 1} devices")
+  assert not (tmp_path / "new").exists()
   _write_json(tmp_path / "list" / "model_index.json", {"_class_name": "FluxPipeline"})
   (tmp_path / "list" / "model_index.json").write_text("[1, 2]")
   _assert_bad_input(*_run(["sample", str(tmp_path / "list"), "--prompt", "x"], capsys)[::2],
@@ -287,8 +292,10 @@ def test_quantize_passes_its_settings(tmp_path, capsys, monkeypatch):
   (args, kwargs), = calls
   assert args == ("src", "dst") and kwargs["prompts"] == ["a red cat"]
   assert kwargs["guidance_scale"] == 0.0 and kwargs["num_inference_steps"] == 1
-  status, _, err = _run(["quantize", "src", "dst", "--calib", str(calib)], capsys)
-  assert status == 0 and calls[1][1]["guidance_scale"] is None
+  assert kwargs["devices"] is None
+  status, _, err = _run(["quantize", "src", "dst", "--calib", str(calib), "--devices", "2"],
+                        capsys)
+  assert status == 0 and calls[1][1]["guidance_scale"] is None and calls[1][1]["devices"] == 2
 
 
 def _convert_raising(error: Exception, tmp_path: Path, monkeypatch) -> list[str]:
