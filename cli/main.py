@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "safetensors, calibrated, quantized, released), for models larger than memory")
   quant.add_argument("--devices", type=_positive("--devices"), default=None,
                      help="quantize the layers on the first N local devices, spread over them "
-                     "(default: all; the result is the same on any number)")
+                     "(default: all; one on the CPU backend; the result is the same on any number)")
   quant.set_defaults(run=_cmd_quantize)
 
   sample = sub.add_parser("sample", help="text-to-image from a diffusers or svdq-jax folder")

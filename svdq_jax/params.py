@@ -131,14 +131,16 @@ def fused_units(params: Any, config: QuantConfig) -> dict[str, tuple[str, ...]]:
 
 def quantize_devices(devices: Sequence[jax.Device] | int | None = None) -> list[jax.Device]:
   """The devices `quantize_params` spreads its layers over: None for every local device of the
-  default backend (`jax.local_devices()`), a count for the first that many, or the devices given.
+  default backend (`jax.local_devices()`; on the CPU backend only the first, since its virtual
+  devices share the same cores and each one would compile the transform again), a count for the
+  first that many, or the devices given.
 
   Raises:
     InputError for a count below 1 or above the local device count, or an empty sequence.
   """
   available = jax.local_devices()
   if devices is None:
-    return available
+    return available[:1] if available[0].platform == "cpu" else available
   if isinstance(devices, int):
     if not 1 <= devices <= len(available):
       raise InputError(f"quantize: asked for {devices} devices, but there are {len(available)} "
