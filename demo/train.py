@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
@@ -47,6 +46,7 @@ from demo import tokenizer as demo_tokenizer
 from models.tokenizers import Tokenizer
 from pipelines import plots
 from pipelines.folder import SAMPLE_DEFAULTS_FILE
+from pipelines.train_checkpoints import flat_leaves, restore_newest, save_step, unflat_leaves
 
 PIPELINE_DIR = "pipeline"
 
@@ -142,15 +142,6 @@ def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
 # Generic training loop with orbax checkpoints
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  """A pytree as {index: leaf}, the form the checkpoints store (restored against a template)."""
-  return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-
-
-def _unflat(template: Any, flat: dict[str, Any]) -> Any:
-  return jax.tree.unflatten(jax.tree.structure(template), [flat[k] for k in sorted(flat)])
-
-
 @dataclasses.dataclass
 class TrainState:
   """What a checkpoint holds: parameters, EMA parameters, optimizer state, step, base PRNG key."""
@@ -162,37 +153,25 @@ class TrainState:
   key: jax.Array
 
   def tree(self) -> dict:
-    return {"params": _flat(self.params), "ema": _flat(self.ema),
-            "opt_state": _flat(self.opt_state), "step": np.asarray(self.step, np.int64),
+    return {"params": flat_leaves(self.params), "ema": flat_leaves(self.ema),
+            "opt_state": flat_leaves(self.opt_state), "step": np.asarray(self.step, np.int64),
             "key": jax.random.key_data(self.key)}
-
-
-def _manager(folder: Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(folder.absolute(),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
 def restore_latest(folder: Path, template: TrainState) -> TrainState | None:
   """The newest checkpoint in `folder` restored into the structure of `template`, or None."""
-  if not folder.exists():
+  tree = restore_newest(folder, template.tree())
+  if tree is None:
     return None
-  with _manager(folder) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.tree())
-    tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return TrainState(params=_unflat(template.params, tree["params"]),
-                    ema=_unflat(template.ema, tree["ema"]),
-                    opt_state=_unflat(template.opt_state, tree["opt_state"]),
+  return TrainState(params=unflat_leaves(template.params, tree["params"]),
+                    ema=unflat_leaves(template.ema, tree["ema"]),
+                    opt_state=unflat_leaves(template.opt_state, tree["opt_state"]),
                     step=int(tree["step"]), key=jax.random.wrap_key_data(tree["key"]))
 
 
 def save_state(folder: Path, state: TrainState) -> None:
   """Writes `state` as checkpoint number `state.step` (keeps the newest two)."""
-  with _manager(folder) as manager:
-    manager.save(state.step, args=ocp.args.StandardSave(state.tree()), force=True)
-    manager.wait_until_finished()
+  save_step(folder, state.step, state.tree())
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
