@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from convert.checkpoint import atomic_folder, save_checkpoint
 from demo import architecture, data, objectives, sampling
 from demo import tokenizer as demo_tokenizer
+from demo.flags import add_config_flags, config_from_flags
 from models.tokenizers import Tokenizer
 from pipelines import plots
 from pipelines.folder import SAMPLE_DEFAULTS_FILE
@@ -400,13 +401,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--stop-at", help="UTC wall-clock deadline HH:MM (today, or tomorrow)")
   parser.add_argument("--stage", choices=("vae", "all"), default="all")
   parser.add_argument("--limit-images", type=int, default=None, help="first N emoji (tests)")
-  for field in dataclasses.fields(TrainConfig):
-    if field.type in ("int", "float"):
-      parser.add_argument(f"--{field.name.replace('_', '-')}", type=eval(field.type),
-                          default=field.default)
+  add_config_flags(parser, TrainConfig)
   args = parser.parse_args(argv)
-  config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                          if hasattr(args, f.name)})
+  config = config_from_flags(TrainConfig, args)
   deadline = _deadline(args.stop_at) if args.stop_at else None
   out = args.out
   out.mkdir(parents=True, exist_ok=True)
