@@ -562,15 +562,24 @@ def load_loras(model_type: str, loras: Sequence[tuple[str | os.PathLike, float]]
   shapes = kernel_shapes(params)
   adapters, strengths = [], []
   for path, strength in loras:
-    try:
-      value = float(strength)
-    except (TypeError, ValueError):
-      value = float("nan")
-    if not np.isfinite(value):
-      raise CheckpointError(f"{path}: LoRA strength {strength!r} is not a finite number")
+    strengths.append(lora_strength(path, strength))
     adapters.append(read_lora(path, model_type, shapes))
-    strengths.append(value)
   return adapters, jnp.asarray(strengths, jnp.float32)
+
+
+def lora_strength(path: str | os.PathLike, strength: Any) -> float:
+  """The strength of a `(path, strength)` LoRA pair as a float.
+
+  Raises:
+    CheckpointError (an InputError) naming the file when it is not a finite number.
+  """
+  try:
+    value = float(strength)
+  except (TypeError, ValueError):
+    value = float("nan")
+  if not np.isfinite(value):
+    raise CheckpointError(f"{path}: LoRA strength {strength!r} is not a finite number")
+  return value
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:

@@ -15,13 +15,15 @@ FLUX files, which Nunchaku's loader renames) call the last four `smooth`, `smoot
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import ml_dtypes
 import numpy as np
 
-from convert.safetensors_io import CheckpointError, TensorSpec
+from convert.safetensors_io import CheckpointError, CheckpointReader, TensorSpec
 from svdq_jax import quantizers as qz
 from svdq_jax.formats import QuantFormat
-from svdq_jax.qlinear import SVDQLinear
+from svdq_jax.qlinear import SVDQLinear, split_outputs
 
 TILE = 128  # Nunchaku pads in and out features to multiples of this (its warp_n and 2 x 64 K)
 LORA_TILE = 16  # the low-rank factors are packed in 16 x 16 tiles; the rank is padded to 16
@@ -322,6 +324,45 @@ def unpack_linear(tensors: dict[str, np.ndarray], *, act_shift: float = 0.0,
       bias=unpack_scales(bias)[:n].astype(np.float32) if has_bias else None,
       format=w4a4_format(fmt, float(act_shift)), in_features=k, out_features=n,
       wcscales=wcscales)
+
+
+def group_layer_keys(keys: Iterable[str], quantized: Callable[[str], bool]
+                     ) -> dict[str, list[str]]:
+  """{layer: its keys} of the `keys` for which `quantized(key)` holds; a key's layer is the key
+  without its last dotted part ("x.attn.to_qkv.qweight" -> "x.attn.to_qkv")."""
+  grouped: dict[str, list[str]] = {}
+  for key in keys:
+    if quantized(key):
+      grouped.setdefault(key.rsplit(".", 1)[0], []).append(key)
+  return grouped
+
+
+def read_layer_tensors(reader: CheckpointReader, keys_by_layer: dict[str, list[str]], layer: str,
+                       *, name: str) -> dict[str, np.ndarray]:
+  """{tensor name: array} of one quantized layer (`keys_by_layer` from `group_layer_keys`), as
+  `unpack_linear` / `unpack_w4a16` take them.
+
+  Raises:
+    CheckpointError when the checkpoint `name` holds no tensor of the layer.
+  """
+  keys = keys_by_layer.get(layer, [])
+  if not keys:
+    raise CheckpointError(f"{name}: missing quantized layer {layer!r}")
+  return {key[len(layer) + 1:]: reader.get(key) for key in keys}
+
+
+def layer_arrays(layer: SVDQLinear, paths: Sequence[str], widths: Sequence[int], *,
+                 bias: bool = True) -> dict[str, SVDQLinear | np.ndarray]:
+  """Our flat parameters of an unpacked layer: `<path>/kernel` for each of our linears `paths`
+  (several: the layer split along its output into `widths`, as a fused q/k/v), and with `bias` a
+  zero `<path>/bias` (N,) bf16 (the SVDQLinear holds the whole bias)."""
+  parts = split_outputs(layer, tuple(widths)) if len(paths) > 1 else [layer]
+  arrays: dict[str, SVDQLinear | np.ndarray] = {}
+  for path, part in zip(paths, parts, strict=True):
+    arrays[f"{path}/kernel"] = part
+    if bias:
+      arrays[f"{path}/bias"] = np.zeros((part.out_features,), BF16)
+  return arrays
 
 
 def _host(x) -> np.ndarray:

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from convert import flux, mapping, registry, sdxl
@@ -36,7 +35,6 @@ from convert.nunchaku_sdxl import SDXL_CLASS, read_nunchaku_sdxl
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.flux import FluxConfig
 from models.unet_sdxl import UNetSDXLConfig
-from svdq_jax.qlinear import split_outputs
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 # Nunchaku W4A4 layer -> (our linears, in output order; True for the INT4 shifted MLP input).
@@ -181,11 +179,6 @@ def block_layers(config: FluxConfig) -> list[tuple[str, str, dict, dict, dict]]:
   return blocks
 
 
-def _layer_tensors(reader: CheckpointReader, prefix: str, keys_by_layer: dict[str, list[str]]
-                   ) -> dict[str, np.ndarray]:
-  return {key[len(prefix) + 1:]: reader.get(key) for key in keys_by_layer.get(prefix, [])}
-
-
 def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str, Any]:
   """Our flat parameters from an opened Nunchaku checkpoint: FluxTransformer (`split_proj_out`)
   or UNetSDXL, with SVDQLinear kernels for the quantized linears (zero own biases), the rest as
@@ -204,10 +197,7 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
     raise CheckpointError(f"{name}: not a Nunchaku FLUX checkpoint for its config: missing keys "
                           f"{mapping.key_listing(missing)}")
   arrays: dict[str, Any] = mapping.read_tensors(reader, table, name=name)
-  keys_by_layer: dict[str, list[str]] = {}
-  for key in reader.keys():
-    if key.startswith(BLOCK_PREFIXES):
-      keys_by_layer.setdefault(key.rsplit(".", 1)[0], []).append(key)
+  keys_by_layer = nk.group_layer_keys(reader.keys(), lambda key: key.startswith(BLOCK_PREFIXES))
   used: set[str] = set(table)
   dim = config.inner_dim
   blocks = block_layers(config)
@@ -215,26 +205,19 @@ def read_nunchaku(source: NunchakuSource, *, progress: bool = True) -> dict[str,
                                                  leave=False):
     for lname, (paths, shifted) in w4a4.items():
       layer_prefix = f"{prefix}.{lname}"
-      tensors = _layer_tensors(reader, layer_prefix, keys_by_layer)
-      if not tensors:
-        raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
+      tensors = nk.read_layer_tensors(reader, keys_by_layer, layer_prefix, name=name)
       shift = nk.GELU_SHIFT if shifted and source.precision == "int4" else 0.0
       k, n = w4a4_shape(lname, config)
       layer = nk.unpack_linear(tensors, act_shift=shift, in_features=k, out_features=n,
                                name=f"{name}: {layer_prefix}")
-      parts = split_outputs(layer, (dim,) * 3) if len(paths) == 3 else [layer]
-      for path, part in zip(paths, parts, strict=True):
-        arrays[f"{ours}/{path}/kernel"] = part
-        arrays[f"{ours}/{path}/bias"] = np.zeros((part.out_features,), nk.BF16)
+      arrays.update(nk.layer_arrays(layer, [f"{ours}/{path}" for path in paths],
+                                    (dim,) * len(paths)))
       used.update(keys_by_layer[layer_prefix])
     for lname, (path, splits) in adanorm.items():
       layer_prefix = f"{prefix}.{lname}"
-      tensors = _layer_tensors(reader, layer_prefix, keys_by_layer)
-      if not tensors:
-        raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
+      tensors = nk.read_layer_tensors(reader, keys_by_layer, layer_prefix, name=name)
       layer = nk.unpack_w4a16(tensors, adanorm_splits=splits, name=f"{name}: {layer_prefix}")
-      arrays[f"{ours}/{path}/kernel"] = layer
-      arrays[f"{ours}/{path}/bias"] = np.zeros((layer.out_features,), nk.BF16)
+      arrays.update(nk.layer_arrays(layer, [f"{ours}/{path}"], (layer.out_features,)))
       used.update(keys_by_layer[layer_prefix])
     for lname, path in norms.items():
       key = f"{prefix}.{lname}.weight"

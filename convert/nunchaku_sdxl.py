@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -25,7 +24,6 @@ from convert.checkpoint import check_against_model
 from convert.safetensors_io import CheckpointError, CheckpointReader
 from convert.state import state_paths
 from models.unet_sdxl import UNetSDXL, UNetSDXLConfig
-from svdq_jax.qlinear import split_outputs
 
 # Nunchaku W4A4 linear of a transformer block -> (our linears in output order, has a bias).
 BLOCK_LAYERS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -68,29 +66,20 @@ def read_nunchaku_sdxl(reader: CheckpointReader, config: UNetSDXLConfig, *, name
     raise CheckpointError(f"{name}: not a Nunchaku SDXL checkpoint for its config: missing keys "
                           f"{mapping.key_listing(missing)}")
   arrays: dict[str, Any] = mapping.read_tensors(reader, table, name=name)
-  keys_by_layer: dict[str, list[str]] = {}
-  for key in reader.keys():
-    if ".transformer_blocks." in key:
-      keys_by_layer.setdefault(key.rsplit(".", 1)[0], []).append(key)
+  keys_by_layer = nk.group_layer_keys(reader.keys(), lambda key: ".transformer_blocks." in key)
   used: set[str] = set(table)
   for prefix in tqdm(blocks, desc="import", disable=not progress, leave=False):
     ours = prefix.replace(".", "/")
     for lname, (paths, has_bias) in BLOCK_LAYERS.items():
       layer_prefix = f"{prefix}.{lname}"
-      layer_keys = keys_by_layer.get(layer_prefix, [])
-      if not layer_keys:
-        raise CheckpointError(f"{name}: missing quantized layer {layer_prefix!r}")
-      tensors = {key[len(layer_prefix) + 1:]: reader.get(key) for key in layer_keys}
+      tensors = nk.read_layer_tensors(reader, keys_by_layer, layer_prefix, name=name)
       shapes = [full[f"{prefix}.{p.replace('/', '.')}.weight"].shape for p in paths]
-      k, n = shapes[0][1], sum(s[0] for s in shapes)
-      layer = nk.unpack_linear(tensors, in_features=k, out_features=n, has_bias=has_bias,
-                               name=f"{name}: {layer_prefix}")
-      parts = split_outputs(layer, tuple(s[0] for s in shapes)) if len(paths) > 1 else [layer]
-      for path, part in zip(paths, parts, strict=True):
-        arrays[f"{ours}/{path}/kernel"] = part
-        if has_bias:
-          arrays[f"{ours}/{path}/bias"] = np.zeros((part.out_features,), nk.BF16)
-      used.update(layer_keys)
+      widths = [s[0] for s in shapes]
+      layer = nk.unpack_linear(tensors, in_features=shapes[0][1], out_features=sum(widths),
+                               has_bias=has_bias, name=f"{name}: {layer_prefix}")
+      arrays.update(nk.layer_arrays(layer, [f"{ours}/{path}" for path in paths], widths,
+                                    bias=has_bias))
+      used.update(keys_by_layer[layer_prefix])
   unexpected = sorted(set(reader.keys()) - used)
   if unexpected:
     raise CheckpointError(f"{name}: unexpected keys {mapping.key_listing(unexpected)} (not a "

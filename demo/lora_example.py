@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from demo import classifier, data, sampling
+from demo.flags import add_config_flags, config_from_flags
 from demo.tokenizer import MAX_LENGTH
 from demo.train import PIPELINE_DIR
 from pipelines import captions, load_pipeline, plots, quantize_pipeline, train_lora
@@ -229,9 +230,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--train-child", nargs=3, type=Path, metavar=("MODEL", "DATA", "OUT"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
-  for field in dataclasses.fields(ExampleConfig):
-    parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
-                        default=field.default)
+  add_config_flags(parser, ExampleConfig)
   args = parser.parse_args(argv)
   if args.train_child:
     config = ExampleConfig(**json.loads(args.config))
@@ -239,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     return
   if args.run is None and (args.pipeline is None or args.classifier is None or args.out is None):
     parser.error("give --run, or --pipeline, --classifier and --out")
-  config = ExampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(
-      ExampleConfig)})
+  config = config_from_flags(ExampleConfig, args)
   record = run(args.run, args.out or args.run / "lora_example", config, pipeline=args.pipeline,
                classifier_dir=args.classifier)
   print(json.dumps({k: record[k] for k in ("prompt_accuracy_held_out",

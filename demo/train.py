@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
@@ -44,9 +43,11 @@ from tqdm.auto import tqdm
 from convert.checkpoint import atomic_folder, save_checkpoint
 from demo import architecture, data, objectives, sampling
 from demo import tokenizer as demo_tokenizer
+from demo.flags import add_config_flags, config_from_flags
 from models.tokenizers import Tokenizer
 from pipelines import plots
 from pipelines.folder import SAMPLE_DEFAULTS_FILE
+from pipelines.train_checkpoints import flat_leaves, restore_newest, save_step, unflat_leaves
 
 PIPELINE_DIR = "pipeline"
 
@@ -142,15 +143,6 @@ def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
 # Generic training loop with orbax checkpoints
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  """A pytree as {index: leaf}, the form the checkpoints store (restored against a template)."""
-  return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-
-
-def _unflat(template: Any, flat: dict[str, Any]) -> Any:
-  return jax.tree.unflatten(jax.tree.structure(template), [flat[k] for k in sorted(flat)])
-
-
 @dataclasses.dataclass
 class TrainState:
   """What a checkpoint holds: parameters, EMA parameters, optimizer state, step, base PRNG key."""
@@ -162,37 +154,25 @@ class TrainState:
   key: jax.Array
 
   def tree(self) -> dict:
-    return {"params": _flat(self.params), "ema": _flat(self.ema),
-            "opt_state": _flat(self.opt_state), "step": np.asarray(self.step, np.int64),
+    return {"params": flat_leaves(self.params), "ema": flat_leaves(self.ema),
+            "opt_state": flat_leaves(self.opt_state), "step": np.asarray(self.step, np.int64),
             "key": jax.random.key_data(self.key)}
-
-
-def _manager(folder: Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(folder.absolute(),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
 def restore_latest(folder: Path, template: TrainState) -> TrainState | None:
   """The newest checkpoint in `folder` restored into the structure of `template`, or None."""
-  if not folder.exists():
+  tree = restore_newest(folder, template.tree())
+  if tree is None:
     return None
-  with _manager(folder) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.tree())
-    tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return TrainState(params=_unflat(template.params, tree["params"]),
-                    ema=_unflat(template.ema, tree["ema"]),
-                    opt_state=_unflat(template.opt_state, tree["opt_state"]),
+  return TrainState(params=unflat_leaves(template.params, tree["params"]),
+                    ema=unflat_leaves(template.ema, tree["ema"]),
+                    opt_state=unflat_leaves(template.opt_state, tree["opt_state"]),
                     step=int(tree["step"]), key=jax.random.wrap_key_data(tree["key"]))
 
 
 def save_state(folder: Path, state: TrainState) -> None:
   """Writes `state` as checkpoint number `state.step` (keeps the newest two)."""
-  with _manager(folder) as manager:
-    manager.save(state.step, args=ocp.args.StandardSave(state.tree()), force=True)
-    manager.wait_until_finished()
+  save_step(folder, state.step, state.tree())
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
@@ -421,13 +401,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--stop-at", help="UTC wall-clock deadline HH:MM (today, or tomorrow)")
   parser.add_argument("--stage", choices=("vae", "all"), default="all")
   parser.add_argument("--limit-images", type=int, default=None, help="first N emoji (tests)")
-  for field in dataclasses.fields(TrainConfig):
-    if field.type in ("int", "float"):
-      parser.add_argument(f"--{field.name.replace('_', '-')}", type=eval(field.type),
-                          default=field.default)
+  add_config_flags(parser, TrainConfig)
   args = parser.parse_args(argv)
-  config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                          if hasattr(args, f.name)})
+  config = config_from_flags(TrainConfig, args)
   deadline = _deadline(args.stop_at) if args.stop_at else None
   out = args.out
   out.mkdir(parents=True, exist_ok=True)

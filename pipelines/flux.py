@@ -36,10 +36,11 @@ from models.flux import FluxTransformer
 from models.t5 import T5Encoder
 from models.tokenizers import Tokenizer
 from models.vae import AutoencoderKL
+from pipelines.base import TextToImagePipeline, load_components
 from pipelines.folder import PipelineFolder, flux_size_multiple
 from pipelines.inputs import check_call
 from pipelines.loop import denoise, jit_module, to_images
-from pipelines.loras import LoRALoader, LoRASpec
+from pipelines.loras import LoRASpec
 from svdq_jax.errors import InputError
 
 
@@ -104,7 +105,7 @@ def flux_step_fn(transformer: nnx.Module, scheduler: schedulers.FlowMatchEulerSc
   return step
 
 
-class FluxPipeline:
+class FluxPipeline(TextToImagePipeline):
   """FLUX.1 text-to-image: CLIP pooled + T5 features, flow-matching Euler, 16-channel VAE.
 
   Args:
@@ -116,9 +117,14 @@ class FluxPipeline:
     scheduler: `FlowMatchEulerScheduler` (dynamic shift for dev, none for schnell).
   """
 
+  pipeline_class = "FluxPipeline"
+  denoiser_name = "transformer"
+  lora_model = "flux"
+
   def __init__(self, transformer: nnx.Module, vae: nnx.Module, text_encoder: nnx.Module,
                text_encoder_2: nnx.Module, tokenizer: Tokenizer, tokenizer_2: Tokenizer,
                scheduler: schedulers.FlowMatchEulerScheduler):
+    self._init_shared(vae)
     self.transformer = transformer
     self.vae = vae
     self.text_encoder = text_encoder
@@ -127,18 +133,10 @@ class FluxPipeline:
     self.tokenizer_2 = tokenizer_2
     self.scheduler = scheduler
     self.guidance_embeds = bool(transformer.config.guidance_embeds)
-    self.vae_scale_factor = vae.config.downsample_factor
     self._clip = jit_module(text_encoder)
     self._t5 = jit_module(text_encoder_2)
     self._decode = jit_module(vae, "decode")
-    self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
     self._decoders: dict = {}  # data-parallel VAE decoders by device count
-    self._loras = LoRALoader("flux")
-
-  @property
-  def denoiser(self) -> FluxTransformer:
-    """The model the quantize workflow calibrates and quantizes: the transformer."""
-    return self.transformer
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
@@ -149,22 +147,15 @@ class FluxPipeline:
     dtype: computation and parameter dtype of every model (None: float32 for diffusers weights;
       a component already in our checkpoint format keeps its stored dtypes).
     """
-    folder = PipelineFolder.read(path)
-    path, scheduler = folder.path, folder.scheduler
-    if folder.pipeline != "FluxPipeline":
-      raise CheckpointError(f"{path}: model_index.json names {folder.pipeline!r}, "
-                            "expected FluxPipeline")
+    folder = cls.read_folder(path)
+    scheduler = folder.scheduler
     if not isinstance(scheduler, schedulers.FlowMatchEulerScheduler):
-      raise CheckpointError(f"{path}/scheduler: FluxPipeline needs a "
+      raise CheckpointError(f"{folder.path}/scheduler: FluxPipeline needs a "
                             f"FlowMatchEulerDiscreteScheduler, got {scheduler.class_name}")
-    return cls(
-        transformer=FluxTransformer.from_pretrained(path / "transformer", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(path / "vae", dtype=dtype),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype),
-        text_encoder_2=T5Encoder.from_pretrained(path / "text_encoder_2", dtype=dtype),
-        tokenizer=Tokenizer.from_pretrained(path / "tokenizer"),
-        tokenizer_2=Tokenizer.from_pretrained(path / "tokenizer_2"),
-        scheduler=scheduler)
+    return cls(**load_components(
+        folder, dtype, {"transformer": FluxTransformer, "vae": AutoencoderKL,
+                        "text_encoder": CLIPTextModel, "text_encoder_2": T5Encoder},
+        ("tokenizer", "tokenizer_2")), scheduler=scheduler)
 
   def with_transformer(self, transformer: nnx.Module) -> FluxPipeline:
     """A pipeline with another transformer (e.g. a quantized copy of this one's) that shares this

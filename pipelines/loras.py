@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import pallas_kernels.svdq_linear as kernels
-from convert.lora import COMPONENT_PREFIX, read_pipeline_lora
+from convert.lora import COMPONENT_PREFIX, lora_strength, read_pipeline_lora
 from convert.safetensors_io import CheckpointError
 from pallas_kernels.svdq_linear.config import MAX_RANK
 from svdq_jax.errors import InputError
@@ -80,12 +79,7 @@ class LoRALoader:
     strengths = []
     for file, strength in loras:
       path = Path(file)
-      try:
-        value = float(strength)
-      except (TypeError, ValueError):
-        value = float("nan")
-      if not np.isfinite(value):
-        raise CheckpointError(f"{path}: LoRA strength {strength!r} is not a finite number")
+      value = lora_strength(path, strength)
       key = (*_file_key(path), tuple(sorted(params)))
       if key not in self._adapters:
         if shapes is None:

@@ -13,20 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.safetensors_io import CheckpointError
 from models import schedulers
 from models.pixart import PixArtSigmaTransformer
 from models.t5 import T5Encoder
 from models.tokenizers import Tokenizer
 from models.vae import AutoencoderKL
+from pipelines.base import TextToImagePipeline, load_components
 from pipelines.folder import PipelineFolder, pixart_size_multiple
 from pipelines.inputs import check_call
 from pipelines.loop import denoise, jit_module, to_images
-from pipelines.loras import LoRALoader, LoRASpec
+from pipelines.loras import LoRASpec
 from svdq_jax.errors import InputError
 
 
-class PixArtSigmaPipeline:
+class PixArtSigmaPipeline(TextToImagePipeline):
   """PixArt-Sigma text-to-image: T5 features with a mask, DPM-Solver++ (or Euler), 4-channel VAE,
   classifier-free guidance when guidance_scale > 1.
 
@@ -34,23 +34,20 @@ class PixArtSigmaPipeline:
   binning: the image has exactly the requested size.
   """
 
+  pipeline_class = "PixArtSigmaPipeline"
+  denoiser_name = "transformer"
+  lora_model = "pixart"
+
   def __init__(self, transformer: nnx.Module, vae: nnx.Module, text_encoder: nnx.Module,
                tokenizer: Tokenizer, scheduler: schedulers.Scheduler):
+    self._init_shared(vae)
     self.transformer = transformer
     self.vae = vae
     self.text_encoder = text_encoder
     self.tokenizer = tokenizer
     self.scheduler = scheduler
-    self.vae_scale_factor = vae.config.downsample_factor
     self._t5 = jit_module(text_encoder)
     self._decode = jit_module(vae, "decode")
-    self._runners: dict = {}  # compiled loops, see `pipelines.loop.denoise`
-    self._loras = LoRALoader("pixart")
-
-  @property
-  def denoiser(self) -> PixArtSigmaTransformer:
-    """The model the quantize workflow calibrates and quantizes: the transformer."""
-    return self.transformer
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
@@ -61,16 +58,10 @@ class PixArtSigmaPipeline:
     dtype: computation and parameter dtype of every model (None: float32 for diffusers weights;
       a component already in our checkpoint format keeps its stored dtypes).
     """
-    folder = PipelineFolder.read(path)
-    path, scheduler = folder.path, folder.scheduler
-    if folder.pipeline != "PixArtSigmaPipeline":
-      raise CheckpointError(f"{path}: model_index.json names {folder.pipeline!r}, "
-                            "expected PixArtSigmaPipeline")
-    return cls(
-        transformer=PixArtSigmaTransformer.from_pretrained(path / "transformer", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(path / "vae", dtype=dtype),
-        text_encoder=T5Encoder.from_pretrained(path / "text_encoder", dtype=dtype),
-        tokenizer=Tokenizer.from_pretrained(path / "tokenizer"), scheduler=scheduler)
+    folder = cls.read_folder(path)
+    return cls(**load_components(
+        folder, dtype, {"transformer": PixArtSigmaTransformer, "vae": AutoencoderKL,
+                        "text_encoder": T5Encoder}, ("tokenizer",)), scheduler=folder.scheduler)
 
   size_multiple = staticmethod(pixart_size_multiple)
   """`size_multiple(vae_config, transformer_config)`: what height and width must be multiples

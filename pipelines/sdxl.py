@@ -40,10 +40,11 @@ from models.clip import CLIPTextModel
 from models.tokenizers import Tokenizer
 from models.unet_sdxl import UNetSDXL
 from models.vae import AutoencoderKL
+from pipelines.base import TextToImagePipeline, load_components
 from pipelines.folder import PipelineFolder, unet_size_multiple
 from pipelines.inputs import check_call
 from pipelines.loop import denoise, to_images
-from pipelines.loras import LoRALoader, LoRASpec
+from pipelines.loras import LoRASpec
 from svdq_jax.errors import InputError
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
@@ -151,7 +152,7 @@ def sdxl_step_fn(unet: UNetSDXL, scheduler: schedulers.Scheduler, *, guided: boo
   return step
 
 
-class StableDiffusionXLPipeline:
+class StableDiffusionXLPipeline(TextToImagePipeline):
   """SDXL / SDXL-Turbo text-to-image: two CLIP encoders, the UNet, the 4-channel VAE.
 
   Args:
@@ -168,6 +169,10 @@ class StableDiffusionXLPipeline:
     without projection, text widths or the pooled width that differ from what the UNet takes, or
     a flow-matching scheduler.
   """
+
+  pipeline_class = PIPELINE_CLASS
+  denoiser_name = "unet"
+  lora_model = "sdxl"
 
   def __init__(self, unet: UNetSDXL, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                text_encoder_2: CLIPTextModel, tokenizer: Tokenizer, tokenizer_2: Tokenizer,
@@ -192,6 +197,7 @@ class StableDiffusionXLPipeline:
                        f"{config.projection_class_embeddings_input_dim}")
     if isinstance(scheduler, schedulers.FlowMatchEulerScheduler):
       raise InputError(f"{PIPELINE_CLASS}: a flow-matching scheduler does not fit SDXL")
+    self._init_shared(vae)
     self.unet = unet
     self.vae = vae
     self.text_encoder = text_encoder
@@ -200,17 +206,9 @@ class StableDiffusionXLPipeline:
     self.tokenizer_2 = tokenizer_2
     self.scheduler = scheduler
     self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-    self.vae_scale_factor = vae.config.downsample_factor
     self._clip = _jit_text_features(text_encoder)
     self._clip_2 = _jit_text_features(text_encoder_2)
     self._decode = _jit_decode(vae)
-    self._runners: dict = {}  # compiled loops per guidance mode, see `pipelines.loop.denoise`
-    self._loras = LoRALoader("sdxl")
-
-  @property
-  def denoiser(self) -> UNetSDXL:
-    """The model the quantize workflow calibrates and quantizes: the UNet."""
-    return self.unet
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
@@ -222,11 +220,8 @@ class StableDiffusionXLPipeline:
     dtype: computation and parameter dtype of every model (None: float32 for diffusers weights;
       a component already in our checkpoint format keeps its stored dtypes).
     """
-    folder = PipelineFolder.read(path)
+    folder = cls.read_folder(path)
     path, scheduler = folder.path, folder.scheduler
-    if folder.pipeline != PIPELINE_CLASS:
-      raise CheckpointError(f"{path}: model_index.json names {folder.pipeline!r}, "
-                            f"expected {PIPELINE_CLASS}")
     force_zeros = folder.model_index.get("force_zeros_for_empty_prompt", True)
     if not isinstance(force_zeros, bool):
       raise CheckpointError(f"{path / 'model_index.json'}: force_zeros_for_empty_prompt must be "
@@ -235,14 +230,10 @@ class StableDiffusionXLPipeline:
       raise CheckpointError(f"{path}/scheduler: {PIPELINE_CLASS} needs a noise-prediction "
                             "scheduler (Euler, Euler ancestral, DPM-Solver), got "
                             f"{scheduler.class_name}")
-    return cls(
-        unet=UNetSDXL.from_pretrained(path / "unet", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(path / "vae", dtype=dtype),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype),
-        text_encoder_2=CLIPTextModel.from_pretrained(path / "text_encoder_2", dtype=dtype),
-        tokenizer=Tokenizer.from_pretrained(path / "tokenizer"),
-        tokenizer_2=Tokenizer.from_pretrained(path / "tokenizer_2"),
-        scheduler=scheduler, force_zeros_for_empty_prompt=force_zeros)
+    return cls(**load_components(
+        folder, dtype, {"unet": UNetSDXL, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                        "text_encoder_2": CLIPTextModel}, ("tokenizer", "tokenizer_2")),
+               scheduler=scheduler, force_zeros_for_empty_prompt=force_zeros)
 
   size_multiple = staticmethod(unet_size_multiple)
   """`size_multiple(vae_config, unet_config)`: what height and width must be multiples of

@@ -27,7 +27,7 @@ import json
 import os
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -44,6 +43,7 @@ from pipelines import plots
 from pipelines.flow_matching import flow_matching_loss
 from pipelines.flux import FluxPipeline, latent_image_ids, pack_latents
 from pipelines.inputs import check_image_size
+from pipelines.train_checkpoints import flat_leaves, restore_newest, save_step, unflat_leaves
 from svdq_jax.errors import InputError
 from svdq_jax.lora import adapter_of, init_lora_factors, linear_shapes, with_lora_branches
 from svdq_jax.params import matches_any
@@ -235,42 +235,24 @@ def make_step(transformer: nnx.Module, config: LoRATrainConfig, latent_hw: tuple
 # the paths hold "/"), the step and the key's data.
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-
-
-def _unflat(template: Any, flat: Mapping[str, Any]) -> Any:
-  return jax.tree.unflatten(jax.tree.structure(template), [flat[k] for k in sorted(flat)])
-
-
-def _manager(folder: Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(folder.absolute(),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
+def _tree(factors: Any, opt_state: Any, step: int, key: jax.Array) -> dict[str, Any]:
+  """What a LoRA training checkpoint holds (`pipelines.train_checkpoints`)."""
+  return {"factors": flat_leaves(factors), "opt_state": flat_leaves(opt_state),
+          "step": np.asarray(step, np.int64), "key": jax.random.key_data(key)}
 
 
 def _save(folder: Path, step: int, factors: Any, opt_state: Any, key: jax.Array) -> None:
-  tree = {"factors": _flat(factors), "opt_state": _flat(opt_state),
-          "step": np.asarray(step, np.int64), "key": jax.random.key_data(key)}
-  with _manager(folder) as manager:
-    manager.save(step, args=ocp.args.StandardSave(tree), force=True)
-    manager.wait_until_finished()
+  save_step(folder, step, _tree(factors, opt_state, step, key))
 
 
 def _restore(folder: Path, factors: Any, opt_state: Any, key: jax.Array
              ) -> tuple[int, Any, Any, jax.Array] | None:
   """(step, factors, opt_state, key) of the newest checkpoint in `folder`, or None."""
-  if not folder.exists():
+  tree = restore_newest(folder, _tree(factors, opt_state, 0, key))
+  if tree is None:
     return None
-  with _manager(folder) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    template = {"factors": _flat(factors), "opt_state": _flat(opt_state),
-                "step": np.asarray(0, np.int64), "key": jax.random.key_data(key)}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return (int(tree["step"]), _unflat(factors, tree["factors"]),
-          _unflat(opt_state, tree["opt_state"]), jax.random.wrap_key_data(tree["key"]))
+  return (int(tree["step"]), unflat_leaves(factors, tree["factors"]),
+          unflat_leaves(opt_state, tree["opt_state"]), jax.random.wrap_key_data(tree["key"]))
 
 
 # ----------------------------------------------------------------------------------------------

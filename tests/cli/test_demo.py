@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import pipelines
 from cli import main as cli
 from demo import quality
 from tests.demo._tiny_demo import write_tiny_classifier, write_tiny_model
@@ -64,7 +65,7 @@ def test_a_failing_preset_leaves_the_old_out(folders, tmp_path, capsys, monkeypa
   (out / "results.json").write_text("old")
 
   def overflow(*args, **kwargs):
-    raise cli.pipelines.NonFiniteError("the transformer made the latents NaN or inf")
+    raise pipelines.NonFiniteError("the transformer made the latents NaN or inf")
 
   monkeypatch.setattr(quality.svdq_jax, "quantize_model", overflow)
   status = cli.main(_demo(folders, out, "--presets", "w4a4"))

@@ -374,6 +374,39 @@ def test_bad_input_exit_status_as_a_subprocess(tmp_path):
   assert proc.returncode == 0 and all(c in proc.stdout for c in COMMANDS)
 
 
+def test_help_and_bad_flags_load_no_jax():
+  """--help, a command's --help and a flag argparse refuses answer without importing jax or our
+  models (a fresh process: this one has them loaded)."""
+  script = ("import sys\n"
+            "from cli import main as cli\n"
+            "for argv in (['--help'], ['sample', '--help'], ['train-lora', '--help']):\n"
+            "  try:\n"
+            "    cli.main(argv)\n"
+            "  except SystemExit as e:\n"
+            "    assert e.code == 0, (argv, e.code)\n"
+            "assert cli.main(['sample', 'folder', '--steps', '0', '--prompt', 'x']) == 2\n"
+            "assert cli.main(['paint']) == 2\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in\n"
+            "             ('jax', 'flax', 'numpy', 'models', 'convert', 'pipelines', 'demo')))\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
+  assert "--steps must be >= 1" in proc.stderr
+
+
+def test_parser_names_the_library_values():
+  """The values cli.parser repeats so as not to load the library are the library's."""
+  from cli import parser
+  from demo import quality, sampling
+  from models import sharding
+  assert parser.WEIGHT_SHARDINGS == sharding.WEIGHT_SHARDINGS
+  assert parser.DEMO_STEPS == sampling.NUM_STEPS
+  assert parser.DEMO_NUM_PROMPTS == quality.NUM_PROMPTS
+  assert parser.COMMANDS == COMMANDS
+
+
 def test_sample_writes_png_with_prompt_and_seed(tmp_path, capsys):
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")

@@ -4,6 +4,8 @@ import tests of convert and cli."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -46,6 +48,19 @@ QUANTIZATION = {
               "activation": {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan",
                              "group_size": 16}},
 }
+
+
+def flux_inputs(config: FluxConfig, seed: int = 1) -> dict:
+  """Random keyword inputs of a `FluxTransformer` of `config`: one image of 16 tokens, 8 text
+  tokens, no guidance."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  s, t = 16, 8
+  return dict(
+      hidden_states=jax.random.normal(keys[0], (1, s, config.in_channels)),
+      encoder_hidden_states=jax.random.normal(keys[1], (1, t, config.joint_attention_dim)),
+      pooled_projections=jax.random.normal(keys[2], (1, config.pooled_projection_dim)),
+      timestep=jnp.array([0.5]), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((t, 3)),
+      guidance=None)
 
 
 def build_nunchaku_file(file, config: FluxConfig, np_rng, rank=32, precision="int4",

@@ -3,7 +3,6 @@ packer from random quantized layers, imported and run; and the one-line errors."
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,21 +11,10 @@ from flax import nnx
 from convert import nunchaku as nk
 from convert import nunchaku_checkpoint as nc
 from convert.safetensors_io import CheckpointError, CheckpointReader, save_file
-from models.flux import FluxConfig, FluxTransformer
-from tests.convert._nunchaku_file import SMALL, build_nunchaku_file
+from models.flux import FluxTransformer
+from tests.convert._nunchaku_file import SMALL, build_nunchaku_file, flux_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _inputs(config: FluxConfig, seed=1):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  s, t = 16, 8
-  return dict(
-      hidden_states=jax.random.normal(keys[0], (1, s, config.in_channels)),
-      encoder_hidden_states=jax.random.normal(keys[1], (1, t, config.joint_attention_dim)),
-      pooled_projections=jax.random.normal(keys[2], (1, config.pooled_projection_dim)),
-      timestep=jnp.array([0.5]), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((t, 3)),
-      guidance=None)
 
 
 @pytest.mark.slow
@@ -48,7 +36,7 @@ def test_import_runs_like_the_float_model_it_quantizes(precision, tmp_path, np_r
   for path, variable in nnx.to_flat_state(state):
     variable.set_value(jnp.asarray(params["/".join(map(str, path))]))
   nnx.update(reference, state)
-  inputs = _inputs(SMALL)
+  inputs = flux_inputs(SMALL)
   y = np.asarray(nnx.jit(lambda m, i: m(**i))(model, inputs))
   want = np.asarray(nnx.jit(lambda m, i: m(**i))(reference, inputs))
   rel = np.linalg.norm(y - want) / np.linalg.norm(want)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import re
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -22,20 +21,9 @@ from convert.safetensors_io import CheckpointError, CheckpointReader
 from models.flux import FluxTransformer
 from svdq_jax import QuantConfig, calibrate, is_quantized, quantize_model
 from svdq_jax.config import NUNCHAKU_FUSED, NUNCHAKU_SHIFTED
-from tests.convert._nunchaku_file import SMALL
+from tests.convert._nunchaku_file import SMALL, flux_inputs
 
 BF16 = ml_dtypes.bfloat16
-
-
-def _inputs(seed: int):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  s, t = 16, 8
-  return dict(
-      hidden_states=jax.random.normal(keys[0], (1, s, SMALL.in_channels)),
-      encoder_hidden_states=jax.random.normal(keys[1], (1, t, SMALL.joint_attention_dim)),
-      pooled_projections=jax.random.normal(keys[2], (1, SMALL.pooled_projection_dim)),
-      timestep=jnp.array([0.5]), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((t, 3)),
-      guidance=None)
 
 
 def _run(model, inputs) -> np.ndarray:
@@ -46,9 +34,9 @@ def _quantized(tmp_path, preset: str, rank: int, *, fused=NUNCHAKU_FUSED):
   """Our checkpoint of SMALL split and quantized (one smoothing alpha, one refinement step)."""
   model = FluxTransformer(SMALL, rngs=nnx.Rngs(0))
   split = split_proj_out(model)
-  x = _inputs(9)
+  x = flux_inputs(SMALL, 9)
   np.testing.assert_allclose(_run(split, x), _run(model, x), rtol=1e-5, atol=1e-5)
-  stats = calibrate(lambda kw: split(**kw), [_inputs(s) for s in range(2)], model=split,
+  stats = calibrate(lambda kw: split(**kw), [flux_inputs(SMALL, s) for s in range(2)], model=split,
                     max_samples=64, progress=False)
   config = QuantConfig.preset(preset, rank=rank, smooth=(0.5,), svd_iters=1, fused=fused,
                               shifted=NUNCHAKU_SHIFTED)
@@ -101,7 +89,7 @@ def test_export_import_round_trip(quantized, tmp_path, capsys):
     delta = _adanorm_delta(path, got.out_features)
     stored = (folded.astype(np.float32) + delta).astype(BF16)  # Nunchaku's bias holds the +1
     np.testing.assert_array_equal(np.asarray(got.bias), stored.astype(np.float32) - delta)
-  x = _inputs(5)
+  x = flux_inputs(SMALL, 5)
   y, y_back = _run(ours, x), _run(back, x)
   rel = np.linalg.norm(y_back - y) / np.linalg.norm(y)
   assert rel < 2e-2, rel  # smoothing factors and biases rounded to bf16, nothing else
