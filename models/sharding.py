@@ -276,21 +276,35 @@ def weight_shardings(state: Any, mesh: Mesh, mode: str) -> Any:
   Raises:
     InputError for an unknown mode.
   """
-  if mode not in WEIGHT_SHARDINGS:
-    raise InputError(f"unknown weight sharding {mode!r}: expected one of {WEIGHT_SHARDINGS}")
-  count = mesh.devices.size
+  _check_mode(mode)
 
   def leaf_sharding(path, leaf) -> NamedSharding:
     names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
     names = [str(n) for n in names if n is not None and str(n) != "value"]
-    axis = _split_axis(names[-1] if names else "", tuple(leaf.shape), count, mode)
-    if axis is None:
-      return replicated(mesh)
-    spec = [None] * len(leaf.shape)
-    spec[axis] = DATA_AXIS
-    return NamedSharding(mesh, P(*spec))
+    return param_sharding(names[-1] if names else "", tuple(leaf.shape), mesh, mode)
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+
+
+def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh, mode: str) -> NamedSharding:
+  """The sharding `weight_shardings` gives one parameter: `name` is its leaf's name ("kernel",
+  "qweight", "bias", ...), `shape` its shape. For loaders that place each array as they read it.
+
+  Raises:
+    InputError for an unknown mode.
+  """
+  _check_mode(mode)
+  axis = _split_axis(name, tuple(shape), mesh.devices.size, mode)
+  if axis is None:
+    return replicated(mesh)
+  spec = [None] * len(shape)
+  spec[axis] = DATA_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def _check_mode(mode: str) -> None:
+  if mode not in WEIGHT_SHARDINGS:
+    raise InputError(f"unknown weight sharding {mode!r}: expected one of {WEIGHT_SHARDINGS}")
 
 
 def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
