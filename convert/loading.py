@@ -49,7 +49,7 @@ def load_pretrained(path: str | os.PathLike, model_type: str,
       host onto its `models.sharding.param_sharding` over the first `devices` devices (default:
       all), so no device ever holds the whole model; None: the default device. Sampling with the
       same `shard_weights` and `devices` then uses the arrays as placed. (The quantized layers of
-      a checkpoint of ours are read whole before they are placed.)
+      a checkpoint of ours still come whole to the default device as read, then are placed.)
 
   Raises:
     CheckpointError (an InputError) naming the folder: an unknown `model_type`, a bad
