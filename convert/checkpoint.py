@@ -337,13 +337,17 @@ def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str
   return arrays
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None) -> nnx.Module:
+def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None,
+                    shardings: Callable[[str, tuple[int, ...]], Any] | None = None
+                    ) -> nnx.Module:
   """Builds the model a checkpoint of ours holds and fills it with the stored parameters.
 
   Args:
     path: our checkpoint folder (see the module docstring).
     dtype: compute dtype of the model, and the dtype floating parameters are cast to; None keeps
       the stored dtypes. Quantized kernels are never cast.
+    shardings: places each parameter as it is set (`convert.state.load_into`); None: the
+      default device.
 
   Returns:
     The model, of the class the checkpoint's model_type names.
@@ -353,7 +357,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None) -> 
   model = component.entry.abstract_model(component.config, dtype=dtype)
   arrays = read_arrays(path, header)
   return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True,
-                   consume=True)
+                   consume=True, shardings=shardings)
 
 
 def check_against_model(arrays: Mapping[str, Any], entry: registry.ModelEntry, config: Any, *,

@@ -23,14 +23,15 @@ from convert.component import (
 )
 from convert.safetensors_io import CheckpointReader
 from convert.state import check_arrays, load_into, path_str, state_paths
-from models import pretrained
+from models import pretrained, sharding
 
 __all__ = ["ComponentConfig", "check_arrays", "checkpoint_config", "load_into", "load_pretrained",
            "path_str", "read_component_config", "read_config", "read_json_object", "state_paths"]
 
 
 def load_pretrained(path: str | os.PathLike, model_type: str,
-                    dtype: jnp.dtype | None = None) -> nnx.Module:
+                    dtype: jnp.dtype | None = None, *, shard_weights: str | None = None,
+                    devices: int | None = None) -> nnx.Module:
   """Loads a model from a diffusers/transformers component folder or from a svdq-jax checkpoint.
 
   What every model's `from_pretrained` does. The folder's config is read by
@@ -44,18 +45,31 @@ def load_pretrained(path: str | os.PathLike, model_type: str,
     dtype: the computation dtype and the dtype floating parameters are cast to; None: float32
       parameters (a checkpoint of ours keeps its stored dtypes) and computation in the input's
       dtype.
+    shard_weights: "fsdp" or "channels" puts each parameter, as it is read, straight from the
+      host onto its `models.sharding.param_sharding` over the first `devices` devices (default:
+      all), so no device ever holds the whole model; None: the default device. Sampling with the
+      same `shard_weights` and `devices` then uses the arrays as placed. (The quantized layers of
+      a checkpoint of ours still come whole to the default device as read, then are placed.)
 
   Raises:
     CheckpointError (an InputError) naming the folder: an unknown `model_type`, a bad
     config.json, a checkpoint of ours of another family, or tensors that do not fit the config.
   """
+  shardings = None
+  if shard_weights is not None:
+    mesh = sharding.data_mesh(devices)
+    sharding.param_sharding("", (), mesh, shard_weights)  # an unknown mode fails before reading
+
+    def shardings(name: str, shape: tuple[int, ...]):
+      return sharding.param_sharding(name.rsplit("/", 1)[-1], shape, mesh, shard_weights)
   component = read_component_config(path, model_type)
   if component.checkpoint:
-    return load_checkpoint(path, dtype=dtype)
+    return load_checkpoint(path, dtype=dtype, shardings=shardings)
   model = component.entry.abstract_model(component.config, dtype=dtype)
   with CheckpointReader(path) as reader:
     arrays = dict(component.entry.converter_module().convert_state(reader, component.config))
-    return load_into(model, arrays, source=str(path), dtype=dtype, consume=True)
+    return load_into(model, arrays, source=str(path), dtype=dtype, consume=True,
+                     shardings=shardings)
 
 
 pretrained.register_loader(load_pretrained)

@@ -6,7 +6,7 @@ paths of our models joined with "/" (e.g. "transformer_blocks/0/attn/to_q/kernel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -63,9 +63,19 @@ def check_arrays(expected: Mapping[str, jax.ShapeDtypeStruct], arrays: Mapping[s
                             f"{np.dtype(spec.dtype)}")
 
 
+def _place_layer(name: str, layer: Any, shardings: Callable[[str, tuple[int, ...]], Any]) -> Any:
+  """A quantized layer with each of its arrays put at `shardings("<name>/<field>", shape)`."""
+  def place(path, x):
+    field = getattr(path[-1], "name", getattr(path[-1], "key", ""))
+    return jax.device_put(np.asarray(x), shardings(f"{name}/{field}", tuple(x.shape)))
+  return jax.tree_util.tree_map_with_path(place, layer)
+
+
 def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
               dtype: jnp.dtype | None = None, keep_stored_dtype: bool = False,
-              consume: bool = False) -> nnx.Module:
+              consume: bool = False,
+              shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None
+              ) -> nnx.Module:
   """Sets every parameter of `model` from `arrays` (flat, "/"-joined paths) and returns it.
 
   Args:
@@ -77,6 +87,10 @@ def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
     keep_stored_dtype: with `dtype` None, keep each array's own dtype (no up-cast of bf16 data).
     consume: delete each entry of `arrays` (a dict) once placed, so that peak memory is the model
       plus one tensor rather than twice the model.
+    shardings: `shardings(path, shape)` places each array, as it is set, straight from the host
+      at that sharding (`models.sharding.param_sharding`): no device ever holds the whole model.
+      An `SVDQLinear`'s arrays get the paths "<kernel path>/qweight", ".../wscales", ... None: the
+      default device.
 
   Raises:
     CheckpointError naming `source` when keys are missing or unexpected (listing them), or a
@@ -89,11 +103,15 @@ def load_into(model: nnx.Module, arrays: Mapping[str, Any], *, source: str,
     name = path_str(path)
     value = arrays.pop(name) if consume else arrays[name]
     if is_quantized(value):
-      variable.set_value(value)
+      variable.set_value(value if shardings is None else _place_layer(name, value, shardings))
       continue
     target = expected[name].dtype
     if jnp.issubdtype(target, jnp.floating):
       target = dtype if dtype is not None else value.dtype if keep_stored_dtype else target
-    variable.set_value(jnp.asarray(np.asarray(value), dtype=target))
+    if shardings is None:
+      variable.set_value(jnp.asarray(np.asarray(value), dtype=target))
+    else:
+      host = np.asarray(value).astype(np.dtype(target), copy=False)
+      variable.set_value(jax.device_put(host, shardings(name, tuple(host.shape))))
   nnx.update(model, nnx.from_flat_state(flat))
   return model

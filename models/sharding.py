@@ -148,10 +148,13 @@ def data_parallel(fn: Callable[..., Any], *, devices: int | Sequence[jax.Device]
   mesh = data_mesh(devices)
   count = mesh.devices.size
 
+  def with_empties(*args):
+    return fn(*_fill_empty(args))
+
   @functools.cache
   def compiled(axes: tuple[int | None, ...]):
     specs = tuple(P(DATA_AXIS) if a == 0 else P() for a in axes)
-    local = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(DATA_AXIS),
+    local = jax.shard_map(with_empties, mesh=mesh, in_specs=specs, out_specs=P(DATA_AXIS),
                           check_vma=False)
     return jax.jit(local)
 
@@ -166,7 +169,7 @@ def data_parallel(fn: Callable[..., Any], *, devices: int | Sequence[jax.Device]
       raise ValueError("data_parallel: no argument has in_axes 0 (nothing to split)")
     padded, size = pad_batch(tuple(batched), count)
     it = iter(padded)
-    placed = [shard_batch(next(it), mesh) if ax == 0 else replicate(arg, mesh)
+    placed = [shard_batch(next(it), mesh) if ax == 0 else replicate(_strip_empty(arg), mesh)
               for arg, ax in zip(args, axes, strict=True)]
     out = compiled(axes)(*placed)
     if not trim or size % count == 0:  # nothing to cut (and no slice that gathers the shards)
@@ -175,6 +178,39 @@ def data_parallel(fn: Callable[..., Any], *, devices: int | Sequence[jax.Device]
 
   run.mesh = mesh
   return run
+
+
+@jax.tree_util.register_static
+class _Empty:
+  """Stands for a zero-size array (its shape and dtype) in a `data_parallel` argument: a pytree
+  node without leaves, so the array never becomes an input of the `shard_map`."""
+
+  def __init__(self, shape: tuple[int, ...], dtype: Any):
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _Empty) and (self.shape, self.dtype) == (other.shape, other.dtype)
+
+  def __hash__(self) -> int:
+    return hash((self.shape, self.dtype))
+
+
+# Workaround for an XLA bug (jax/jaxlib 0.11.2, seen on CPU): a zero-size array that enters a
+# jitted `jax.shard_map` as an input and is used inside it (an SVDQLinear of low-rank 0: lora_down
+# (K, 0), lora_up (0, N)) segfaults the compiler in Shardy's canonicalization
+# (`ManualComputationUnusedInputsPattern::matchAndRewrite`). `data_parallel` therefore passes each
+# zero-size leaf of a replicated argument as an `_Empty` marker and builds the (empty) array inside
+# the per-device function, where it is an ordinary constant.
+def _strip_empty(tree: Any) -> Any:
+  """`tree` with every zero-size array leaf replaced by its `_Empty` marker."""
+  return jax.tree.map(lambda x: _Empty(x.shape, x.dtype) if getattr(x, "size", 1) == 0 else x,
+                      tree)
+
+
+def _fill_empty(tree: Any) -> Any:
+  """Undoes `_strip_empty`: every `_Empty` marker becomes zeros of its shape and dtype."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, _Empty) else x,
+                      tree, is_leaf=lambda x: isinstance(x, _Empty))
 
 
 def process_rows(batch: int, mesh: Mesh) -> list[int]:
@@ -240,21 +276,35 @@ def weight_shardings(state: Any, mesh: Mesh, mode: str) -> Any:
   Raises:
     InputError for an unknown mode.
   """
-  if mode not in WEIGHT_SHARDINGS:
-    raise InputError(f"unknown weight sharding {mode!r}: expected one of {WEIGHT_SHARDINGS}")
-  count = mesh.devices.size
+  _check_mode(mode)
 
   def leaf_sharding(path, leaf) -> NamedSharding:
     names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
     names = [str(n) for n in names if n is not None and str(n) != "value"]
-    axis = _split_axis(names[-1] if names else "", tuple(leaf.shape), count, mode)
-    if axis is None:
-      return replicated(mesh)
-    spec = [None] * len(leaf.shape)
-    spec[axis] = DATA_AXIS
-    return NamedSharding(mesh, P(*spec))
+    return param_sharding(names[-1] if names else "", tuple(leaf.shape), mesh, mode)
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+
+
+def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh, mode: str) -> NamedSharding:
+  """The sharding `weight_shardings` gives one parameter: `name` is its leaf's name ("kernel",
+  "qweight", "bias", ...), `shape` its shape. For loaders that place each array as they read it.
+
+  Raises:
+    InputError for an unknown mode.
+  """
+  _check_mode(mode)
+  axis = _split_axis(name, tuple(shape), mesh.devices.size, mode)
+  if axis is None:
+    return replicated(mesh)
+  spec = [None] * len(shape)
+  spec[axis] = DATA_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def _check_mode(mode: str) -> None:
+  if mode not in WEIGHT_SHARDINGS:
+    raise InputError(f"unknown weight sharding {mode!r}: expected one of {WEIGHT_SHARDINGS}")
 
 
 def bytes_per_device(tree: Any) -> dict[jax.Device, int]:

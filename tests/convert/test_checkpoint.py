@@ -16,6 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from convert import checkpoint, loading, registry
 from convert.checkpoint import load_checkpoint, read_header, save_checkpoint
@@ -29,6 +31,7 @@ from convert.loading import (
   state_paths,
 )
 from convert.safetensors_io import CheckpointError
+from models import sharding
 from svdq_jax import QuantConfig, is_quantized, quantize_model
 from svdq_jax.errors import InputError
 from tests.convert import _tiny
@@ -266,6 +269,33 @@ def test_quantized_round_trip_is_exact(tiny, tmp_path, preset):
   # like freshly built parameters: on the default device and free to move (a GPU run puts them
   # there, not on the host CPU where they were restored)
   assert not any(leaf.committed for leaf in jax.tree.leaves(nnx.state(loaded)))
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)), jnp.float32)
+  forward = nnx.jit(lambda m, v: m(v))
+  np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))
+
+
+def test_quantized_checkpoint_loads_into_the_shardings_asked_for(tiny, tmp_path):
+  """`load_checkpoint(shardings=...)` asks for every parameter's placement by its path (an
+  SVDQLinear's arrays by "<kernel path>/<field>") and puts the stored values there."""
+  config = _tiny.TinyConfig(in_features=64, hidden_size=128, num_layers=2)
+  model = _model(config, seed=4)
+  quant = QuantConfig.preset("svdquant-int4", smooth=None, rank=8, svd_iters=1)
+  quantize_model(model, None, quant, progress=False)
+  save_checkpoint(model, tmp_path / "q", model_type="tiny", config=config)
+  mesh = sharding.data_mesh(1)
+  asked = {}
+
+  def shardings(name, shape):
+    asked[name] = shape
+    return NamedSharding(mesh, P("data") if shape else P())
+
+  loaded = load_checkpoint(tmp_path / "q", shardings=shardings)
+  qweight = model.proj_in.kernel.get_value().qweight
+  assert asked["proj_in/kernel/qweight"] == qweight.shape
+  assert {"proj_in/kernel/wscales", "proj_in/kernel/lora_up", "proj_out/bias"} <= set(asked)
+  for leaf in jax.tree.leaves(nnx.state(loaded)):
+    assert leaf.committed and leaf.sharding.mesh == mesh
+    assert leaf.sharding.spec == (P("data") if leaf.ndim else P())
   x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)), jnp.float32)
   forward = nnx.jit(lambda m, v: m(v))
   np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))

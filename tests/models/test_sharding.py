@@ -57,6 +57,16 @@ SCRIPT = textwrap.dedent("""
   np.save(OUT + "/eight.npy", np.asarray(eight))
   np.save(OUT + "/six.npy", np.asarray(six))
   np.save(OUT + "/alone.npy", alone)
+  # Replicated weights with zero-size leaves (an SVDQLinear of low rank 0) used inside the
+  # per-device function: as inputs of the shard_map they crashed XLA's compiler (jax 0.11.2).
+  def lowrank(w, x):
+    return x @ w["kernel"] + (x @ w["lora_down"]) @ w["lora_up"]
+  w = {"kernel": weights[1], "lora_down": jnp.zeros((32, 0)), "lora_up": jnp.zeros((0, 16))}
+  x = jnp.asarray(rng.standard_normal((6, 32), np.float32))
+  np.save(OUT + "/lowrank_x.npy", np.asarray(x))
+  np.save(OUT + "/lowrank_w.npy", np.asarray(weights[1]))
+  np.save(OUT + "/lowrank.npy", np.asarray(
+      sharding.data_parallel(lowrank, devices=8, in_axes=(None, 0))(w, x)))
 """)
 
 
@@ -73,6 +83,8 @@ def test_eight_devices_equal_one(tmp_path):
   np.testing.assert_array_equal(eight, one)
   np.testing.assert_array_equal(six, eight[:6])
   np.testing.assert_allclose(eight, alone, rtol=1e-6, atol=1e-6)
+  x, w = np.load(tmp_path / "lowrank_x.npy"), np.load(tmp_path / "lowrank_w.npy")
+  np.testing.assert_allclose(np.load(tmp_path / "lowrank.npy"), x @ w, rtol=1e-5, atol=1e-5)
 
 
 def test_pad_batch_repeats_last_item():
