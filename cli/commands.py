@@ -137,7 +137,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                 settings.get("negative_prompt"), height=settings["height"],
                                 width=settings["width"], size_multiple=folder.size_multiple,
                                 num_images_per_prompt=args.num_images)
-  pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype))
+  sharded = ({} if args.shard_weights is None
+             else {"shard_weights": args.shard_weights, "devices": count})
+  pipe = pipelines.load_pipeline(folder, dtype=_dtype(args.dtype), **sharded)
   progress = not args.quiet and args.shard_weights is None
   images = pipe(prompts, seed=args.seed, num_images_per_prompt=args.num_images, devices=count,
                 progress=progress, **settings, **({"gather": False} if several else {}))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert import loading
 from convert.safetensors_io import CheckpointError
 from models import schedulers, sharding
 from models.clip import CLIPTextModel
@@ -140,22 +141,32 @@ class FluxPipeline(TextToImagePipeline):
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | PipelineFolder,
-                      dtype: jnp.dtype | None = None) -> FluxPipeline:
+                      dtype: jnp.dtype | None = None, *, shard_weights: str | None = None,
+                      devices: int | None = None) -> FluxPipeline:
     """Loads a diffusers `FluxPipeline` folder, or ours of the same layout.
 
     path: the folder, or its `PipelineFolder` record when the caller has read it.
     dtype: computation and parameter dtype of every model (None: float32 for diffusers weights;
       a component already in our checkpoint format keeps its stored dtypes).
+    shard_weights: "fsdp" or "channels" reads the transformer's parameters straight onto their
+      shardings over the first `devices` devices (`convert.loading.load_pretrained`), for a
+      transformer larger than one device; sample with the same `shard_weights` and `devices`.
     """
     folder = cls.read_folder(path)
     scheduler = folder.scheduler
     if not isinstance(scheduler, schedulers.FlowMatchEulerScheduler):
       raise CheckpointError(f"{folder.path}/scheduler: FluxPipeline needs a "
                             f"FlowMatchEulerDiscreteScheduler, got {scheduler.class_name}")
-    return cls(**load_components(
-        folder, dtype, {"transformer": FluxTransformer, "vae": AutoencoderKL,
-                        "text_encoder": CLIPTextModel, "text_encoder_2": T5Encoder},
-        ("tokenizer", "tokenizer_2")), scheduler=scheduler)
+    models = {"transformer": FluxTransformer, "vae": AutoencoderKL,
+              "text_encoder": CLIPTextModel, "text_encoder_2": T5Encoder}
+    sharded = {}
+    if shard_weights is not None:
+      del models["transformer"]
+      sharded["transformer"] = loading.load_pretrained(
+          folder.path / "transformer", "flux", dtype, shard_weights=shard_weights,
+          devices=devices)
+    return cls(**sharded, **load_components(folder, dtype, models, ("tokenizer", "tokenizer_2")),
+               scheduler=scheduler)
 
   def with_transformer(self, transformer: nnx.Module) -> FluxPipeline:
     """A pipeline with another transformer (e.g. a quantized copy of this one's) that shares this

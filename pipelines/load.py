@@ -22,12 +22,13 @@ PIPELINES = {"FluxPipeline": FluxPipeline, "PixArtSigmaPipeline": PixArtSigmaPip
              "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
-def load_pipeline(path: str | os.PathLike | PipelineFolder, dtype: jnp.dtype | None = None
-                  ) -> Pipeline:
+def load_pipeline(path: str | os.PathLike | PipelineFolder, dtype: jnp.dtype | None = None,
+                  **options) -> Pipeline:
   """The pipeline a folder names (read into a `PipelineFolder` unless it is one), loaded with its
-  class's `from_pretrained`."""
+  class's `from_pretrained(folder, dtype=dtype, **options)` (FluxPipeline: `shard_weights`,
+  `devices`)."""
   folder = PipelineFolder.read(path)
-  return PIPELINES[folder.pipeline].from_pretrained(folder, dtype=dtype)
+  return PIPELINES[folder.pipeline].from_pretrained(folder, dtype=dtype, **options)
 
 
 def image_size_multiple(path: str | os.PathLike) -> int:

@@ -428,6 +428,38 @@ def test_sample_writes_png_with_prompt_and_seed(tmp_path, capsys):
     assert image.text["prompt"] == "a blue dog" and image.text["seed"] == "11"
 
 
+def test_sample_with_sharded_weights_reads_them_onto_their_shardings(tmp_path, capsys,
+                                                                     monkeypatch):
+  """--shard-weights loads the transformer straight onto its shardings (here over the one CPU
+  device) and samples the image of the unsharded run."""
+  pytest.importorskip("torch")
+  import numpy as np
+  from PIL import Image
+
+  from convert import loading
+  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
+
+  folder = tmp_path / "flux"
+  save_tiny_flux_pipeline(folder)
+  calls = []
+  inner = loading.load_pretrained
+
+  def spy(path, model_type, dtype=None, **options):
+    calls.append((Path(path).name, options))
+    return inner(path, model_type, dtype, **options)
+
+  monkeypatch.setattr(loading, "load_pretrained", spy)
+  args = ["sample", str(folder), "--prompt", "a red cat", "--steps", "2", "--height", "32",
+          "--width", "32", "--quiet"]
+  for name, extra in (("plain", []), ("sharded", ["--shard-weights", "fsdp"])):
+    status, _, err = _run([*args, *extra, "--out", str(tmp_path / f"{name}.png")], capsys)
+    assert status == 0, err
+  assert ("transformer", {"shard_weights": "fsdp", "devices": 1}) in calls
+  with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "sharded.png") as split:
+    difference = np.abs(np.asarray(plain, int) - np.asarray(split, int))
+  assert difference.max() <= 1, difference.max()
+
+
 @pytest.mark.slow
 def test_quantize_then_sample_stays_close_to_float(tmp_path, capsys):
   """`svdq-jax quantize` (svdquant-int4) on a tiny FLUX of width 64 (one INT4 group) writes a

@@ -141,14 +141,18 @@ LOAD_SCRIPT = textwrap.dedent("""
   record = {"total": sum(x.nbytes for x in jax.tree.leaves(nnx.state(pipe.transformer)))}
   mesh = sharding.data_mesh(8)
   for mode in ("fsdp", "channels"):
-    loaded = load_pretrained(folder + "/transformer", "flux", shard_weights=mode, devices=8)
-    state = nnx.state(loaded)
+    if mode == "fsdp":  # the pipeline's own option (what `svdq-jax sample --shard-weights` uses)
+      sharded_pipe = pipelines.FluxPipeline.from_pretrained(folder, shard_weights=mode, devices=8)
+    else:
+      sharded_pipe = pipe.with_transformer(
+          load_pretrained(folder + "/transformer", "flux", shard_weights=mode, devices=8))
+    state = nnx.state(sharded_pipe.transformer)
     expected = sharding.weight_shardings(state, mesh, mode)
     record[mode + "_as_placed"] = all(
         x.sharding.is_equivalent_to(s, x.ndim)
         for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True))
     record[mode + "_bytes"] = sorted(sharding.bytes_per_device(state).values())
-    images[mode] = pipe.with_transformer(loaded)(prompts, devices=8, shard_weights=mode, **kw)
+    images[mode] = sharded_pipe(prompts, devices=8, shard_weights=mode, **kw)
   np.savez(out + "/images.npz", **images)
   with open(out + "/record.json", "w") as f:
     json.dump(record, f)
@@ -157,7 +161,8 @@ LOAD_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_loading_straight_into_shards(tmp_path):
-  """`load_pretrained(..., shard_weights=mode, devices=8)` places every parameter at its
+  """`FluxPipeline.from_pretrained(..., shard_weights="fsdp", devices=8)` and
+  `load_pretrained(..., shard_weights="channels", devices=8)` place every parameter at its
   `weight_shardings` placement as it is read (no device gets the whole model), and the pipeline
   sampling with those weights gives the images of the replicated run."""
   pytest.importorskip("torch")
