@@ -65,19 +65,24 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_sharded_weights_sample_the_unsharded_images(tmp_path):
+def _run_on_eight_devices(script: str, tmp_path: Path) -> tuple[dict, dict]:
+  """Runs `script FOLDER OUT` in a fresh process (the device count is set before jax starts) on
+  the tiny FLUX pipeline of width 64 (one INT4 group); its (images.npz, record.json)."""
   pytest.importorskip("torch")
   from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
 
   folder = tmp_path / "flux"
-  save_tiny_flux_pipeline(folder, heads=4)  # width 64: one INT4 group
+  save_tiny_flux_pipeline(folder, heads=4)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path)], env=env,
+  proc = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path)], env=env,
                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  images = dict(np.load(tmp_path / "images.npz"))
-  record = json.loads((tmp_path / "record.json").read_text())
+  return dict(np.load(tmp_path / "images.npz")), json.loads((tmp_path / "record.json").read_text())
+
+
+@pytest.mark.slow
+def test_sharded_weights_sample_the_unsharded_images(tmp_path):
+  images, record = _run_on_eight_devices(SCRIPT, tmp_path)
   for name in ("float", "int4"):
     replicated = images[f"{name}_replicated"]
     for mode in ("fsdp", "channels"):
@@ -165,17 +170,7 @@ def test_loading_straight_into_shards(tmp_path):
   `load_pretrained(..., shard_weights="channels", devices=8)` place every parameter at its
   `weight_shardings` placement as it is read (no device gets the whole model), and the pipeline
   sampling with those weights gives the images of the replicated run."""
-  pytest.importorskip("torch")
-  from tests.pipelines._pipeline_reference import save_tiny_flux_pipeline
-
-  folder = tmp_path / "flux"
-  save_tiny_flux_pipeline(folder, heads=4)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(folder), str(tmp_path)], env=env,
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  images = dict(np.load(tmp_path / "images.npz"))
-  record = json.loads((tmp_path / "record.json").read_text())
+  images, record = _run_on_eight_devices(LOAD_SCRIPT, tmp_path)
   for mode in ("fsdp", "channels"):
     assert record[f"{mode}_as_placed"], mode
     per_device = record[f"{mode}_bytes"]
