@@ -106,24 +106,25 @@ def tiny_flux(tmp_path_factory) -> Path:
 def test_killed_convert_leaves_no_destination_and_the_next_run_succeeds(tiny_flux, tmp_path):
   rng = random.Random(20)
   dst = tmp_path / "converted"
-  killed_while_writing = 0
-  for writing_files in (False, True, False):
-    killed = _kill_during(["convert", tiny_flux, dst], dst, rng.uniform(0.0, 1.0),
-                          writing_files=writing_files)
-    if not killed:  # it finished first: a complete folder
-      assert (dst / "model_index.json").exists()
-      break
-    assert not dst.exists()
-    killed_while_writing += bool(_debris(dst))
-  assert killed_while_writing  # at least one kill struck mid-write and left a temporary folder
-  if not dst.exists():
-    proc = _run(["convert", tiny_flux, dst])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-  assert _debris(dst) == []
-  assert (dst / "transformer" / "params").is_dir() and (dst / "model_index.json").exists()
   reference = _run(["convert", tiny_flux, tmp_path / "reference"])
   assert reference.returncode == 0, reference.stderr[-2000:]
-  _assert_same(_contents(dst), _contents(tmp_path / "reference"))
+  want = _contents(tmp_path / "reference")
+  killed_while_writing = 0
+  # Random points after the temporary folder appears, then right after the first file is in it.
+  for writing_files, delay in ((False, rng.uniform(0.0, 1.0)), (True, rng.uniform(0.0, 0.3)),
+                               (True, 0.0)):
+    killed = _kill_during(["convert", tiny_flux, dst], dst, delay, writing_files=writing_files)
+    if dst.exists():  # it finished first, or the kill came after the rename (while it was ending)
+      _assert_same(_contents(dst), want)  # complete, never a part
+      shutil.rmtree(dst)
+      continue
+    assert killed
+    killed_while_writing += bool(_debris(dst))
+  assert killed_while_writing  # at least one kill struck mid-write and left a temporary folder
+  proc = _run(["convert", tiny_flux, dst])  # the next run cleans up what the killed ones left
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert _debris(dst) == []
+  _assert_same(_contents(dst), want)
 
 
 @pytest.mark.slow
