@@ -270,6 +270,15 @@ def save_checkpoint(model: nnx.Module, dst: str | os.PathLike, *, model_type: st
   return write_checkpoint(arrays, dst, model_type=model_type, config=config, overwrite=overwrite)
 
 
+def _host_device() -> jax.Device | None:
+  """The host's CPU device, or None without a CPU backend (JAX_PLATFORMS naming only
+  accelerators)."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # "Unknown backend cpu"
+    return None
+
+
 def _restore_args() -> Callable[[Any], Any]:
   """Maps a stored array's orbax metadata to how it is restored: a jax.Array on the host CPU
   device, in its stored dtype.
@@ -285,10 +294,8 @@ def _restore_args() -> Callable[[Any], Any]:
   """
   import orbax.checkpoint as ocp
 
-  try:
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-  except RuntimeError:  # "Unknown backend cpu": JAX_PLATFORMS names only accelerators
-    host = None
+  device = _host_device()
+  host = None if device is None else jax.sharding.SingleDeviceSharding(device)
 
   def args(metadata: Any) -> Any:
     dtype = np.dtype(metadata.dtype)
@@ -299,10 +306,12 @@ def _restore_args() -> Callable[[Any], Any]:
   return args
 
 
-def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str, Any]:
+def read_arrays(path: str | os.PathLike, header: dict | None = None, *,
+                quantized_device: jax.Device | None = None) -> dict[str, Any]:
   """The flat parameters of our checkpoint in their stored dtypes (host jax.Arrays, see
-  `_restore_args`), and an SVDQLinear for each quantized kernel. `header`: its `read_header`, when
-  the caller has it."""
+  `_restore_args`), and an SVDQLinear for each quantized kernel, its arrays on
+  `quantized_device` (None: the default device). `header`: its `read_header`, when the caller
+  has it."""
   import orbax.checkpoint as ocp
 
   header = read_header(path) if header is None else header
@@ -331,7 +340,7 @@ def read_arrays(path: str | os.PathLike, header: dict | None = None) -> dict[str
     if not fields:
       raise CheckpointError(f"{path}: quantized layer {layer!r} has no arrays in {params}")
     try:
-      arrays[layer] = SVDQLinear.from_arrays(fields, layer_metadata)
+      arrays[layer] = SVDQLinear.from_arrays(fields, layer_metadata, device=quantized_device)
     except (KeyError, TypeError, ValueError) as e:
       raise CheckpointError(f"{path}: quantized layer {layer!r}: {e}") from e
   return arrays
@@ -347,7 +356,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None,
     dtype: compute dtype of the model, and the dtype floating parameters are cast to; None keeps
       the stored dtypes. Quantized kernels are never cast.
     shardings: places each parameter as it is set (`convert.state.load_into`); None: the
-      default device.
+      default device. The quantized layers are then read onto the host CPU device first (where
+      there is a CPU backend), so they too reach the accelerators only as their shards.
 
   Returns:
     The model, of the class the checkpoint's model_type names.
@@ -355,7 +365,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: jnp.dtype | None = None,
   header = read_header(path)
   component = checkpoint_config(path, header)
   model = component.entry.abstract_model(component.config, dtype=dtype)
-  arrays = read_arrays(path, header)
+  arrays = read_arrays(path, header,
+                      quantized_device=None if shardings is None else _host_device())
   return load_into(model, arrays, source=str(path), dtype=dtype, keep_stored_dtype=True,
                    consume=True, shardings=shardings)
 

@@ -48,8 +48,8 @@ def load_pretrained(path: str | os.PathLike, model_type: str,
     shard_weights: "fsdp" or "channels" puts each parameter, as it is read, straight from the
       host onto its `models.sharding.param_sharding` over the first `devices` devices (default:
       all), so no device ever holds the whole model; None: the default device. Sampling with the
-      same `shard_weights` and `devices` then uses the arrays as placed. (The quantized layers of
-      a checkpoint of ours still come whole to the default device as read, then are placed.)
+      same `shard_weights` and `devices` then uses the arrays as placed (the quantized layers of
+      a checkpoint of ours too: they are read onto the host CPU device, then placed).
 
   Raises:
     CheckpointError (an InputError) naming the folder: an unknown `model_type`, a bad

@@ -122,9 +122,11 @@ class SVDQLinear:
             if getattr(self, name) is not None}
 
   @classmethod
-  def from_arrays(cls, arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> SVDQLinear:
+  def from_arrays(cls, arrays: Mapping[str, Any], metadata: Mapping[str, Any], *,
+                  device: jax.Device | None = None) -> SVDQLinear:
     """Rebuilds a layer from `arrays()` and `metadata()` (this version's or version 1's),
-    checking every shape and dtype."""
+    checking every shape and dtype. Its arrays go to `device` (None: the default device,
+    uncommitted)."""
     k, n = int(metadata["in_features"]), int(metadata["out_features"])
     fmt = metadata_format(metadata)
     expected = expected_shapes(fmt, k, n, int(metadata["rank"]),
@@ -140,7 +142,7 @@ class SVDQLinear:
       if tuple(value.shape) != spec.shape or np.dtype(value.dtype) != np.dtype(spec.dtype):
         raise InputError(f"SVDQLinear.from_arrays: {name!r} is {value.dtype}{tuple(value.shape)},"
                          f" the metadata needs {np.dtype(spec.dtype)}{spec.shape}")
-      leaves[name] = jnp.asarray(value)
+      leaves[name] = jnp.asarray(value) if device is None else jax.device_put(value, device)
     leaves.setdefault("bias", None)
     leaves.setdefault("wcscales", None)
     return cls(**leaves, format=fmt, in_features=k, out_features=n)

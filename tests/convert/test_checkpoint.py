@@ -32,7 +32,7 @@ from convert.loading import (
 )
 from convert.safetensors_io import CheckpointError
 from models import sharding
-from svdq_jax import QuantConfig, is_quantized, quantize_model
+from svdq_jax import QuantConfig, SVDQLinear, is_quantized, quantize_model
 from svdq_jax.errors import InputError
 from tests.convert import _tiny
 
@@ -274,9 +274,10 @@ def test_quantized_round_trip_is_exact(tiny, tmp_path, preset):
   np.testing.assert_array_equal(np.asarray(forward(loaded, x)), np.asarray(forward(model, x)))
 
 
-def test_quantized_checkpoint_loads_into_the_shardings_asked_for(tiny, tmp_path):
+def test_quantized_checkpoint_loads_into_the_shardings_asked_for(tiny, tmp_path, monkeypatch):
   """`load_checkpoint(shardings=...)` asks for every parameter's placement by its path (an
-  SVDQLinear's arrays by "<kernel path>/<field>") and puts the stored values there."""
+  SVDQLinear's arrays by "<kernel path>/<field>") and puts the stored values there; the quantized
+  layers are read onto the host CPU device first (not the default device, an accelerator's)."""
   config = _tiny.TinyConfig(in_features=64, hidden_size=128, num_layers=2)
   model = _model(config, seed=4)
   quant = QuantConfig.preset("svdquant-int4", smooth=None, rank=8, svd_iters=1)
@@ -289,7 +290,19 @@ def test_quantized_checkpoint_loads_into_the_shardings_asked_for(tiny, tmp_path)
     asked[name] = shape
     return NamedSharding(mesh, P("data") if shape else P())
 
+  read_onto = []
+  from_arrays = SVDQLinear.from_arrays.__func__
+
+  def spy(cls, arrays, metadata, *, device=None):
+    read_onto.append(device)
+    return from_arrays(cls, arrays, metadata, device=device)
+
+  monkeypatch.setattr(SVDQLinear, "from_arrays", classmethod(spy))
   loaded = load_checkpoint(tmp_path / "q", shardings=shardings)
+  layers = len(read_onto)
+  assert layers >= 2 and read_onto == [jax.local_devices(backend="cpu")[0]] * layers
+  load_checkpoint(tmp_path / "q")
+  assert read_onto[layers:] == [None] * layers  # unsharded: the default device, as before
   qweight = model.proj_in.kernel.get_value().qweight
   assert asked["proj_in/kernel/qweight"] == qweight.shape
   assert {"proj_in/kernel/wscales", "proj_in/kernel/lora_up", "proj_out/bias"} <= set(asked)
