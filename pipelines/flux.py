@@ -157,15 +157,13 @@ class FluxPipeline(TextToImagePipeline):
     if not isinstance(scheduler, schedulers.FlowMatchEulerScheduler):
       raise CheckpointError(f"{folder.path}/scheduler: FluxPipeline needs a "
                             f"FlowMatchEulerDiscreteScheduler, got {scheduler.class_name}")
-    models = {"transformer": FluxTransformer, "vae": AutoencoderKL,
-              "text_encoder": CLIPTextModel, "text_encoder_2": T5Encoder}
-    sharded = {}
-    if shard_weights is not None:
-      del models["transformer"]
-      sharded["transformer"] = loading.load_pretrained(
-          folder.path / "transformer", "flux", dtype, shard_weights=shard_weights,
-          devices=devices)
-    return cls(**sharded, **load_components(folder, dtype, models, ("tokenizer", "tokenizer_2")),
+    path = folder.path / "transformer"
+    transformer = (FluxTransformer.from_pretrained(path, dtype=dtype) if shard_weights is None
+                   else loading.load_pretrained(path, "flux", dtype, shard_weights=shard_weights,
+                                                devices=devices))
+    return cls(transformer, **load_components(
+        folder, dtype, {"vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                        "text_encoder_2": T5Encoder}, ("tokenizer", "tokenizer_2")),
                scheduler=scheduler)
 
   def with_transformer(self, transformer: nnx.Module) -> FluxPipeline:
